@@ -1,0 +1,22 @@
+"""cellseg: published cell-segmentation methods as plugins for any smp encoder-decoder.
+
+    import cellseg_plugins as cs
+    model = cs.create_model("unet+lfa(m=7)+frem(B=8,X=250)", in_channels=1, classes=5)
+"""
+
+from .registry import (
+    PluginConfigError, PluginModule, Range, Spec, SpecError, apply_plugins, auxiliary_loss,
+    create_model, epoch_start, list_archs, list_plugins, parse_spec, register_arch,
+    register_plugin, step_start,
+)
+from . import encoders as _encoders  # noqa: F401  (registers the plain encoders in smp)
+from . import archs as _archs  # noqa: F401  (registers every smp architecture)
+from . import plugins as _plugins  # noqa: F401  (registers every plugin)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PluginConfigError", "PluginModule", "Range", "Spec", "SpecError", "apply_plugins",
+    "auxiliary_loss", "create_model", "epoch_start", "list_archs", "list_plugins", "parse_spec",
+    "register_arch", "register_plugin", "step_start", "__version__",
+]

@@ -1,0 +1,167 @@
+"""Every smp architecture, registered under its lower-case name with offline-safe defaults.
+
+Parameters pass through to the smp class; ``encoder`` is smp's ``encoder_name`` and
+``encoder_weights`` defaults to None (no download). ``encoder_weights`` may name smp's hub weights
+("imagenet", …), which need a network, or a local weights file (.pth/.pt/.safetensors) holding
+an encoder state dict. ``unet`` with a ``plain*`` encoder builds the classic U-Net: depth 4,
+mirrored decoder widths and the full-resolution top skip.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import re
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+from segmentation_models_pytorch.base import initialization as smp_init
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
+from segmentation_models_pytorch.encoders import encoders as smp_encoders
+from torch import nn
+
+from .encoders import PLAIN_ENCODERS, is_plain
+from .registry import Entry, Param, PluginConfigError
+from .registry.registry import add_entry
+from .registry.schema import params_from_signature
+
+SMP_ARCHS: dict[str, tuple[type, str]] = {
+    "unet": (smp.Unet, "U-Net: decoder blocks concatenate upsampled features with encoder skips"),
+    "unetplusplus": (smp.UnetPlusPlus, "U-Net++: nested dense skip pathways"),
+    "manet": (smp.MAnet, "MA-Net: multi-scale attention (position + multi-scale fusion blocks)"),
+    "linknet": (smp.Linknet, "LinkNet: light decoder, skips fused by addition"),
+    "fpn": (smp.FPN, "Feature Pyramid Network decoder (output at 1/4, upsampled)"),
+    "pspnet": (smp.PSPNet, "PSPNet: pyramid pooling on the deepest feature, no skips"),
+    "deeplabv3": (smp.DeepLabV3, "DeepLabV3: atrous spatial pyramid pooling, no skips"),
+    "deeplabv3plus": (smp.DeepLabV3Plus, "DeepLabV3+: ASPP plus one high-resolution skip"),
+    "pan": (smp.PAN, "Pyramid Attention Network: feature pyramid attention + global attention upsample"),
+    "upernet": (smp.UPerNet, "UPerNet: pyramid pooling + FPN lateral fusion"),
+    "segformer": (smp.Segformer, "SegFormer decoder: all-MLP multi-scale fusion"),
+    "dpt": (smp.DPT, "Dense Prediction Transformer: ViT encoder (timm) with reassemble/fusion decoder"),
+}
+
+HIDDEN = ("in_channels", "classes", "activation", "aux_params")
+# Parameters smp forwards to a timm encoder through **kwargs; None = timm's default.
+TIMM_PARAMS = {"dpt": (Param("img_size", int | None, None),)}
+WEIGHT_FILE = re.compile(r".*\.(pth|pt|bin|safetensors)$")
+
+
+def arch_params(name: str, cls: type) -> tuple[Param, ...]:
+    """The smp class's keyword parameters, ``encoder_name`` spelled ``encoder``, no weights."""
+    out = list(TIMM_PARAMS.get(name, ()))
+    for p in params_from_signature(cls.__init__, skip=HIDDEN):
+        if p.name == "encoder_name":
+            p = Param("encoder", p.annotation, p.default)
+        elif p.name == "encoder_weights":
+            p = Param(p.name, p.annotation, None)
+        out.insert(len(out) - len(TIMM_PARAMS.get(name, ())), p)
+    return tuple(out)
+
+
+def check_encoder(name: str) -> None:
+    """Raise a one-line error for an encoder neither smp nor timm knows."""
+    if name.startswith("tu-"):
+        if not timm.is_model(name[3:].split(".")[0]):
+            close = difflib.get_close_matches(name[3:], timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join('tu-' + c for c in close)}?" if close else ""
+            raise PluginConfigError(f"unknown timm encoder {name!r}{hint}")
+        return
+    if name not in smp_encoders:
+        close = difflib.get_close_matches(name, list(smp_encoders), n=3)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise PluginConfigError(f"unknown encoder {name!r}; {hint}"
+                                "'cellseg list --kind encoder' lists them; 'tu-<timm name>' uses timm")
+
+
+def build_smp(cls: type, in_channels: int, classes: int, encoder: str = "resnet34",
+              encoder_weights: str | None = None, **params) -> nn.Module:
+    """Build ``cls`` with smp; a local weights file is loaded into the encoder after building."""
+    check_encoder(encoder)
+    local = encoder_weights if encoder_weights and (
+        os.path.isfile(encoder_weights) or WEIGHT_FILE.match(encoder_weights)) else None
+    hub = None if local else encoder_weights
+    if params.get("img_size", 0) is None:
+        del params["img_size"]
+    try:
+        model = cls(encoder_name=encoder, encoder_weights=hub, in_channels=in_channels,
+                    classes=classes, **params)
+    except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as e:
+        raise PluginConfigError(" ".join(str(e).split())) from None
+    except Exception as e:  # network / hub errors while fetching pretrained weights
+        if hub is None:
+            raise
+        raise PluginConfigError(
+            f"could not fetch encoder_weights={hub!r} for encoder {encoder!r} "
+            f"({type(e).__name__}); offline? use encoder_weights=None or a local weights file"
+        ) from None
+    if local:
+        load_encoder_weights(model, local)
+    return model
+
+
+def load_encoder_weights(model: nn.Module, path: str) -> None:
+    """Load an encoder state dict from ``path`` (torch or safetensors) into ``model.encoder``."""
+    if not os.path.isfile(path):
+        raise PluginConfigError(f"encoder_weights file {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.encoder.load_state_dict(state)
+    except Exception as e:
+        raise PluginConfigError(
+            f"encoder_weights file {path!r} does not fit encoder: {' '.join(str(e).split())[:300]}"
+        ) from None
+
+
+class TopSkip(nn.Module):
+    """Feeds encoder feature 0 (full resolution) into the last Unet decoder block as its skip.
+
+    smp's Unet drops feature 0 because its encoders return the raw input there; the plain
+    encoder returns its first double-conv block instead, so the classic U-Net's top skip exists.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._feature0 = None
+
+    def capture(self, decoder, args):
+        self._feature0 = args[0][0]
+
+    def inject(self, block, args, kwargs):
+        kwargs["skip_connection"], self._feature0 = self._feature0, None
+        return args, kwargs
+
+
+def build_unet(in_channels: int, classes: int, **params) -> nn.Module:
+    """smp.Unet; with a plain encoder the classic U-Net (depth 4, mirrored widths, top skip)."""
+    encoder = params.get("encoder", "resnet34")
+    if not is_plain(encoder):
+        return build_smp(smp.Unet, in_channels, classes, **params)
+    width = PLAIN_ENCODERS[encoder]
+    depth = params.setdefault("encoder_depth", 4)
+    params.setdefault("decoder_channels", tuple(width * 2**i for i in reversed(range(depth))))
+    model = build_smp(smp.Unet, in_channels, classes, **params)
+    last = model.decoder.blocks[-1]
+    new = UnetDecoderBlock(
+        last.conv1[0].in_channels, width, last.conv2[0].out_channels,
+        use_norm=params.get("decoder_use_norm", "batchnorm"),
+        attention_type=params.get("decoder_attention_type"),
+        interpolation_mode=params.get("decoder_interpolation", "nearest"),
+    )
+    smp_init.initialize_decoder(new)
+    model.decoder.blocks[-1] = new
+    model.decoder.top_skip = TopSkip()
+    model.decoder.register_forward_pre_hook(model.decoder.top_skip.capture)
+    new.register_forward_pre_hook(model.decoder.top_skip.inject, with_kwargs=True)
+    return model
+
+
+for _name, (_cls, _desc) in SMP_ARCHS.items():
+    _factory = build_unet if _name == "unet" else functools.partial(build_smp, _cls)
+    add_entry(Entry(name=_name, kind="arch", factory=_factory, description=_desc,
+                    params=arch_params(_name, _cls), extra={"model_class": _cls}))

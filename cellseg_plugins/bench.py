@@ -1,0 +1,196 @@
+"""Benchmark a model spec: train-step and eval-forward time, peak memory, parameters.
+
+Each model runs in a fresh worker process (so that its peak RSS on CPU is its own); with a
+second model the two workers take turns step by step, so that both see the same machine load
+and their ratios hold on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+WARMUP_STEPS = 2
+
+
+@dataclass
+class BenchConfig:
+    size: int = 256
+    batch: int = 4
+    in_channels: int = 1
+    classes: int = 5
+    device: str = "cpu"
+    steps: int = 10
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when available, else 'cpu'; validates explicit choices."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected auto, cpu or cuda")
+    return device
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(spec: str, cfg: BenchConfig) -> None:
+    """Serve 'train' / 'eval' / 'done' commands on stdin; answer one JSON line each."""
+    from . import auxiliary_loss, create_model, step_start
+
+    torch.manual_seed(0)
+    device = cfg.device
+    model = create_model(spec, in_channels=cfg.in_channels, classes=cfg.classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    criterion = torch.nn.CrossEntropyLoss()
+    x = torch.randn(cfg.batch, cfg.in_channels, cfg.size, cfg.size, device=device)
+    y = torch.randint(0, cfg.classes, (cfg.batch, cfg.size, cfg.size), device=device)
+    rss_start = _peak_rss()
+    step = 0
+
+    def train_step():
+        nonlocal step
+        model.train()
+        step_start(model, step)
+        step += 1
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        aux, _ = auxiliary_loss(model, y, criterion)
+        (loss + aux).backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def eval_step():
+        model.eval()
+        model(x)
+
+    actions = {"train": train_step, "eval": eval_step}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _reply({"ready": True, "rss_start": rss_start})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "done":
+            peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss()
+            _reply({"peak_memory": peak})
+            return
+        _sync(device)
+        t0 = time.perf_counter()
+        actions[command]()
+        _sync(device)
+        _reply({"seconds": time.perf_counter() - t0})
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reply(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class Worker:
+    """A benchmark worker process for one spec."""
+
+    def __init__(self, spec: str, cfg: BenchConfig):
+        args = json.dumps({"spec": spec, "cfg": cfg.__dict__})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cellseg_plugins.bench", args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().strip().splitlines()
+            raise RuntimeError(f"benchmark worker failed: {err[-1] if err else 'no output'}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict:
+        out = self.ask("done")
+        self.proc.wait(timeout=60)
+        return out
+
+
+def summarise(samples: list[float]) -> dict:
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return {"median": statistics.median(samples), "q25": q[0], "q75": q[2],
+            "spread": q[2] - q[0], "n": len(samples)}
+
+
+def run_bench(specs: list[str], cfg: BenchConfig, progress=None) -> list[dict]:
+    """Benchmark each spec (canonical strings) in its own worker, steps interleaved."""
+    from . import create_model
+
+    results = []
+    for spec in specs:
+        model = create_model(spec, in_channels=cfg.in_channels, classes=cfg.classes)
+        results.append({"spec": spec, "params": sum(p.numel() for p in model.parameters()),
+                        "trainable_params": sum(p.numel() for p in model.parameters()
+                                                if p.requires_grad),
+                        "train": [], "eval": []})
+        del model
+    workers = [Worker(spec, cfg) for spec in specs]
+    try:
+        for phase in ("train", "eval"):
+            for i in range(WARMUP_STEPS + cfg.steps):
+                for w, r in zip(workers, results):
+                    seconds = w.ask(phase)["seconds"]
+                    if i >= WARMUP_STEPS:
+                        r[phase].append(seconds)
+                if progress:
+                    progress(phase, i + 1, WARMUP_STEPS + cfg.steps)
+        for w, r in zip(workers, results):
+            r["peak_memory"] = w.close()["peak_memory"]
+            r["rss_start"] = w.info["rss_start"]
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    for r in results:
+        r["train_time"] = summarise(r.pop("train"))
+        r["eval_time"] = summarise(r.pop("eval"))
+    return results
+
+
+def report(results: list[dict], cfg: BenchConfig) -> dict:
+    """One JSON-ready object: the first model, ``vs`` (second model) and their ratios."""
+    out = {"device": cfg.device, "size": cfg.size, "batch": cfg.batch, "steps": cfg.steps,
+           "in_channels": cfg.in_channels, "classes": cfg.classes,
+           "torch_threads": torch.get_num_threads(), **results[0]}
+    if len(results) > 1:
+        a, b = results
+        out["vs"] = b
+        out["ratio"] = {
+            "train_time": a["train_time"]["median"] / b["train_time"]["median"],
+            "eval_time": a["eval_time"]["median"] / b["eval_time"]["median"],
+            "peak_memory": a["peak_memory"] / b["peak_memory"],
+            "params": a["params"] / b["params"],
+        }
+    return out
+
+
+if __name__ == "__main__":
+    _args = json.loads(sys.argv[1])
+    worker(_args["spec"], BenchConfig(**_args["cfg"]))

@@ -1,0 +1,263 @@
+"""Hook points inside smp models, shared by all plugins.
+
+- encoder stages / bottleneck: :func:`transform_encoder_features` (forward hook on ``encoder``);
+- decoder output: :func:`transform_decoder_output` (forward hook on ``decoder``);
+- skip fusion: :func:`transform_skips` replaces the encoder skip at every place where an
+  architecture fuses (decoder feature, skip), before its own fusion.
+
+Hooks are bound methods of small adapter modules that live inside the model, so
+``copy.deepcopy`` and pickling keep them pointing at the copied modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
+from segmentation_models_pytorch.decoders.fpn.decoder import FPNBlock
+from segmentation_models_pytorch.decoders.linknet.decoder import DecoderBlock as LinknetBlock
+from segmentation_models_pytorch.decoders.manet.decoder import DecoderBlock as MAnetBlock
+from segmentation_models_pytorch.decoders.manet.decoder import MFABBlock
+from segmentation_models_pytorch.decoders.pan.decoder import GAUBlock
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
+from segmentation_models_pytorch.decoders.unetplusplus.decoder import DecoderBlock as UnetPPBlock
+from segmentation_models_pytorch.decoders.upernet.decoder import FPNLateralBlock
+from torch import nn
+
+from .registry import PluginConfigError
+
+# (block class, its forward argument holding the decoder feature, the one holding the skip)
+SKIP_CALLS = (
+    (UnetDecoderBlock, "feature_map", "skip_connection"),
+    (UnetPPBlock, "x", "skip"),
+    (MFABBlock, "x", "skip"),
+    (MAnetBlock, "x", "skip"),
+    (LinknetBlock, "x", "skip"),
+    (FPNBlock, "x", "skip"),
+    (GAUBlock, "y", "x"),
+    (FPNLateralBlock, "state_feature", "lateral_feature"),
+)
+SKIP_ARCHS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pan", "deeplabv3plus", "upernet")
+FEATURE_LIST_ARCHS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3",
+                      "deeplabv3plus", "pan", "upernet", "segformer")
+
+
+def unique_child_name(parent: nn.Module, name: str) -> str:
+    out, k = name, 1
+    while hasattr(parent, out):
+        k += 1
+        out = f"{name}_{k}"
+    return out
+
+
+# ---------------------------------------------------------------- model facts
+
+
+def in_channels_of(model: nn.Module) -> int:
+    """Input channels: those of the first convolution."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise PluginConfigError(f"cannot find a Conv2d in {type(model).__name__}")
+
+
+def classes_of(model: nn.Module) -> int:
+    """Output classes: those of the segmentation head's last convolution."""
+    convs = [m for m in model.segmentation_head.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def decoder_out_channels(model: nn.Module) -> int:
+    """Channels of the decoder's output: those entering the segmentation head."""
+    convs = [m for m in model.segmentation_head.modules() if isinstance(m, nn.Conv2d)]
+    return convs[0].in_channels
+
+
+def encoder_channels(model: nn.Module) -> list[int]:
+    return list(model.encoder.out_channels)
+
+
+@torch.no_grad()
+def run_probe(model: nn.Module, size: int = 128) -> None:
+    """One eval-mode forward pass on zeros, to let temporary hooks record shapes."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, in_channels_of(model), size, size,
+                          device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- encoder features
+
+
+class EncoderFeatureTransform(nn.Module):
+    """Applies ``transforms[i]`` to encoder feature i: (N, C_i, H_i, W_i) → same shape."""
+
+    def __init__(self, transforms: dict[int, nn.Module]):
+        super().__init__()
+        self.transforms = nn.ModuleDict({str(i): t for i, t in transforms.items()})
+
+    def hook(self, encoder, inputs, features):
+        features = list(features)
+        for key, transform in self.transforms.items():
+            features[int(key)] = transform(features[int(key)])
+        return features
+
+
+def transform_encoder_features(model: nn.Module, name: str,
+                               transforms: dict[int, nn.Module]) -> EncoderFeatureTransform:
+    """Insert ``transforms`` (feature index → module; -1 = bottleneck) after the encoder."""
+    if not isinstance(getattr(model, "encoder", None), nn.Module) or not hasattr(
+            model.encoder, "out_channels"):
+        raise PluginConfigError(f"{type(model).__name__} has no smp encoder to hook into")
+    n = len(model.encoder.out_channels)
+    adapter = EncoderFeatureTransform({i % n: t for i, t in transforms.items()})
+    model.add_module(unique_child_name(model, name), adapter)
+    model.encoder.register_forward_hook(adapter.hook)
+    return adapter
+
+
+# ---------------------------------------------------------------- decoder output
+
+
+class OutputTransform(nn.Module):
+    """Applies ``transform`` to the decoder's output (the feature entering the head)."""
+
+    def __init__(self, transform: nn.Module):
+        super().__init__()
+        self.transform = transform
+
+    def hook(self, decoder, inputs, output):
+        return self.transform(output)
+
+
+def transform_decoder_output(model: nn.Module, name: str, transform: nn.Module) -> OutputTransform:
+    adapter = OutputTransform(transform)
+    model.add_module(unique_child_name(model, name), adapter)
+    model.decoder.register_forward_hook(adapter.hook)
+    return adapter
+
+
+# ---------------------------------------------------------------- skip fusion
+
+
+@dataclass
+class SkipSite:
+    """One place where a decoder feature meets an encoder skip.
+
+    ``stage`` is the encoder feature index of the skip (its stride is 2**stage).
+    """
+
+    owner: nn.Module
+    attach: Callable[[Callable], list]
+    decoder_channels: int = 0
+    skip_channels: int = 0
+    stage: int = -1
+
+
+class CallSkipTransform(nn.Module):
+    """Rewrites the skip argument of a fusion block's call: skip ← transform(decoder, skip)."""
+
+    def __init__(self, transform: Callable, arg_names: list[str], decoder_arg: str, skip_arg: str):
+        super().__init__()
+        self.transform = transform
+        self.arg_names, self.decoder_arg, self.skip_arg = arg_names, decoder_arg, skip_arg
+
+    def hook(self, block, args, kwargs):
+        values = dict(zip(self.arg_names, args), **kwargs)
+        skip = values.get(self.skip_arg)
+        if skip is None or skip.shape[1] == 0:
+            return None
+        values[self.skip_arg] = self.transform(values[self.decoder_arg], skip)
+        return (), values
+
+
+class DeepLabSkipTransform(nn.Module):
+    """DeepLabV3+ fuses inline: keep ``decoder.up``'s output, rewrite ``decoder.block1``'s."""
+
+    def __init__(self, transform: Callable):
+        super().__init__()
+        self.transform = transform
+        self._decoder_feature = None
+
+    def keep(self, module, inputs, output):
+        self._decoder_feature = output
+
+    def hook(self, module, inputs, output):
+        decoder_feature, self._decoder_feature = self._decoder_feature, None
+        return self.transform(decoder_feature, output)
+
+
+def _call_attacher(block: nn.Module, decoder_arg: str, skip_arg: str):
+    names = list(inspect.signature(block.forward).parameters)
+
+    def attach(transform):
+        adapter = CallSkipTransform(transform, names, decoder_arg, skip_arg)
+        return adapter, [block.register_forward_pre_hook(adapter.hook, with_kwargs=True)]
+    return attach
+
+
+def _deeplab_attacher(decoder: DeepLabV3PlusDecoder):
+    def attach(transform):
+        adapter = DeepLabSkipTransform(transform)
+        return adapter, [decoder.up.register_forward_hook(adapter.keep),
+                         decoder.block1.register_forward_hook(adapter.hook)]
+    return attach
+
+
+def skip_sites(model: nn.Module) -> list[SkipSite]:
+    """All skip-fusion sites of ``model`` with their channel counts and stage (one probe pass).
+
+    Sites whose skip is absent or has 0 channels (transformer placeholders) are left out.
+    """
+    sites = []
+    for module in model.decoder.modules():
+        if isinstance(module, DeepLabV3PlusDecoder):
+            sites.append(SkipSite(module, _deeplab_attacher(module)))
+        for cls, decoder_arg, skip_arg in SKIP_CALLS:
+            if type(module) is cls:
+                sites.append(SkipSite(module, _call_attacher(module, decoder_arg, skip_arg)))
+    handles = []
+    size = 128  # the smallest size every smp arch accepts (PAN needs 128)
+    for site in sites:
+        def record(decoder_feature, skip, site=site):
+            site.decoder_channels = decoder_feature.shape[1]
+            site.skip_channels = skip.shape[1]
+            site.stage = int(round(math.log2(size / skip.shape[-2])))
+            return skip
+        handles += site.attach(record)[1]
+    try:
+        run_probe(model, size)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s for s in sites if s.stage >= 0 and s.skip_channels > 0]
+
+
+def transform_skips(model: nn.Module, name: str,
+                    make: Callable[[SkipSite], nn.Module | None]) -> list[SkipSite]:
+    """Install ``make(site)`` (a module (decoder, skip) → new skip) at every skip site.
+
+    ``make`` may return None to leave a site alone. Returns the sites that got a module.
+    Raises PluginConfigError for architectures without encoder→decoder skips.
+    """
+    sites = skip_sites(model)
+    if not sites:
+        raise PluginConfigError(
+            f"{type(model).__name__} has no encoder→decoder skip connections; "
+            f"skip plugins support: {', '.join(SKIP_ARCHS)}")
+    used = []
+    for site in sites:
+        transform = make(site)
+        if transform is None:
+            continue
+        adapter, _ = site.attach(transform)
+        site.owner.add_module(unique_child_name(site.owner, name), adapter)
+        used.append(site)
+    return used

@@ -1,0 +1,47 @@
+"""scSE: concurrent spatial and channel squeeze-and-excitation (Roy et al., 2018)."""
+
+from typing import Annotated, Literal
+
+import torch
+from torch import nn
+
+from ..hooks import decoder_out_channels, encoder_channels, transform_decoder_output, transform_encoder_features
+from ..registry import Range, register_plugin
+
+
+class SCSE(nn.Module):
+    """x·cSE(x) + x·sSE(x); (N, C, H, W) → (N, C, H, W).
+
+    cSE: global pool → 1×1 conv C→C/r → ReLU → 1×1 conv → sigmoid (per channel);
+    sSE: 1×1 conv C→1 → sigmoid (per pixel).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.cse = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1), nn.Sigmoid())
+        self.sse = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.cse(x) + x * self.sse(x)
+
+
+@register_plugin("scse", supports=("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet",
+                                   "deeplabv3", "deeplabv3plus", "pan", "upernet", "segformer"))
+def scse(model: nn.Module, reduction: Annotated[int, Range(1, 1024)] = 16,
+         where: Literal["encoder", "decoder", "both"] = "both") -> nn.Module:
+    """Squeeze-and-excitation (scSE) on every encoder stage and/or the decoder output.
+
+    ``where="encoder"`` recalibrates each encoder feature (stride 2 and deeper, so every skip
+    and the bottleneck); ``"decoder"`` the decoder's output feature; ``"both"`` (default) does
+    both, which approximates the "U-Net + SE" base network of the FREM paper on any arch.
+    """
+    if where in ("encoder", "both"):
+        chans = encoder_channels(model)
+        transform_encoder_features(model, "scse_encoder", {
+            i: SCSE(c, reduction) for i, c in enumerate(chans) if i > 0 and c > 0})
+    if where in ("decoder", "both"):
+        transform_decoder_output(model, "scse_decoder", SCSE(decoder_out_channels(model), reduction))
+    return model

@@ -1,0 +1,1 @@
+"""Command-line interface (installed as ``cellseg_plugins.cli``): thin Typer commands."""

@@ -1,0 +1,74 @@
+"""``cellseg bench``: time and memory of a model, optionally against another."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from ..bench import BenchConfig, report, resolve_device, run_bench
+from ..registry import create_model, parse_spec
+from .errors import CLIError, reports_errors
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise CLIError(f"{name} {value}: must be at least 1")
+
+
+@reports_errors
+def bench_command(
+    spec: Annotated[str, typer.Argument(help="model spec, e.g. 'unet+lfa(m=7)'")],
+    vs: Annotated[str | None, typer.Option(help="a second spec to compare against")] = None,
+    size: Annotated[int, typer.Option(help="input height and width")] = 256,
+    batch: Annotated[int, typer.Option(help="batch size")] = 4,
+    in_channels: Annotated[int, typer.Option(help="input channels")] = 1,
+    classes: Annotated[int, typer.Option(help="output classes")] = 5,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    steps: Annotated[int, typer.Option(help="timed steps per phase (after 2 warm-up steps)")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Time a training step and an eval forward; report peak memory and parameters."""
+    for name, value in (("--size", size), ("--batch", batch), ("--in-channels", in_channels),
+                        ("--classes", classes), ("--steps", steps)):
+        _positive(name, value)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    specs = [str(parse_spec(spec))] + ([str(parse_spec(vs))] if vs else [])
+    for s in specs:  # build once here so that plugin errors are reported before any worker starts
+        create_model(s, in_channels=in_channels, classes=classes)
+    cfg = BenchConfig(size, batch, in_channels, classes, dev, steps)
+    if as_json:
+        results = run_bench(specs, cfg)
+        print(json.dumps(report(results, cfg), indent=2))
+        return
+    with Progress(transient=True) as progress:
+        task = progress.add_task("benchmark", total=2 * (steps + 2))
+        results = run_bench(specs, cfg, progress=lambda *_: progress.advance(task))
+    show(report(results, cfg))
+
+
+def show(rep: dict) -> None:
+    table = Table(title=f"cellseg bench ({rep['device']}, {rep['batch']}×{rep['in_channels']}×"
+                        f"{rep['size']}², {rep['steps']} steps)")
+    for col in ("spec", "train step (s)", "eval forward (s)", "peak memory (MiB)", "params"):
+        table.add_column(col)
+    rows = [rep] + ([rep["vs"]] if "vs" in rep else [])
+    for r in rows:
+        table.add_row(r["spec"], _time(r["train_time"]), _time(r["eval_time"]),
+                      f"{r['peak_memory'] / 2**20:.0f}", f"{r['params']:,}")
+    if "ratio" in rep:
+        q = rep["ratio"]
+        table.add_row("ratio", f"{q['train_time']:.3f}×", f"{q['eval_time']:.3f}×",
+                      f"{q['peak_memory']:.3f}×", f"{q['params']:.3f}×")
+    Console().print(table)
+
+
+def _time(t: dict) -> str:
+    return f"{t['median']:.4f} ± {t['spread'] / 2:.4f}"

@@ -1,0 +1,37 @@
+"""One-line errors for the CLI: known faults print ``error: ...`` and exit with code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import typer
+
+from ..registry import PluginConfigError, SpecError
+
+
+class CLIError(Exception):
+    """A user error the CLI reports in one line (bad option value, bad file, ...)."""
+
+
+USER_ERRORS = (CLIError, SpecError, PluginConfigError)
+
+
+def fail(message: str, code: int = 2):
+    """Print ``error: message`` on one line to stderr and exit with ``code``."""
+    message = " ".join(str(message).split())
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def reports_errors(fn):
+    """Decorator for commands: user errors become one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            fail(str(e))
+
+    return wrapper

@@ -1,0 +1,79 @@
+"""``cellseg list``: registered architectures, plugins and encoders."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..registry import all_entries
+from ..registry.spec import format_value
+from .errors import reports_errors
+
+
+class Kind(str, Enum):
+    arch = "arch"
+    plugin = "plugin"
+    encoder = "encoder"
+
+
+def encoder_rows() -> list[dict]:
+    """smp's encoder table (plain encoders included) as list entries."""
+    from segmentation_models_pytorch.encoders import encoders
+
+    rows = []
+    for name, spec in sorted(encoders.items()):
+        weights = sorted(spec.get("pretrained_settings", {}))
+        desc = f"{spec['encoder'].__name__}; pretrained: {', '.join(weights) or 'none'}"
+        rows.append({"name": name, "kind": "encoder", "description": desc, "params": []})
+    rows.append({"name": "tu-*", "kind": "encoder", "params": [],
+                 "description": "any timm model with features_only support, e.g. tu-resnet18"})
+    return rows
+
+
+def collect(pattern: str, kind: Kind | None) -> dict[str, dict]:
+    rows = []
+    if kind in (None, Kind.arch, Kind.plugin):
+        rows += [e.to_json() for e in all_entries(kind.value if kind else None)]
+    if kind is Kind.encoder:
+        rows += encoder_rows()
+    return {r["name"]: r for r in rows if fnmatch.fnmatch(r["name"], pattern.lower())}
+
+
+def format_param(p: dict) -> str:
+    text = f"{p['name']}: {p['type']}"
+    if not p["required"]:
+        default = p["default"]
+        text += f" = {format_value(tuple(default) if isinstance(default, list) else default)}"
+    if "range" in p:
+        lo, hi = p["range"]
+        text += f" in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+    return text
+
+
+@reports_errors
+def list_command(
+    pattern: Annotated[str, typer.Argument(help="fnmatch pattern, e.g. '*net*'")] = "*",
+    kind: Annotated[Kind | None, typer.Option("--kind", help="only this kind")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
+) -> None:
+    """List architectures, plugins (and with --kind encoder, encoders) with their parameters."""
+    rows = collect(pattern, kind)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"cellseg registry ({len(rows)} matching {pattern!r})", show_lines=True)
+    for col in ("name", "kind", "parameters", "description", "supports"):
+        table.add_column(col, overflow="fold")
+    for r in rows.values():
+        supports = r.get("supports", "")
+        if isinstance(supports, list):
+            supports = ", ".join(supports)
+        table.add_row(r["name"], r["kind"], "\n".join(format_param(p) for p in r["params"]),
+                      r["description"], supports)
+    Console().print(table)

@@ -1,0 +1,54 @@
+"""The ``cellseg`` command: ``cellseg list | bench | ...``."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from typer import Abort
+
+try:  # newer typer vendors click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import UsageError
+
+from .errors import USER_ERRORS
+from .bench_cmd import bench_command
+from .list_cmd import list_command
+
+app = typer.Typer(
+    name="cellseg",
+    help="Cell-image segmentation methods as plugins for any smp model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("list")(list_command)
+app.command("bench")(bench_command)
+
+
+@app.callback()
+def _root() -> None:
+    """Cell-image segmentation methods as plugins for any smp model."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the Typer app; usage errors are printed on one line (exit code 2)."""
+    try:
+        code = app(args=argv, prog_name="cellseg", standalone_mode=False)
+    except UsageError as e:
+        hint = f" (see 'cellseg {e.ctx.info_name} --help')" if e.ctx and e.ctx.parent else ""
+        print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except USER_ERRORS as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

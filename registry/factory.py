@@ -1,0 +1,67 @@
+"""Build models from spec strings: ``create_model`` and ``apply_plugins``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .registry import all_entries, get_entry
+from .spec import Spec, SpecError, Term, parse_spec
+
+
+class PluginConfigError(ValueError):
+    """Raised by a plugin factory when its parameters do not fit the model (one line)."""
+
+
+def create_model(spec: str | Spec, in_channels: int = 1, classes: int = 5, **overrides) -> nn.Module:
+    """Build ``arch(...)+plugin(...)+...``; ``overrides`` update the architecture's parameters.
+
+    ``classes`` defaults to 5, the ssTEM five-class map the project's data use.
+    The canonical spec is kept as ``model.cellseg_spec`` (checkpoints store it).
+    """
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
+    if parsed.arch is None:
+        raise SpecError("the spec names no architecture; use apply_plugins for a built model")
+    if overrides:
+        parsed = parsed.with_arch_params(**overrides)
+    entry = get_entry(parsed.arch.name)
+    try:
+        model = entry.factory(in_channels=in_channels, classes=classes, **parsed.arch.kwargs)
+    except PluginConfigError as e:
+        raise SpecError(str(e), term=parsed.arch.name) from None
+    model = _apply(model, parsed.arch.name, parsed.plugins)
+    model.cellseg_spec = str(parsed)
+    return model
+
+
+def apply_plugins(model: nn.Module, spec: str | Spec) -> nn.Module:
+    """Apply plugins (``"lfa(m=7)+frem"``) to a model built elsewhere, e.g. ``smp.FPN(...)``."""
+    parsed = spec if isinstance(spec, Spec) else parse_spec(spec, require_arch=False)
+    if parsed.arch is not None:
+        raise SpecError(f"apply_plugins takes plugins only; drop the architecture "
+                        f"{parsed.arch.name!r}", term=parsed.arch.name)
+    arch = arch_of(model)
+    for term in parsed.plugins:
+        entry = get_entry(term.name)
+        if entry.supports is not None and not entry.supports_arch(arch or ""):
+            what = f"arch {arch!r}" if arch else f"a {type(model).__name__}"
+            raise SpecError(f"plugin {term.name!r} does not support {what}; it supports: "
+                            f"{', '.join(sorted(entry.supports))}", term=term.name)
+    return _apply(model, arch, parsed.plugins)
+
+
+def _apply(model: nn.Module, arch: str | None, plugins: tuple[Term, ...]) -> nn.Module:
+    for term in plugins:
+        try:
+            model = get_entry(term.name).factory(model, **term.kwargs)
+        except PluginConfigError as e:
+            raise SpecError(str(e), term=term.name) from None
+    return model
+
+
+def arch_of(model: nn.Module) -> str | None:
+    """The registered architecture name of ``model`` (by its class), or None."""
+    for entry in all_entries("arch"):
+        cls = entry.extra.get("model_class")
+        if cls is not None and type(model) is cls:
+            return entry.name
+    return None

@@ -1,0 +1,89 @@
+"""The plugin protocol: how plugin modules talk to a training loop without being named.
+
+A plugin factory takes a built model and returns a model. The modules it adds may subclass
+:class:`PluginModule` to
+
+- contribute auxiliary training outputs (``add_aux``), which :func:`auxiliary_loss` turns into
+  weighted losses with the training criterion (round-1 loss, deep supervision, ...);
+- receive ``on_epoch_start(epoch)`` and ``on_step_start(step)`` callbacks (FREM re-draws its
+  channels there);
+- behave differently in train and eval mode, through ``self.training`` as any module does.
+
+The training loop calls :func:`epoch_start`, :func:`step_start` and :func:`auxiliary_loss` on the
+whole model; it never names a plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+
+class AuxOutput(NamedTuple):
+    """Logits at the target's resolution and the weight of their loss in the total."""
+
+    name: str
+    weight: float
+    logits: torch.Tensor
+
+
+class PluginModule(nn.Module):
+    """Base class for modules that plugins insert; all hooks are optional no-ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._aux: list[AuxOutput] = []
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the training loop before each epoch (0-based)."""
+
+    def on_step_start(self, step: int) -> None:
+        """Called by the training loop before each optimisation step (0-based, global)."""
+
+    def add_aux(self, name: str, weight: float, logits: torch.Tensor) -> None:
+        """Record an auxiliary output of the current forward pass (training mode only)."""
+        if self.training:
+            self._aux.append(AuxOutput(name, float(weight), logits))
+
+    def pop_aux(self) -> list[AuxOutput]:
+        out, self._aux = self._aux, []
+        return out
+
+
+def _plugin_modules(model: nn.Module):
+    return (m for m in model.modules() if isinstance(m, PluginModule))
+
+
+def epoch_start(model: nn.Module, epoch: int) -> None:
+    """Tell every plugin module that ``epoch`` begins."""
+    for m in _plugin_modules(model):
+        m.on_epoch_start(epoch)
+
+
+def step_start(model: nn.Module, step: int) -> None:
+    """Tell every plugin module that optimisation step ``step`` begins."""
+    for m in _plugin_modules(model):
+        m.on_step_start(step)
+
+
+def pop_aux_outputs(model: nn.Module) -> list[AuxOutput]:
+    """Collect (and clear) the auxiliary outputs of the last forward pass."""
+    return [a for m in _plugin_modules(model) for a in m.pop_aux()]
+
+
+def auxiliary_loss(
+    model: nn.Module, target: torch.Tensor, criterion: Callable
+) -> tuple[torch.Tensor | float, dict[str, float]]:
+    """Σ weight·criterion(aux logits, target) over the last forward's auxiliary outputs.
+
+    Returns the weighted sum (0.0 if there are none) and each term's value for logging.
+    """
+    total: torch.Tensor | float = 0.0
+    parts: dict[str, float] = {}
+    for aux in pop_aux_outputs(model):
+        loss = criterion(aux.logits, target)
+        total = total + aux.weight * loss
+        parts[aux.name] = float(loss.detach())
+    return total, parts

@@ -1,0 +1,135 @@
+"""Name → factory tables for architectures and plugins (timm-style decorators)."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal
+
+from .schema import Param, params_from_signature
+
+Kind = Literal["arch", "plugin"]
+
+# Parameters every architecture factory receives from create_model, not from the spec string.
+ARCH_CONTEXT = ("in_channels", "classes")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered architecture or plugin.
+
+    ``supports`` (plugins only) lists the architectures the plugin bolts onto; ``None`` means all.
+    ``repeatable`` says whether the plugin may appear twice in one spec.
+    """
+
+    name: str
+    kind: Kind
+    factory: Callable
+    description: str
+    params: tuple[Param, ...]
+    supports: tuple[str, ...] | None = None
+    repeatable: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def param(self, name: str) -> Param | None:
+        """Look a parameter up by name, case-insensitively."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        lowered = [p for p in self.params if p.name.lower() == name.lower()]
+        return lowered[0] if len(lowered) == 1 else None
+
+    def supports_arch(self, arch: str) -> bool:
+        return self.supports is None or arch in self.supports
+
+    def to_json(self) -> dict:
+        out = {
+            "name": self.name,
+            "kind": self.kind,
+            "description": self.description,
+            "params": [p.to_json() for p in self.params],
+        }
+        if self.kind == "plugin":
+            out["supports"] = sorted(self.supports) if self.supports is not None else "all"
+            out["repeatable"] = self.repeatable
+        return out
+
+
+_ENTRIES: dict[str, Entry] = {}
+
+
+def first_line(doc: str | None) -> str:
+    return inspect.cleandoc(doc or "").split("\n", 1)[0].strip()
+
+
+def add_entry(entry: Entry) -> Entry:
+    """Register ``entry``; a name may be registered once, across archs and plugins."""
+    key = entry.name.lower()
+    if key in _ENTRIES:
+        raise ValueError(f"{entry.name!r} is already registered as {_ENTRIES[key].kind}")
+    _ENTRIES[key] = entry
+    return entry
+
+
+def register_arch(name: str, description: str | None = None):
+    """Decorator: register ``factory(in_channels, classes, **params) -> nn.Module`` as an arch."""
+
+    def deco(factory: Callable) -> Callable:
+        add_entry(Entry(
+            name=name.lower(), kind="arch", factory=factory,
+            description=description or first_line(factory.__doc__),
+            params=params_from_signature(factory, skip=ARCH_CONTEXT),
+        ))
+        return factory
+
+    return deco
+
+
+def register_plugin(
+    name: str,
+    supports: Iterable[str] | None = None,
+    repeatable: bool = False,
+    description: str | None = None,
+):
+    """Decorator: register ``factory(model, **params) -> nn.Module`` as a plugin.
+
+    The factory's keyword parameters, with their type hints and defaults, become the plugin's
+    parameter schema. ``supports`` names the architectures it works on (default: all).
+    """
+
+    def deco(factory: Callable) -> Callable:
+        first = next(iter(inspect.signature(factory).parameters), None)
+        add_entry(Entry(
+            name=name.lower(), kind="plugin", factory=factory,
+            description=description or first_line(factory.__doc__),
+            params=params_from_signature(factory, skip=(first,)),
+            supports=tuple(s.lower() for s in supports) if supports is not None else None,
+            repeatable=repeatable,
+        ))
+        return factory
+
+    return deco
+
+
+def get_entry(name: str) -> Entry | None:
+    return _ENTRIES.get(name.lower())
+
+
+def all_entries(kind: Kind | None = None) -> list[Entry]:
+    return sorted((e for e in _ENTRIES.values() if kind is None or e.kind == kind),
+                  key=lambda e: e.name)
+
+
+def _list(kind: Kind, pattern: str) -> list[str]:
+    return [e.name for e in all_entries(kind) if fnmatch.fnmatch(e.name, pattern.lower())]
+
+
+def list_archs(pattern: str = "*") -> list[str]:
+    """Sorted names of registered architectures matching an fnmatch ``pattern``."""
+    return _list("arch", pattern)
+
+
+def list_plugins(pattern: str = "*") -> list[str]:
+    """Sorted names of registered plugins matching an fnmatch ``pattern``."""
+    return _list("plugin", pattern)

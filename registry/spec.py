@@ -1,0 +1,223 @@
+"""The model spec grammar: ``arch(key=value, ...)+plugin(key=value, ...)+...``.
+
+Terms are joined by ``+``; the first may be an architecture, the rest are plugins applied left
+to right. Arguments are keyword literals only (int, float, str, bool, None, lists/tuples of
+these). Parsing uses Python's tokenizer and ``ast`` and never evaluates code.
+``str(spec)`` is the canonical form: lower-case names, parameters in schema order, values
+normalised to their declared types, so that ``parse_spec(str(s)) == s``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .registry import Entry, all_entries, get_entry
+
+LITERAL_TYPES = (int, float, str, bool, type(None))
+
+
+class SpecError(ValueError):
+    """A bad spec string. ``str(err)`` is one line naming the term and the column (1-based)."""
+
+    def __init__(self, message: str, column: int | None = None, term: str | None = None):
+        where = []
+        if term:
+            where.append(f"term {term!r}")
+        if column is not None:
+            where.append(f"column {column}")
+        prefix = f"bad model spec ({', '.join(where)}): " if where else "bad model spec: "
+        super().__init__(prefix + message)
+        self.column = column
+        self.term = term
+
+
+@dataclass(frozen=True)
+class Term:
+    """One ``name(key=value, ...)``; ``params`` are (name, value) pairs in schema order."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        args = ",".join(f"{k}={format_value(v)}" for k, v in self.params)
+        return f"{self.name}({args})"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed, validated spec: an optional architecture term and the plugin terms in order."""
+
+    arch: Term | None
+    plugins: tuple[Term, ...] = ()
+
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        return ((self.arch,) if self.arch else ()) + self.plugins
+
+    def __str__(self) -> str:
+        return "+".join(str(t) for t in self.terms)
+
+    def with_arch_params(self, **overrides) -> "Spec":
+        """A copy whose architecture term has ``overrides`` merged in (validated)."""
+        if self.arch is None:
+            raise SpecError("the spec names no architecture")
+        merged = {**self.arch.kwargs, **overrides}
+        entry = get_entry(self.arch.name)
+        return Spec(_validated_term(entry, merged, {}, None), self.plugins)
+
+
+def format_value(v) -> str:
+    if isinstance(v, tuple):
+        inner = ",".join(format_value(x) for x in v)
+        return f"[{inner}]"
+    return repr(v)
+
+
+def parse_spec(text: str, require_arch: bool = True) -> Spec:
+    """Parse and validate a spec string against the registry; raise SpecError on any fault.
+
+    With ``require_arch=False`` a spec of plugins only (``"lfa+frem"``) is accepted, as
+    ``apply_plugins`` needs.
+    """
+    if not isinstance(text, str):
+        raise SpecError(f"expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise SpecError("empty spec; expected e.g. 'unet' or 'unet+lfa(m=7)'", column=1)
+    try:
+        tree = ast.parse("(" + text + "\n)", mode="eval")
+    except SyntaxError as e:
+        col = max(1, (e.offset or 2) - 1) if (e.lineno or 1) == 1 else None
+        raise SpecError(f"syntax error: {e.msg}", column=col) from None
+    nodes = _flatten(tree.body)
+    terms: list[Term] = []
+    for i, node in enumerate(nodes):
+        name, col, args, kwargs = _term_parts(node)
+        entry = get_entry(name)
+        if entry is None:
+            raise SpecError(f"unknown name {name!r}{_did_you_mean(name)}", col, name)
+        if i == 0 and require_arch and entry.kind != "arch":
+            raise SpecError(
+                f"a spec starts with an architecture, got plugin {name!r} "
+                f"(e.g. 'unet+{name}')", col, name)
+        if i > 0 and entry.kind == "arch":
+            raise SpecError(
+                f"{name!r} is an architecture; only the first term may be one", col, name)
+        if args:
+            raise SpecError(
+                f"positional argument not allowed; use name=value ({_valid_names(entry)})",
+                args[0].col_offset, name)
+        terms.append(_validated_term(entry, _literal_kwargs(entry, kwargs), kwargs, col))
+        _check_combination(terms, entry, col)
+    arch = terms[0] if get_entry(terms[0].name).kind == "arch" else None
+    return Spec(arch, tuple(terms[1:] if arch else terms))
+
+
+def _flatten(node) -> list:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _flatten(node.left) + _flatten(node.right)
+    return [node]
+
+
+def _column(node) -> int:
+    # The text was wrapped in "(": col_offset of the first line is one too far right, and
+    # col_offset is 0-based, so the 1-based column is col_offset itself.
+    return node.col_offset if node.lineno == 1 else node.col_offset + 1
+
+
+def _term_parts(node):
+    if isinstance(node, ast.Name):
+        return node.id.lower(), _column(node), [], []
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        return node.func.id.lower(), _column(node), node.args, node.keywords
+    found = ast.unparse(node)
+    raise SpecError(f"expected name or name(key=value, ...) joined by '+', got {found!r}",
+                    _column(node))
+
+
+def _literal_kwargs(entry: Entry, keywords) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kw in keywords:
+        col = _column(kw.value) if kw.arg is None else _column(kw)
+        if kw.arg is None:
+            raise SpecError("'**' arguments are not allowed", col, entry.name)
+        try:
+            value = ast.literal_eval(kw.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise SpecError(
+                f"{kw.arg}={ast.unparse(kw.value)}: only literal values are allowed "
+                "(numbers, strings, True/False/None, lists)", col, entry.name) from None
+        if not _is_plain_literal(value):
+            raise SpecError(
+                f"{kw.arg}={ast.unparse(kw.value)}: only finite numbers, strings, "
+                "True/False/None and lists of these are allowed", col, entry.name)
+        param = entry.param(kw.arg)
+        if param is None:
+            raise SpecError(f"unknown parameter {kw.arg!r} ({_valid_names(entry)})",
+                            col, entry.name)
+        if param.name in out:
+            raise SpecError(f"parameter {param.name!r} given twice", col, entry.name)
+        out[param.name] = value
+    return out
+
+
+def _is_plain_literal(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_literal(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, LITERAL_TYPES)
+
+
+def _validated_term(entry: Entry, values: dict[str, Any], keywords, col) -> Term:
+    cols = {kw.arg.lower(): _column(kw) for kw in keywords if kw.arg}
+    params = []
+    for p in entry.params:
+        if p.name in values:
+            try:
+                params.append((p.name, p.check(values[p.name])))
+            except ValueError as e:
+                raise SpecError(f"{p.name}: {e}", cols.get(p.name.lower(), col),
+                                entry.name) from None
+    for name in values:
+        if entry.param(name) is None:
+            raise SpecError(f"unknown parameter {name!r} ({_valid_names(entry)})", col, entry.name)
+    missing = [p.name for p in entry.params if p.required and p.name not in values]
+    if missing:
+        raise SpecError(f"missing required parameter(s) {', '.join(missing)}", col, entry.name)
+    return Term(entry.name, tuple(params))
+
+
+def _check_combination(terms: list[Term], entry: Entry, col: int) -> None:
+    arch = terms[0].name if get_entry(terms[0].name).kind == "arch" else None
+    if entry.kind != "plugin":
+        return
+    if arch is not None and not entry.supports_arch(arch):
+        raise SpecError(
+            f"plugin {entry.name!r} does not support arch {arch!r}; "
+            f"it supports: {', '.join(sorted(entry.supports))}", col, entry.name)
+    if not entry.repeatable and sum(t.name == entry.name for t in terms) > 1:
+        raise SpecError(f"plugin {entry.name!r} may appear only once", col, entry.name)
+
+
+def _did_you_mean(name: str) -> str:
+    names = [e.name for e in all_entries()]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    return "; run 'cellseg list' to see all names"
+
+
+def _valid_names(entry: Entry) -> str:
+    if not entry.params:
+        return f"{entry.name!r} takes no parameters"
+    return "valid: " + ", ".join(p.name for p in entry.params)

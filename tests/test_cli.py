@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cellseg_plugins.cli.main import main
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_list_json_has_every_entry(capsys):
+    code, out, _ = run(capsys, "list", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert {"unet", "fpn", "scse"} <= set(data)
+    assert data["scse"]["kind"] == "plugin"
+    assert {p["name"] for p in data["unet"]["params"]} >= {"encoder", "encoder_depth"}
+
+
+def test_list_pattern_and_kind(capsys):
+    code, out, _ = run(capsys, "list", "*net*", "--json")
+    assert code == 0 and sorted(json.loads(out)) == [
+        "linknet", "manet", "pspnet", "unet", "unetplusplus", "upernet"]
+    code, out, _ = run(capsys, "list", "plain*", "--kind", "encoder", "--json")
+    assert "plain8" in json.loads(out)
+    code, out, _ = run(capsys, "list", "--kind", "plugin")
+    assert code == 0 and "scse" in out and "unet " not in out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["list", "--kind", "model"], "'model' is not one of"),
+    (["list", "--bogus"], "No such option"),
+])
+def test_cli_usage_errors_are_one_line(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error:") and fragment in err
+    assert "Traceback" not in err
+
+
+def test_console_script_bad_spec_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "cellseg_plugins.cli.main", "bench", "unet+scsee",
+                           "--steps", "1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "did you mean 'scse'" in proc.stderr and "Traceback" not in proc.stderr

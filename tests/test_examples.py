@@ -1,0 +1,33 @@
+import re
+import runpy
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from cellseg_plugins.registry.registry import _ENTRIES
+
+
+def readme_plugin_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Writing a plugin", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_example_is_the_example_file():
+    assert readme_plugin_block() == (ROOT / "examples" / "custom_plugin.py").read_text()
+
+
+def test_readme_plugin_example_runs():
+    try:
+        runpy.run_path(str(ROOT / "examples" / "custom_plugin.py"), run_name="__main__")
+        assert "bottleneck_noise" in _ENTRIES
+    finally:
+        _ENTRIES.pop("bottleneck_noise", None)
+
+
+def test_wrap_smp_model_example_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "wrap_smp_model.py")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "output: (2, 5, 128, 128)" in proc.stdout
