@@ -19,10 +19,11 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class AuxOutput(NamedTuple):
-    """Logits at the target's resolution and the weight of their loss in the total."""
+    """Auxiliary logits (any resolution: resized to the target's) and their loss weight."""
 
     name: str
     weight: float
@@ -78,12 +79,16 @@ def auxiliary_loss(
 ) -> tuple[torch.Tensor | float, dict[str, float]]:
     """Σ weight·criterion(aux logits, target) over the last forward's auxiliary outputs.
 
-    Returns the weighted sum (0.0 if there are none) and each term's value for logging.
+    Logits smaller than the target are upsampled bilinearly. Returns the weighted sum (0.0 if there are none) and each term's value for logging.
     """
     total: torch.Tensor | float = 0.0
     parts: dict[str, float] = {}
     for aux in pop_aux_outputs(model):
-        loss = criterion(aux.logits, target)
+        logits = aux.logits
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+        loss = criterion(logits, target)
         total = total + aux.weight * loss
         parts[aux.name] = float(loss.detach())
     return total, parts

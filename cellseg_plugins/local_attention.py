@@ -1,0 +1,87 @@
+"""Windowed (local) attention without unfolding: O(H·W·m²·C) time and O(H·W·(m² + C)) memory.
+
+The m×m window is visited through m² shifted views of the zero-padded keys and values — no
+unfold, no (HW)² tensor, no Python loop over pixels. A custom autograd function keeps only q, k,
+v and the (N, m², H, W) attention for backward and accumulates the key/value gradients in place
+(autograd's own backward of m² slices would allocate a padded gradient per offset).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def window_mask(height: int, width: int, m: int, device=None) -> torch.Tensor:
+    """(m², H, W) bool: True where offset j of pixel (h, w) lies inside the image."""
+    r = m // 2
+    ones = F.pad(torch.ones(1, 1, height, width, device=device), (r, r, r, r))
+    return torch.stack([ones[0, 0, dy:dy + height, dx:dx + width]
+                        for dy in range(m) for dx in range(m)]).bool()
+
+
+def _offsets(m: int):
+    return [(j, dy, dx) for j, (dy, dx) in enumerate((dy, dx) for dy in range(m) for dx in range(m))]
+
+
+def _attention(q, k, m):
+    """softmax over the window of q·k_j: (N, m², H, W); out-of-image keys masked out."""
+    height, width = q.shape[-2:]
+    r = m // 2
+    kp = F.pad(k, (r, r, r, r))
+    logits = q.new_empty(q.shape[0], m * m, height, width)
+    for j, dy, dx in _offsets(m):
+        torch.sum(q * kp[:, :, dy:dy + height, dx:dx + width], dim=1, out=logits[:, j])
+    valid = window_mask(height, width, m, q.device)
+    return logits.masked_fill_(~valid, float("-inf")).softmax(dim=1)
+
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, m):
+        height, width = q.shape[-2:]
+        r = m // 2
+        attn = _attention(q, k, m)
+        vp = F.pad(v, (r, r, r, r))
+        out = torch.zeros_like(v)
+        for j, dy, dx in _offsets(m):
+            out.addcmul_(attn[:, j:j + 1], vp[:, :, dy:dy + height, dx:dx + width])
+        ctx.save_for_backward(q, k, v, attn)
+        ctx.m = m
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, attn = ctx.saved_tensors
+        m = ctx.m
+        height, width = q.shape[-2:]
+        r = m // 2
+        kp, vp = F.pad(k, (r, r, r, r)), F.pad(v, (r, r, r, r))
+        grad_vp = torch.zeros_like(vp)
+        grad_attn = torch.empty_like(attn)
+        for j, dy, dx in _offsets(m):
+            window = (slice(None), slice(None), slice(dy, dy + height), slice(dx, dx + width))
+            torch.sum(grad_out * vp[window], dim=1, out=grad_attn[:, j])
+            grad_vp[window].addcmul_(attn[:, j:j + 1], grad_out)
+        # softmax backward: g_logits = a ⊙ (g_a − Σ_j a_j g_a_j); masked entries have a = 0
+        grad_logits = attn * (grad_attn - (attn * grad_attn).sum(dim=1, keepdim=True))
+        grad_q = torch.zeros_like(q)
+        grad_kp = torch.zeros_like(kp)
+        for j, dy, dx in _offsets(m):
+            window = (slice(None), slice(None), slice(dy, dy + height), slice(dx, dx + width))
+            g = grad_logits[:, j:j + 1]
+            grad_q.addcmul_(g, kp[window])
+            grad_kp[window].addcmul_(g, q)
+        unpad = (slice(None), slice(None), slice(r, r + height), slice(r, r + width))
+        return grad_q, grad_kp[unpad], grad_vp[unpad], None
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: int) -> torch.Tensor:
+    """Y_p = Σ_{o in m×m window of p} softmax_o(q_p · k_{p+o}) v_{p+o}.
+
+    q, k: (N, d, H, W); v: (N, c, H, W) → (N, c, H, W). Out-of-image neighbours are zero-padded
+    keys masked out of the softmax (the window's centre is always inside).
+    """
+    if m % 2 != 1:
+        raise ValueError(f"window size m={m} must be odd")
+    return _LocalAttention.apply(q, k, v, m)

@@ -1,0 +1,79 @@
+"""FREM: Feature Random Enhancement Module (Ando & Hotta, VISAPP 2021, §3 and Fig. 3)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from torch import nn
+
+from ..hooks import FEATURE_LIST_ARCHS, encoder_channels, transform_encoder_features
+from ..registry import PluginConfigError, PluginModule, Range, register_plugin
+
+
+class FeatureRandomEnhancement(PluginModule):
+    """Multiply B of the C bottleneck channels by X in training; (N, C, H, W) → same.
+
+    The channel set is drawn at construction and re-drawn by ``on_epoch_start`` (``per="epoch"``)
+    or ``on_step_start`` (``per="batch"``); ``fixed=True`` never re-draws. With ``seed=None`` the
+    draws use torch's global RNG (so a seeded training run is reproducible); with a seed, the
+    draw for epoch/step t uses seed + t. In eval mode the input is returned untouched (the same
+    tensor), unless ``at_test=True``.
+    """
+
+    def __init__(self, channels: int, B: int, X: float, per: str, fixed: bool, at_test: bool,
+                 seed: int | None):
+        super().__init__()
+        self.C, self.B, self.X = channels, B, X
+        self.per, self.fixed, self.at_test, self.seed = per, fixed, at_test, seed
+        self.register_buffer("selected", torch.zeros(B, dtype=torch.long))
+        self.redraw(0)
+
+    def redraw(self, t: int) -> None:
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed + t)
+        self.selected.copy_(torch.randperm(self.C, generator=generator)[: self.B])
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.per == "epoch" and not self.fixed:
+            self.redraw(epoch)
+
+    def on_step_start(self, step: int) -> None:
+        if self.per == "batch" and not self.fixed:
+            self.redraw(step)
+
+    def scale(self, dtype, device) -> torch.Tensor:
+        """(C,) vector: X at the selected channels, 1 elsewhere."""
+        s = torch.ones(self.C, dtype=dtype, device=device)
+        s[self.selected] = self.X
+        return s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training or self.at_test):
+            return x
+        return x * self.scale(x.dtype, x.device).view(1, -1, 1, 1)
+
+
+@register_plugin("frem", supports=FEATURE_LIST_ARCHS)
+def frem(
+    model: nn.Module,
+    B: Annotated[int, Range(1, None)] = 8,
+    X: Annotated[float, Range(0, None)] = 250.0,
+    per: Literal["epoch", "batch"] = "epoch",
+    fixed: bool = False,
+    at_test: bool = False,
+    seed: int | None = None,
+) -> nn.Module:
+    """Feature Random Enhancement: multiply B random bottleneck channels by X while training.
+
+    Defaults are the paper's ssTEM values (B=8, X=250, found by TPE). ``per``: re-draw the
+    channels every epoch (paper) or every batch; ``fixed``: one fixed set (the paper's
+    additional experiment); ``at_test``: enhance in eval mode too (extended paper, Table 1).
+    """
+    channels = encoder_channels(model)[-1]
+    if B > channels:
+        raise PluginConfigError(f"B={B} is larger than the bottleneck's {channels} channels")
+    module = FeatureRandomEnhancement(channels, B, X, per, fixed, at_test, seed)
+    transform_encoder_features(model, "frem", {-1: module})
+    return model

@@ -1,0 +1,78 @@
+"""LFA: Localized Feature Aggregation module (Furukawa & Hotta, §III-A, Eq. 1–3)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..hooks import SKIP_ARCHS, transform_skips
+from ..local_attention import local_attention
+from ..registry import PluginConfigError, Range, register_plugin
+
+
+class LocalFeatureAggregation(nn.Module):
+    """Source-target attention in an m×m window between encoder skip P and decoder feature Q.
+
+    Q is resized (nearest) to P's resolution. With ``query="encoder"`` (§III-A's formal
+    definition): W = softmax_window(f_q(P)ᵀ f_k(Q)), Y = Σ W f_v(Q) (Eq. 1–2); with
+    ``query="decoder"`` (the text under Fig. 2) the roles swap. Output (Eq. 3): Y + P
+    (``residual="encoder"``), Y + Q (``"decoder"``, Q projected to P's channels if needed) or Y.
+    (N, C_P, H, W), (N, C_Q, h, w) → (N, C_P, H, W): it replaces the skip.
+    """
+
+    def __init__(self, skip_channels: int, decoder_channels: int, m: int, query: str,
+                 residual: str, reduction: int):
+        super().__init__()
+        self.m, self.query, self.residual = m, query, residual
+        d = max(1, skip_channels // reduction)
+        q_in, kv_in = ((skip_channels, decoder_channels) if query == "encoder"
+                       else (decoder_channels, skip_channels))
+        self.f_q = nn.Conv2d(q_in, d, 1)
+        self.f_k = nn.Conv2d(kv_in, d, 1)
+        self.f_v = nn.Conv2d(kv_in, skip_channels, 1)
+        if residual == "decoder" and decoder_channels != skip_channels:
+            self.f_r = nn.Conv2d(decoder_channels, skip_channels, 1)
+        else:
+            self.f_r = nn.Identity()
+
+    def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if decoder.shape[-2:] != skip.shape[-2:]:
+            decoder = F.interpolate(decoder, size=skip.shape[-2:], mode="nearest")
+        source, target = (skip, decoder) if self.query == "encoder" else (decoder, skip)
+        y = local_attention(self.f_q(source), self.f_k(target), self.f_v(target), self.m)
+        if self.residual == "encoder":
+            return y + skip
+        if self.residual == "decoder":
+            return y + self.f_r(decoder)
+        return y
+
+
+@register_plugin("lfa", supports=SKIP_ARCHS)
+def lfa(
+    model: nn.Module,
+    m: Annotated[int, Range(1, 31)] = 7,
+    query: Literal["encoder", "decoder"] = "encoder",
+    residual: Literal["encoder", "decoder", "none"] = "encoder",
+    stages: Sequence[int] | None = None,
+    reduction: Annotated[int, Range(1, 1024)] = 8,
+) -> nn.Module:
+    """Localized Feature Aggregation: m×m local attention between encoder skip and decoder.
+
+    Inserted at every skip connection before the architecture's own fusion; ``stages`` picks
+    skip levels by encoder feature index (1 = stride 2, 2 = stride 4, ...; default all).
+    ``query`` says which side gives the query (the paper is ambiguous; default §III-A's encoder),
+    ``residual`` which feature is added back (the paper's Table 4: encoder is best).
+    ``reduction``: query/key channels = skip channels / reduction.
+    """
+    if m % 2 != 1:
+        raise PluginConfigError(f"m={m}: the window size must be odd (3, 5, 7, ...)")
+    wanted = None if stages is None else set(stages)
+    sites = transform_skips(model, "lfa", lambda site: None if (
+        wanted is not None and site.stage not in wanted) else LocalFeatureAggregation(
+            site.skip_channels, site.decoder_channels, m, query, residual, reduction))
+    if not sites:
+        raise PluginConfigError(f"stages={list(stages)} matches no skip of this model")
+    return model

@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from cellseg_plugins.cli.main import main
+
+
+def test_bench_json_with_ratio(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "unet(encoder='plain4')+frem(B=4)", "--vs", "unet(encoder='plain4')",
+              "--size", "32", "--batch", "2", "--steps", "2", "--device", "cpu", "--json"])
+    assert exit_info.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spec"] == "unet(encoder='plain4')+frem(B=4)"
+    assert report["vs"]["spec"] == "unet(encoder='plain4')"
+    assert set(report["ratio"]) >= {"train_time", "eval_time", "peak_memory"}
+    assert report["train_time"]["n"] == 2 and report["peak_memory"] > 0
+    assert report["params"] == report["vs"]["params"]  # FREM adds no parameters
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["bench", "unet", "--steps", "0"], "--steps 0: must be at least 1"),
+    (["bench", "unet", "--device", "tpu"], "--device 'tpu': expected auto, cpu or cuda"),
+    (["bench", "unet(encoder='plain8')+frem(B=999)"], "B=999 is larger than the bottleneck's 128"),
+])
+def test_bench_bad_input(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and fragment in err and err.count("\n") == 1

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+import cellseg_plugins as cs
+from cellseg_plugins.local_attention import local_attention
+from cellseg_plugins.plugins.lfa import LocalFeatureAggregation
+
+
+def reference_local_attention(q, k, v, m):
+    """Explicit loops over pixels and window offsets; out-of-image neighbours are skipped."""
+    n_, _, height, width = q.shape
+    r = m // 2
+    out = torch.zeros_like(v)
+    for n in range(n_):
+        for h in range(height):
+            for w in range(width):
+                logits, values = [], []
+                for dy in range(-r, r + 1):
+                    for dx in range(-r, r + 1):
+                        hh, ww = h + dy, w + dx
+                        if 0 <= hh < height and 0 <= ww < width:
+                            logits.append((q[n, :, h, w] * k[n, :, hh, ww]).sum())
+                            values.append(v[n, :, hh, ww])
+                a = torch.softmax(torch.stack(logits), 0)
+                out[n, :, h, w] = (a[:, None] * torch.stack(values)).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("m, size", [(3, (5, 6)), (7, (6, 5)), (5, (2, 9))])
+def test_local_attention_matches_loops_including_borders(m, size):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, *size), torch.randn(2, 3, *size)
+    v = torch.randn(2, 4, *size)
+    assert torch.allclose(local_attention(q, k, v, m), reference_local_attention(q, k, v, m),
+                          atol=1e-5)
+
+
+def test_local_attention_gradients():
+    torch.manual_seed(0)
+    args = [torch.randn(1, c, 4, 5, dtype=torch.float64, requires_grad=True) for c in (2, 2, 3)]
+    assert torch.autograd.gradcheck(lambda q, k, v: local_attention(q, k, v, 3), args)
+    assert torch.autograd.gradcheck(lambda q, k, v: local_attention(q, k, v, 7), args)
+
+
+@pytest.mark.parametrize("query", ["encoder", "decoder"])
+@pytest.mark.parametrize("residual", ["encoder", "decoder", "none"])
+def test_lfa_module_matches_reference(query, residual):
+    torch.manual_seed(0)
+    module = LocalFeatureAggregation(8, 8, 3, query, residual, reduction=4)
+    skip, decoder = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 3, 3)
+    up = torch.nn.functional.interpolate(decoder, size=(6, 6), mode="nearest")
+    src, tgt = (skip, up) if query == "encoder" else (up, skip)
+    y = reference_local_attention(module.f_q(src), module.f_k(tgt), module.f_v(tgt), 3)
+    expected = {"encoder": y + skip, "decoder": y + up, "none": y}[residual]
+    assert torch.allclose(module(decoder, skip), expected, atol=1e-5)
+
+
+def lfa_modules(model):
+    return [m for m in model.modules() if isinstance(m, LocalFeatureAggregation)]
+
+
+def test_lfa_sits_on_every_skip_of_the_classic_unet():
+    model = cs.create_model("unet(encoder='plain8')+lfa(m=7)")
+    # four skips (8, 16, 32, 64 channels) including the full-resolution top skip, as in the paper
+    assert sorted(m.f_v.out_channels for m in lfa_modules(model)) == [8, 16, 32, 64]
+    only = cs.create_model("unet(encoder='plain8')+lfa(stages=[0,3])")
+    assert sorted(m.f_v.out_channels for m in lfa_modules(only)) == [8, 64]
+    with pytest.raises(cs.SpecError, match="matches no skip"):
+        cs.create_model("unet(encoder='plain8')+lfa(stages=[9])")
+
+
+def test_lfa_changes_output_and_trains():
+    torch.manual_seed(0)
+    model = cs.create_model("unet(encoder='resnet18')+lfa(m=5)", classes=3)
+    model(torch.randn(2, 1, 64, 64)).mean().backward()
+    for m in lfa_modules(model):
+        assert m.f_q.weight.grad is not None and m.f_q.weight.grad.abs().sum() > 0
+
+
+def test_transformer_placeholder_skip_is_left_alone():
+    model = cs.create_model("unet(encoder='mit_b0')+lfa(m=3)", classes=2)
+    chans = list(model.encoder.out_channels)
+    assert 0 in chans
+    assert len(lfa_modules(model)) == sum(c > 0 for c in chans[1:-1])
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 2, 64, 64)
+
+
+@pytest.mark.parametrize("arch", ["pspnet", "deeplabv3", "segformer", "dpt"])
+@pytest.mark.parametrize("plugin", ["lfa", "attention_gate"])
+def test_skip_plugins_refuse_archs_without_skips(arch, plugin):
+    with pytest.raises(cs.SpecError) as err:
+        cs.create_model(f"{arch}+{plugin}")
+    assert "it supports: deeplabv3plus, fpn, linknet, manet, pan, unet, unetplusplus, upernet" in str(err.value)
+
+
+def test_even_window_is_refused():
+    with pytest.raises(cs.SpecError, match="m=4: the window size must be odd"):
+        cs.create_model("unet+lfa(m=4)")
