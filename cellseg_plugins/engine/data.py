@@ -1,0 +1,319 @@
+"""Data sets: built-in synthetic data, ssTEM (fetched and verified), users' image/mask folders.
+
+Everything is loaded as *source images* (H, W) or (H, W, C) float32 in [0, 1] with integer masks;
+crops, folds and augmentation work on source indices, so splits never share a source image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+
+from .synthetic import CLASSES as SYNTHETIC_CLASSES
+from .synthetic import synthetic_dataset
+
+
+class DataError(ValueError):
+    """A bad data set, file or option; the message is one line naming the file and the value."""
+
+
+SSTEM_URL = "https://raw.githubusercontent.com/unidesigner/groundtruth-drosophila-vnc/master"
+# grey level → class, for the papers' two class maps (../shared/data/sstem/SOURCE.md)
+SSTEM_MAPS = {
+    "sstem5": (("membrane", "mitochondria", "synapse", "extracellular", "intracellular"),
+               {0: 0, 32: 0, 64: 0, 96: 0, 128: 0, 191: 1, 223: 2, 159: 3, 255: 4}),
+    "sstem4": (("membrane", "mitochondria", "synapse", "cytoplasm"),
+               {0: 0, 32: 0, 64: 0, 96: 0, 128: 0, 191: 1, 223: 2, 159: 3, 255: 3}),
+}
+IMAGE_DIRS = ("images", "image", "imgs", "img", "raw", "x")
+MASK_DIRS = ("masks", "mask", "labels", "label", "gt", "annotations", "y")
+SUFFIXES = (".png", ".tif", ".tiff")
+
+
+@dataclass
+class SourceSet:
+    """Source images (float32 in [0, 1], (H, W) or (H, W, C)), masks (int64 (H, W)), names."""
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    class_names: tuple[str, ...]
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.images[0].ndim == 2 else self.images[0].shape[2]
+
+
+def data_root() -> Path:
+    """Where fetched data sets live: $CELLSEG_DATA, else the platform cache directory."""
+    if os.environ.get("CELLSEG_DATA"):
+        return Path(os.environ["CELLSEG_DATA"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cellseg"
+
+
+# ---------------------------------------------------------------- ssTEM: fetch and verify
+
+
+def sstem_checksums() -> dict[str, str]:
+    text = resources.files("cellseg_plugins").joinpath("data/sstem.sha256.txt").read_text()
+    return {line.split()[1]: line.split()[0] for line in text.splitlines() if line.strip()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sstem(root: Path | None = None, source: str | None = None, progress=None) -> Path:
+    """Download (or with ``source`` a local folder, copy) ssTEM into ``root/sstem``.
+
+    Every file is checked against the SHA-256 list shipped in the package; a missing or
+    corrupt file aborts the fetch and nothing is left behind (files go to a temporary folder
+    that is renamed into place only when all are verified).
+    """
+    target = (root or data_root()) / "sstem"
+    sums = sstem_checksums()
+    if target.is_dir() and all((target / p).is_file() for p in sums):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sstem-", dir=target.parent))
+    try:
+        for i, (rel, digest) in enumerate(sorted(sums.items())):
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if source is not None and "://" not in source:
+                src = Path(source) / rel
+                if not src.is_file():
+                    raise DataError(f"{src}: missing from the local copy")
+                shutil.copyfile(src, dest)
+            else:
+                url = f"{(source or SSTEM_URL).rstrip('/')}/{rel}"
+                try:
+                    with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
+                        shutil.copyfileobj(r, f)
+                except OSError as e:
+                    raise DataError(f"could not download {url}: {e}") from None
+            if _sha256(dest) != digest:
+                raise DataError(f"{rel}: SHA-256 mismatch (corrupt or partial copy)")
+            if progress:
+                progress(i + 1, len(sums))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def load_sstem(classes: str = "sstem5", root: Path | None = None) -> SourceSet:
+    if classes not in SSTEM_MAPS:
+        raise DataError(f"--classes {classes!r}: expected one of {', '.join(SSTEM_MAPS)}")
+    base = (root or data_root()) / "sstem"
+    raw = sorted((base / "stack1" / "raw").glob("*.tif"))
+    if not raw:
+        raise DataError(f"ssTEM not found under {base}; run 'cellseg data fetch sstem' "
+                        "(or 'cellseg data fetch sstem --from PATH' for a local copy)")
+    names, value_map = SSTEM_MAPS[classes]
+    images, masks = [], []
+    for path in raw:
+        label = base / "stack1" / "labels" / f"labels{int(path.stem):08d}.png"
+        images.append(_to_unit(read_image(path)))
+        masks.append(map_values(read_image(label), value_map, label))
+    return SourceSet(images, masks, names, [p.stem for p in raw])
+
+
+# ---------------------------------------------------------------- users' folders
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(pages, H, W[, C]) for multi-page TIFF stacks, else (H, W[, C]); raises DataError."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return tifffile.imread(path)
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except Exception as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
+
+
+def _to_unit(a: np.ndarray) -> np.ndarray:
+    """uint8/uint16/float → float32 in [0, 1]; RGBA loses alpha."""
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    a = a.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def parse_class_map(text: str) -> tuple[tuple[str, ...], dict[int, int]]:
+    """'0:background,128:nucleus,255:membrane' → (names, {grey: class index})."""
+    names: list[str] = []
+    value_map: dict[int, int] = {}
+    for item in text.split(","):
+        value, sep, name = item.strip().partition(":")
+        if not sep or not value.strip().isdigit() or not name.strip():
+            raise DataError(f"--class-map item {item.strip()!r}: expected VALUE:NAME, "
+                            "e.g. '0:background,255:cell'")
+        name = name.strip()
+        if name not in names:
+            names.append(name)
+        value_map[int(value)] = names.index(name)
+    return tuple(names), value_map
+
+
+def map_values(mask: np.ndarray, value_map: dict[int, int] | None, path: Path) -> np.ndarray:
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if value_map is None:
+        return mask.astype(np.int64)
+    lut = np.full(max(int(mask.max()), max(value_map)) + 1, -1, dtype=np.int64)
+    for value, index in value_map.items():
+        lut[value] = index
+    out = lut[mask]
+    if (out < 0).any():
+        bad = int(mask[out < 0][0])
+        raise DataError(f"{path}: mask value {bad} is not in the class map "
+                        f"(mapped: {', '.join(str(v) for v in sorted(value_map))})")
+    return out
+
+
+def _find_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise DataError(f"{root}: no {what} folder (expected one of {', '.join(names)})")
+
+
+def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
+    """An image folder and a mask folder paired by file stem; TIFF stacks give one source per page."""
+    if not root.is_dir():
+        raise DataError(f"--data {str(root)!r}: not 'synthetic', 'sstem' or an existing folder")
+    image_dir, mask_dir = _find_dir(root, IMAGE_DIRS, "image"), _find_dir(root, MASK_DIRS, "mask")
+    masks_by_stem = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in SUFFIXES}
+    names, value_map = parse_class_map(class_map) if class_map else ((), None)
+    images, masks, stems = [], [], []
+    for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in SUFFIXES):
+        if path.stem not in masks_by_stem:
+            raise DataError(f"{path}: no mask with stem {path.stem!r} in {mask_dir}")
+        image, mask = read_image(path), read_image(masks_by_stem[path.stem])
+        stack = image.ndim == 3 and image.shape[-1] not in (3, 4) or image.ndim == 4
+        pages = list(zip(image, mask)) if stack else [(image, mask)]
+        for k, (im, ms) in enumerate(pages):
+            ms = map_values(ms, value_map, masks_by_stem[path.stem])
+            if im.shape[:2] != ms.shape[:2]:
+                raise DataError(f"{path}: image size {im.shape[:2]} differs from mask size "
+                                f"{ms.shape[:2]}")
+            images.append(_to_unit(im))
+            masks.append(ms)
+            stems.append(f"{path.stem}[{k}]" if stack else path.stem)
+    if not images:
+        raise DataError(f"{image_dir}: no PNG or TIFF images")
+    if len({im.ndim for im in images}) > 1:
+        raise DataError(f"{image_dir}: mixes grey and colour images")
+    if not names:
+        names = tuple(f"class{i}" for i in range(int(max(m.max() for m in masks)) + 1))
+    return SourceSet(images, masks, names, stems)
+
+
+def load_data(data: str, classes: str | None = None, class_map: str | None = None,
+              seed: int = 0) -> SourceSet:
+    """'synthetic' (built in), 'sstem' (fetched) or a folder of images and masks."""
+    if data == "synthetic":
+        images, masks = synthetic_dataset(n=20, size=256, seed=seed)
+        return SourceSet(images, masks, SYNTHETIC_CLASSES, [f"synthetic{i:02d}" for i in range(20)])
+    if data == "sstem":
+        return load_sstem(classes or "sstem5")
+    return load_folder(Path(data), class_map)
+
+
+# ---------------------------------------------------------------- splits, crops, augmentation
+
+
+def fold_split(n_sources: int, folds: int, fold: int) -> dict[str, list[int]]:
+    """Split source indices: fold k tests on block k, validates on block k+1, trains on the rest.
+
+    For ssTEM (20 sections, 5 folds) fold 0 tests on sections 0–3, validates on 4–7 and
+    trains on 8–19: 12/4/4 sections = 192/64/64 crops of 256².
+    """
+    if folds < 3:
+        raise DataError(f"--folds {folds}: need at least 3 (test, validation and training blocks)")
+    if not 0 <= fold < folds:
+        raise DataError(f"--fold {fold}: expected 0 … {folds - 1}")
+    if n_sources < folds:
+        raise DataError(f"{n_sources} source images cannot be split into {folds} folds")
+    blocks = np.array_split(np.arange(n_sources), folds)
+    test, val = blocks[fold].tolist(), blocks[(fold + 1) % folds].tolist()
+    train = [i for i in range(n_sources) if i not in test and i not in val]
+    return {"train": train, "val": val, "test": test}
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Non-overlapping crops of the given sources, normalised; random rot90/flip if ``augment``.
+
+    Item: ((C, crop, crop) float32, (crop, crop) int64). Augmentation is drawn from
+    (seed, epoch, index), so runs are reproducible with any number of workers.
+    """
+
+    def __init__(self, sources: SourceSet, indices: list[int], crop: int, mean, std,
+                 augment: bool = False, seed: int = 0):
+        self.sources, self.crop, self.augment, self.seed = sources, crop, augment, seed
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.epoch = 0
+        self.items = []
+        for i in indices:
+            h, w = sources.masks[i].shape
+            if h < crop or w < crop:
+                raise DataError(f"source {sources.names[i]} is {h}×{w}, smaller than --crop {crop}")
+            self.items += [(i, y, x) for y in range(0, h - crop + 1, crop)
+                           for x in range(0, w - crop + 1, crop)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        i, y, x = self.items[k]
+        c = self.crop
+        image = torch.from_numpy(np.ascontiguousarray(self.sources.images[i][y:y + c, x:x + c]))
+        image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+        mask = torch.from_numpy(np.ascontiguousarray(self.sources.masks[i][y:y + c, x:x + c]))
+        if self.augment:
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, k)) % 2**63)
+            turns, flip = torch.randint(0, 4, (2,), generator=g).tolist()
+            image, mask = torch.rot90(image, turns, (1, 2)), torch.rot90(mask, turns, (0, 1))
+            if flip % 2:
+                image, mask = image.flip(2), mask.flip(1)
+        return ((image - self.mean) / self.std).contiguous(), mask.contiguous()
+
+
+def channel_stats(sources: SourceSet, indices: list[int]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over all pixels of the given sources (the train split)."""
+    pixels = np.concatenate([sources.images[i].reshape(-1, sources.in_channels) for i in indices])
+    return pixels.mean(0).tolist(), np.maximum(pixels.std(0), 1e-6).tolist()
+
+
+def class_shares(sources: SourceSet, indices: list[int] | None = None) -> np.ndarray:
+    idx = range(len(sources.masks)) if indices is None else indices
+    counts = sum(np.bincount(sources.masks[i].ravel(), minlength=len(sources.class_names))
+                 for i in idx)
+    return counts / counts.sum()

@@ -1,0 +1,274 @@
+"""The training loop: folds, losses, checkpoints, resume, metrics; plugins via the protocol only."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..registry import auxiliary_loss, create_model, epoch_start, parse_spec, step_start
+from .checkpoint import FORMAT, load_checkpoint, save_atomic
+from .data import CropDataset, DataError, channel_stats, class_shares, fold_split, load_data
+from .metrics import confusion, scores
+
+LOSSES = ("ce", "focal+iou", "dice+ce")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged loss, ...); one line."""
+
+
+@dataclass
+class TrainConfig:
+    spec: str
+    data: str = "synthetic"
+    classes: str | None = None
+    class_map: str | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    schedule: str = "none"
+    loss: str = "ce"
+    class_weights: str = "none"
+    device: str = "auto"
+    amp: bool = False
+    seed: int = 0
+    fold: int = 0
+    folds: int = 5
+    crop: int = 256
+    augment: bool = True
+    workers: int = 0
+    out: str = "runs/latest"
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise DataError naming the first bad option."""
+        choices = {"optimizer": ("adam", "sgd"), "schedule": ("none", "cosine"),
+                   "loss": LOSSES, "class_weights": ("none", "auto"),
+                   "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected "
+                                f"one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "crop"):
+            if getattr(self, name) < 1:
+                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
+        if not self.lr > 0:
+            raise DataError(f"--lr {self.lr}: must be > 0")
+        if self.workers < 0:
+            raise DataError(f"--workers {self.workers}: must be ≥ 0")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise DataError("--device cuda: no CUDA device is available (use cpu or auto)")
+        self.spec = str(parse_spec(self.spec))
+
+
+def make_criterion(name: str, weights: torch.Tensor | None):
+    """ce | focal+iou | dice+ce, from smp's losses; (logits (N,C,H,W), target (N,H,W)) → scalar."""
+    import segmentation_models_pytorch as smp
+
+    ce = nn.CrossEntropyLoss(weight=weights)
+    if name == "ce":
+        return ce
+    if name == "focal+iou":
+        focal, iou = smp.losses.FocalLoss("multiclass"), smp.losses.JaccardLoss("multiclass")
+        return lambda logits, y: focal(logits, y) + iou(logits, y)
+    dice = smp.losses.DiceLoss("multiclass")
+    return lambda logits, y: dice(logits, y) + ce(logits, y)
+
+
+def median_frequency_weights(shares: np.ndarray) -> torch.Tensor:
+    """w_c = median(freq) / freq_c (classes absent from training get weight 0)."""
+    present = shares[shares > 0]
+    w = np.where(shares > 0, np.median(present) / np.maximum(shares, 1e-12), 0.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, classes: int, device) -> torch.Tensor:
+    """Confusion matrix over every pixel the loader yields (eval mode)."""
+    model.eval()
+    total = torch.zeros(classes, classes, dtype=torch.int64)
+    for x, y in loader:
+        pred = model(x.to(device)).argmax(1)
+        total += confusion(pred, y.to(device), classes)
+    return total
+
+
+def versions() -> dict:
+    import segmentation_models_pytorch as smp
+    import timm
+
+    from .. import __version__
+    return {"cellseg": __version__, "torch": torch.__version__, "smp": smp.__version__,
+            "timm": timm.__version__, "python": platform.python_version()}
+
+
+class Trainer:
+    """Builds data, model and optimiser from a TrainConfig and runs (or resumes) training."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        cfg.check()
+        self.cfg, self.out = cfg, Path(cfg.out)
+        if not resume and (self.out / "last.pt").exists():
+            raise DataError(f"--out {str(self.out)!r} already holds a run; use --resume or "
+                            "another --out")
+        if resume and not (self.out / "last.pt").exists():
+            raise DataError(f"--resume: no last.pt in {str(self.out)!r}")
+        self.device = resolve_device(cfg.device)
+        self.sources = load_data(cfg.data, cfg.classes, cfg.class_map, seed=cfg.seed)
+        self.split = fold_split(len(self.sources.images), cfg.folds, cfg.fold)
+        self.mean, self.std = channel_stats(self.sources, self.split["train"])
+        self.class_names = self.sources.class_names
+        n = len(self.class_names)
+        self.train_set = CropDataset(self.sources, self.split["train"], cfg.crop, self.mean,
+                                     self.std, augment=cfg.augment, seed=cfg.seed)
+        self.val_set = CropDataset(self.sources, self.split["val"], cfg.crop, self.mean, self.std)
+        torch.manual_seed(cfg.seed)
+        self.model = create_model(cfg.spec, in_channels=self.sources.in_channels,
+                                  classes=n).to(self.device)
+        params = self.model.parameters()
+        self.optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
+                          else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs)
+                          if cfg.schedule == "cosine" else None)
+        weights = (median_frequency_weights(class_shares(self.sources, self.split["train"]))
+                   if cfg.class_weights == "auto" else None)
+        self.criterion = make_criterion(cfg.loss, None if weights is None else weights.to(self.device))
+        self.scaler = torch.amp.GradScaler(enabled=cfg.amp and self.device.type == "cuda")
+        self.epoch, self.step, self.best, self.history = 0, 0, -1.0, []
+        if resume:
+            self._restore(load_checkpoint(self.out / "last.pt"))
+
+    def _restore(self, ckpt: dict) -> None:
+        if ckpt["spec"] != self.cfg.spec:
+            raise DataError(f"--resume: last.pt holds {ckpt['spec']!r}, not {self.cfg.spec!r}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler"):
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.best, self.history = ckpt["best_miou"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+
+    def checkpoint(self) -> dict:
+        return {
+            "format": FORMAT, "spec": self.cfg.spec, "in_channels": self.sources.in_channels,
+            "class_names": list(self.class_names), "norm": {"mean": self.mean, "std": self.std},
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "epoch": self.epoch, "step": self.step, "best_miou": self.best,
+            "history": self.history, "rng": {"torch": torch.get_rng_state()},
+            "config": asdict(self.cfg), "split": self.split, "versions": versions(),
+        }
+
+    def loader(self, dataset, shuffle: bool, seed: int = 0):
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.cfg.batch_size, shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            num_workers=self.cfg.workers)
+
+    def write_config(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        info = {**asdict(self.cfg), "versions": versions(), "split": self.split,
+                "class_names": list(self.class_names), "norm": {"mean": self.mean, "std": self.std}}
+        (self.out / "config.json").write_text(json.dumps(info, indent=2))
+
+    def train_epoch(self, on_step=None) -> float:
+        cfg, model = self.cfg, self.model
+        epoch_seed = cfg.seed * 100_003 + self.epoch
+        torch.manual_seed(epoch_seed)  # dropout, FREM draws: a function of (seed, epoch)
+        self.train_set.epoch = self.epoch
+        epoch_start(model, self.epoch)
+        model.train()
+        losses = []
+        loader = self.loader(self.train_set, shuffle=True, seed=epoch_seed)
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(self.device), y.to(self.device)
+            step_start(model, self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=cfg.amp):
+                logits = model(x)
+                loss = self.criterion(logits.float(), y)
+                aux, _ = auxiliary_loss(model, y, lambda a, b: self.criterion(a.float(), b))
+                loss = loss + aux
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {i + 1}; "
+                    f"stopped; last good checkpoint: {self.out / 'last.pt'} "
+                    "(try a lower --lr or --loss ce)")
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            losses.append(float(loss.detach()))
+            if on_step:
+                on_step(i + 1, len(loader), losses[-1])
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return float(np.mean(losses))
+
+    def run(self, on_step=None, on_epoch=None) -> dict:
+        """Train until cfg.epochs; returns the last history row."""
+        self.write_config()
+        val_loader = self.loader(self.val_set, shuffle=False)
+        while self.epoch < self.cfg.epochs:
+            t0 = time.perf_counter()
+            loss = self.train_epoch(on_step)
+            val = scores(evaluate(self.model, val_loader, len(self.class_names), self.device),
+                         self.class_names)
+            row = {"epoch": self.epoch + 1, "train_loss": loss, "val_miou": val["miou"],
+                   "val_pixel_accuracy": val["pixel_accuracy"],
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   "seconds": time.perf_counter() - t0,
+                   **{f"val_iou_{k}": v for k, v in val["iou"].items()}}
+            self.history.append(row)
+            self.epoch += 1
+            improved = val["miou"] > self.best
+            if improved:
+                self.best = val["miou"]
+            ckpt = self.checkpoint()
+            if improved:
+                save_atomic(ckpt, self.out / "best.pt")
+            save_atomic(ckpt, self.out / "last.pt")
+            self.write_metrics()
+            if on_epoch:
+                on_epoch(row)
+        return self.history[-1] if self.history else {}
+
+    def write_metrics(self) -> None:
+        with open(self.out / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
+            writer.writeheader()
+            writer.writerows(self.history)
+        plot_curves(self.history, self.out / "curves.png")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(epochs, [r["train_loss"] for r in history], marker="o")
+    a.set(xlabel="epoch", ylabel="training loss", title="loss")
+    b.plot(epochs, [r["val_miou"] for r in history], marker="o", color="tab:green")
+    b.set(xlabel="epoch", ylabel="validation mIoU", title="validation mIoU", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,229 @@
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from cellseg_plugins.cli.main import main
+from cellseg_plugins.engine.checkpoint import load_checkpoint
+from cellseg_plugins.engine.data import (CropDataset, DataError, fetch_sstem, fold_split,
+                                         load_data, load_folder, parse_class_map)
+from cellseg_plugins.engine.metrics import confusion, scores
+from cellseg_plugins.engine.synthetic import synthetic_image
+from cellseg_plugins.engine.train import TrainConfig, Trainer, TrainingError
+
+TINY = "unet(encoder='plain4')"
+FAST = ["--crop", "64", "--batch-size", "32", "--device", "cpu"]
+
+
+def cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_synthetic_data_is_deterministic_and_has_all_classes():
+    a, b = synthetic_image(7), synthetic_image(7)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], synthetic_image(8)[0])
+    sources = load_data("synthetic")
+    counts = sum(np.bincount(m.ravel(), minlength=5) for m in sources.masks)
+    assert len(sources.images) == 20 and (counts > 0).all()
+
+
+def test_folds_split_by_source_image():
+    split = fold_split(20, 5, 0)
+    assert split["test"] == [0, 1, 2, 3] and split["val"] == [4, 5, 6, 7]
+    assert split["train"] == list(range(8, 20))
+    for k in range(5):
+        s = fold_split(20, 5, k)
+        assert not set(s["test"]) & set(s["val"]) and not set(s["train"]) & set(s["test"] + s["val"])
+    with pytest.raises(DataError, match="--fold 5: expected 0 … 4"):
+        fold_split(20, 5, 5)
+
+
+def test_sstem_protocol_192_64_64(tmp_path, sstem_root):
+    fetch_sstem(tmp_path, str(sstem_root))
+    os.environ["CELLSEG_DATA"] = str(tmp_path)
+    try:
+        sources = load_data("sstem", "sstem5")
+    finally:
+        del os.environ["CELLSEG_DATA"]
+    split = fold_split(len(sources.images), 5, 0)
+    sizes = [len(CropDataset(sources, split[s], 256, [0.5], [0.2])) for s in ("train", "val", "test")]
+    assert sizes == [192, 64, 64]
+    assert sources.class_names[0] == "membrane" and max(int(m.max()) for m in sources.masks) == 4
+
+
+def test_fetch_refuses_a_corrupt_copy_and_leaves_nothing(tmp_path, sstem_root):
+    bad = tmp_path / "bad"
+    import shutil
+    shutil.copytree(sstem_root, bad)
+    (bad / "stack1" / "raw" / "05.tif").write_bytes(b"corrupt")
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match="05.tif: SHA-256 mismatch"):
+        fetch_sstem(root, str(bad))
+    assert not (root / "sstem").exists() and list(root.iterdir()) == []
+
+
+def test_fetch_download_code_with_a_file_url(tmp_path, sstem_root):
+    target = fetch_sstem(tmp_path, sstem_root.resolve().as_uri())
+    assert (target / "stack1" / "raw" / "19.tif").is_file()
+
+
+def make_folder(root: Path, n=3, size=40, values=(0, 128, 255)):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / "images" / f"c{i}.png")
+        Image.fromarray(rng.choice(values, (size, size)).astype(np.uint8)).save(root / "masks" / f"c{i}.png")
+
+
+def test_user_folder_with_class_map(tmp_path):
+    make_folder(tmp_path)
+    sources = load_folder(tmp_path, "0:background,128:nucleus,255:membrane")
+    assert sources.class_names == ("background", "nucleus", "membrane")
+    assert {int(v) for m in sources.masks for v in np.unique(m)} == {0, 1, 2}
+
+
+def test_user_folder_tiff_stack(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "raw" / "s.tif", np.zeros((3, 32, 32), np.uint16), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels" / "s.tif", np.ones((3, 32, 32), np.uint8), photometric="minisblack")
+    sources = load_folder(tmp_path)
+    assert len(sources.images) == 3 and sources.class_names == ("class0", "class1")
+
+
+@pytest.mark.parametrize("breakage, fragment", [
+    ("missing_mask", "c1.png: no mask with stem 'c1'"),
+    ("size", "differs from mask size"),
+    ("unreadable", "c2.png: unreadable image"),
+    ("unmapped", "mask value 255 is not in the class map"),
+])
+def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
+    make_folder(tmp_path)
+    class_map = "0:bg,128:a,255:b"
+    if breakage == "missing_mask":
+        (tmp_path / "masks" / "c1.png").unlink()
+    elif breakage == "size":
+        Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "masks" / "c0.png")
+    elif breakage == "unreadable":
+        (tmp_path / "images" / "c2.png").write_bytes(b"not a png")
+    else:
+        class_map = "0:bg,128:a"
+    with pytest.raises(DataError) as err:
+        load_folder(tmp_path, class_map)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_class_map_syntax_error():
+    with pytest.raises(DataError, match="expected VALUE:NAME"):
+        parse_class_map("0:bg,x")
+
+
+def test_iou_from_accumulated_confusion():
+    pred = torch.tensor([[0, 0, 1, 1]])
+    target = torch.tensor([[0, 1, 1, 1]])
+    s = scores(confusion(pred, target, 2), ("a", "b"))
+    assert s["iou"] == {"a": pytest.approx(0.5), "b": pytest.approx(2 / 3)}
+    assert s["pixel_accuracy"] == pytest.approx(0.75)
+
+
+def tiny_config(out, epochs=2, **kw):
+    return TrainConfig(spec=TINY, epochs=epochs, crop=64, batch_size=32, device="cpu",
+                       out=str(out), **kw)
+
+
+def test_train_writes_run_files_and_eval_predict(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", TINY + "+frem(B=4)", "--epochs", "2", "--out", out, *FAST)
+    assert code == 0, err
+    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "config.json"):
+        assert (out / name).is_file()
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["spec"] == "unet(encoder='plain4')+frem(B=4)" and "torch" in config["versions"]
+    code, stdout, _ = cli(capsys, "eval", out / "best.pt", "--json")
+    result = json.loads(stdout)
+    assert code == 0 and 0 <= result["miou"] <= 1 and set(result["iou"]) == {
+        "membrane", "mitochondria", "synapse", "extracellular", "intracellular"}
+    image = tmp_path / "big.tif"
+    tifffile.imwrite(image, (np.random.default_rng(0).random((300, 200)) * 255).astype(np.uint8))
+    code, _, err = cli(capsys, "predict", out / "best.pt", image, "--out", tmp_path / "pred",
+                       "--tile", "128", "--overlay")
+    assert code == 0, err
+    labels = tifffile.imread(tmp_path / "pred" / "big.tif")
+    assert labels.shape == (300, 200) and labels.max() < 5
+    assert (tmp_path / "pred" / "big_overlay.png").is_file()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    torch.manual_seed(0)
+    Trainer(tiny_config(tmp_path / "full", epochs=2)).run()
+    Trainer(tiny_config(tmp_path / "cut", epochs=1)).run()
+    Trainer(tiny_config(tmp_path / "cut", epochs=2), resume=True).run()
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["history"][-1]["val_miou"] == b["history"][-1]["val_miou"]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    full = tmp_path / "full"
+    Trainer(tiny_config(full, epochs=3)).run()
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "cellseg_plugins.cli.main", "train", TINY, "--epochs", "3",
+            "--out", str(killed), *FAST]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert load_checkpoint(killed / "last.pt")["epoch"] < 3  # killed mid-way
+    subprocess.run(args + ["--resume"], check=True, capture_output=True)
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, epochs=3))
+    trainer.cfg.epochs = 1
+    trainer.run()
+    trainer.cfg.epochs = 3
+    trainer.criterion = lambda logits, y: logits.sum() * float("nan")
+    with pytest.raises(TrainingError, match="loss became nan at epoch 2"):
+        trainer.run()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "unet", "--optimizer", "lbfgs"], "--optimizer 'lbfgs': expected one of adam, sgd"),
+    (["train", "unet", "--data", "/nonexistent"], "--data '/nonexistent': not 'synthetic', 'sstem'"),
+    (["train", "unet+lfa(m=4)"], "m=4: the window size must be odd"),
+    (["train", "unet", "--epochs", "0"], "--epochs 0: must be ≥ 1"),
+    (["eval", "/nonexistent.pt"], "checkpoint '/nonexistent.pt' does not exist"),
+    (["data", "fetch", "mnist"], "unknown data set 'mnist'"),
+])
+def test_cli_bad_input(capsys, tmp_path, argv, fragment):
+    code, _, err = cli(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] == "train" else []))
+    assert code == 2 and fragment in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    bogus = tmp_path / "x.pt"
+    torch.save({"hello": 1}, bogus)
+    code, _, err = cli(capsys, "eval", bogus)
+    assert code == 2 and "is not a cellseg checkpoint" in err
