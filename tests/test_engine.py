@@ -227,3 +227,8 @@ def test_not_a_checkpoint(tmp_path, capsys):
     torch.save({"hello": 1}, bogus)
     code, _, err = cli(capsys, "eval", bogus)
     assert code == 2 and "is not a cellseg checkpoint" in err
+
+
+def test_data_info(capsys):
+    code, out, _ = cli(capsys, "data", "info", "synthetic")
+    assert code == 0 and "20 images" in out and "intracellular" in out
