@@ -7,6 +7,8 @@ import sys
 
 import typer
 
+from ..engine.data import DataError
+from ..engine.train import TrainingError
 from ..registry import PluginConfigError, SpecError
 
 
@@ -14,7 +16,7 @@ class CLIError(Exception):
     """A user error the CLI reports in one line (bad option value, bad file, ...)."""
 
 
-USER_ERRORS = (CLIError, SpecError, PluginConfigError)
+USER_ERRORS = (CLIError, SpecError, PluginConfigError, DataError, TrainingError)
 
 
 def fail(message: str, code: int = 2):

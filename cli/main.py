@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from .errors import USER_ERRORS
 from .bench_cmd import bench_command
+from .cv_cmd import cv_command
 from .data_cmd import data_app
 from .list_cmd import list_command
 from .train_cmd import eval_command, predict_command, train_command
@@ -31,6 +32,7 @@ app.command("bench")(bench_command)
 app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("predict")(predict_command)
+app.command("cv")(cv_command)
 app.add_typer(data_app, name="data")
 
 

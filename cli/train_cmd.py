@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..engine import distributed
 from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
-from ..engine.data import CropDataset, DataError, load_data
-from ..engine.metrics import scores
-from ..engine.train import TrainConfig, Trainer, TrainingError, evaluate, resolve_device
+from ..engine.data import DataError
+from ..engine.evaluation import evaluate_checkpoint
+from ..engine.train import TrainConfig, Trainer, TrainingError, resolve_device
+from . import options as o
 from .errors import CLIError, reports_errors
 
 console = Console(stderr=True)
@@ -22,40 +24,51 @@ console = Console(stderr=True)
 
 @reports_errors
 def train_command(
-    spec: Annotated[str, typer.Argument(help="model spec, e.g. 'unet+lfa(m=7)'")],
-    data: Annotated[str, typer.Option(help="synthetic (built in), sstem, or a folder")] = "synthetic",
-    classes: Annotated[str | None, typer.Option(help="sstem class map: sstem5 or sstem4")] = None,
-    class_map: Annotated[str | None, typer.Option(help="mask grey levels, e.g. '0:bg,255:cell'")] = None,
-    epochs: Annotated[int, typer.Option()] = 20,
-    batch_size: Annotated[int, typer.Option()] = 8,
-    lr: Annotated[float, typer.Option()] = 1e-3,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd")] = "adam",
-    schedule: Annotated[str, typer.Option(help="none or cosine")] = "none",
-    loss: Annotated[str, typer.Option(help="ce, focal+iou or dice+ce")] = "ce",
-    class_weights: Annotated[str, typer.Option(help="none or auto (median frequency)")] = "none",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    amp: Annotated[bool, typer.Option(help="mixed precision")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
-    fold: Annotated[int, typer.Option(help="test fold index")] = 0,
-    folds: Annotated[int, typer.Option(help="number of folds (split by source image)")] = 5,
-    crop: Annotated[int, typer.Option(help="non-overlapping crop size")] = 256,
-    augment: Annotated[bool, typer.Option(help="random 90° rotations and flips")] = True,
-    workers: Annotated[int, typer.Option(help="data-loader worker processes")] = 0,
-    out: Annotated[str, typer.Option(help="run folder")] = "runs/latest",
+    spec: o.Spec,
+    data: o.Data = "synthetic",
+    classes: o.Classes = None,
+    class_map: o.ClassMap = None,
+    epochs: o.Epochs = 20,
+    batch_size: o.BatchSize = 8,
+    lr: o.Lr = 1e-3,
+    optimizer: o.Optimizer = "adam",
+    schedule: o.Schedule = "none",
+    loss: o.Loss = "ce",
+    class_weights: o.ClassWeights = "none",
+    device: o.Device = "auto",
+    amp: o.Amp = False,
+    seed: o.Seed = 0,
+    fold: o.Fold = 0,
+    folds: o.Folds = 5,
+    crop: o.Crop = 256,
+    augment: o.Augment = True,
+    workers: o.Workers = 0,
+    out: o.Out = "runs/latest",
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
 ) -> None:
     """Train SPEC; writes best.pt, last.pt, metrics.csv, curves.png, config.json into --out."""
-    cfg = TrainConfig(spec=spec, data=data, classes=classes, class_map=class_map, epochs=epochs,
-                      batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-                      loss=loss, class_weights=class_weights, device=device, amp=amp, seed=seed,
-                      fold=fold, folds=folds, crop=crop, augment=augment, workers=workers, out=out)
+    options = dict(locals())
+    options.pop("resume")
+    cfg = TrainConfig(**options)
     try:
         trainer = Trainer(cfg, resume=resume)
     except DataError as e:
         raise CLIError(str(e)) from None
+    try:
+        if distributed.is_main():
+            _train_with_progress(trainer, cfg)
+        else:
+            trainer.run()
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    finally:
+        distributed.teardown()
+
+
+def _train_with_progress(trainer: Trainer, cfg: TrainConfig) -> None:
     console.print(f"[bold]{cfg.spec}[/] on {cfg.data} fold {cfg.fold}/{cfg.folds}: "
                   f"{len(trainer.train_set)} train / {len(trainer.val_set)} val crops, "
-                  f"device {trainer.device}")
+                  f"device {trainer.device}, {distributed.world_size()} process(es)")
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
@@ -70,11 +83,8 @@ def train_command(
             progress.update(epochs_task, advance=1,
                             info=f"val mIoU {row['val_miou']:.4f} (best {trainer.best:.4f})")
 
-        try:
-            trainer.run(on_step, on_epoch)
-        except TrainingError as e:
-            raise CLIError(str(e)) from None
-    console.print(f"best validation mIoU {trainer.best:.4f}; wrote {Path(out) / 'best.pt'}")
+        trainer.run(on_step, on_epoch)
+    console.print(f"best validation mIoU {trainer.best:.4f}; wrote {Path(cfg.out) / 'best.pt'}")
 
 
 @reports_errors
@@ -86,28 +96,15 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Per-class IoU, mIoU and pixel accuracy over all pixels of a split."""
-    if split not in ("test", "val"):
-        raise CLIError(f"--split {split!r}: expected test or val")
     try:
-        ckpt = load_checkpoint(checkpoint)
-        cfg = ckpt["config"]
-        sources = load_data(data or cfg["data"], cfg["classes"], cfg["class_map"], cfg["seed"])
-        if list(sources.class_names) != ckpt["class_names"]:
-            raise DataError(f"data classes {list(sources.class_names)} differ from the "
-                            f"checkpoint's {ckpt['class_names']}")
-        indices = ckpt["split"][split] if data in (None, cfg["data"]) else list(
-            range(len(sources.images)))
-        dataset = CropDataset(sources, indices, cfg["crop"], ckpt["norm"]["mean"], ckpt["norm"]["std"])
-        dev = resolve_device(device)
-        model = model_from_checkpoint(ckpt).to(dev)
+        result = evaluate_checkpoint(checkpoint, data, split, device)
     except DataError as e:
         raise CLIError(str(e)) from None
-    loader = __import__("torch").utils.data.DataLoader(dataset, batch_size=8)
-    result = scores(evaluate(model, loader, len(ckpt["class_names"]), dev), ckpt["class_names"])
+    crops, spec = result.pop("crops"), result.pop("spec")
     if as_json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{ckpt['spec']} — {split} split ({len(dataset)} crops)")
+    table = Table(title=f"{spec} — {split} split ({crops} crops)")
     table.add_column("class")
     table.add_column("IoU", justify="right")
     for name, value in result["iou"].items():

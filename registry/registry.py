@@ -20,7 +20,8 @@ class Entry:
     """A registered architecture or plugin.
 
     ``supports`` (plugins only) lists the architectures the plugin bolts onto; ``None`` means all.
-    ``repeatable`` says whether the plugin may appear twice in one spec.
+    ``repeatable`` says whether the plugin may appear twice in one spec; plugins sharing an
+    ``exclusive`` group (e.g. "rounds") may not be combined.
     """
 
     name: str
@@ -30,6 +31,7 @@ class Entry:
     params: tuple[Param, ...]
     supports: tuple[str, ...] | None = None
     repeatable: bool = False
+    exclusive: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def param(self, name: str) -> Param | None:
@@ -53,6 +55,8 @@ class Entry:
         if self.kind == "plugin":
             out["supports"] = sorted(self.supports) if self.supports is not None else "all"
             out["repeatable"] = self.repeatable
+            if self.exclusive:
+                out["exclusive"] = self.exclusive
         return out
 
 
@@ -91,6 +95,7 @@ def register_plugin(
     supports: Iterable[str] | None = None,
     repeatable: bool = False,
     description: str | None = None,
+    exclusive: str | None = None,
 ):
     """Decorator: register ``factory(model, **params) -> nn.Module`` as a plugin.
 
@@ -105,7 +110,7 @@ def register_plugin(
             description=description or first_line(factory.__doc__),
             params=params_from_signature(factory, skip=(first,)),
             supports=tuple(s.lower() for s in supports) if supports is not None else None,
-            repeatable=repeatable,
+            repeatable=repeatable, exclusive=exclusive,
         ))
         return factory
 

@@ -207,6 +207,12 @@ def _check_combination(terms: list[Term], entry: Entry, col: int) -> None:
             f"it supports: {', '.join(sorted(entry.supports))}", col, entry.name)
     if not entry.repeatable and sum(t.name == entry.name for t in terms) > 1:
         raise SpecError(f"plugin {entry.name!r} may appear only once", col, entry.name)
+    if entry.exclusive:
+        rivals = [t.name for t in terms[:-1] if t.name != entry.name
+                  and get_entry(t.name).exclusive == entry.exclusive]
+        if rivals:
+            raise SpecError(f"plugin {entry.name!r} cannot be combined with {rivals[0]!r} "
+                            f"(both are {entry.exclusive} plugins)", col, entry.name)
 
 
 def _did_you_mean(name: str) -> str:

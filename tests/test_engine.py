@@ -232,3 +232,32 @@ def test_not_a_checkpoint(tmp_path, capsys):
 def test_data_info(capsys):
     code, out, _ = cli(capsys, "data", "info", "synthetic")
     assert code == 0 and "20 images" in out and "intracellular" in out
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "cellseg_plugins.cli.main", "train", TINY, "--epochs", "1", "--out", str(out),
+         "--crop", "64", "--batch-size", "16", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and 0 <= ckpt["history"][0]["val_miou"] <= 1
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # rank 0 wrote once
+
+
+def test_cv_grid_summary_and_resume(tmp_path, capsys):
+    out = tmp_path / "cv"
+    argv = ["cv", TINY, "--folds", "3", "--seeds", "2", "--epochs", "1", "--out", out, *FAST]
+    code, stdout, err = cli(capsys, *argv)
+    assert code == 0, err
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert runs == [f"fold{f}_seed{s}" for f in range(3) for s in range(2)]
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert summary[0] == "class,mean_iou,std_iou,runs" and summary[-1].startswith("mIoU,")
+    assert "| mIoU |" in (out / "summary.md").read_text()
+    stamp = (out / "fold0_seed0" / "last.pt").stat().st_mtime
+    code, _, err = cli(capsys, *argv)  # everything finished: nothing is retrained
+    assert code == 0 and (out / "fold0_seed0" / "last.pt").stat().st_mtime == stamp

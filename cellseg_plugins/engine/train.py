@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..registry import auxiliary_loss, create_model, epoch_start, parse_spec, step_start
+from . import distributed
 from .checkpoint import FORMAT, load_checkpoint, save_atomic
 from .data import CropDataset, DataError, channel_stats, class_shares, fold_split, load_data
 from .metrics import confusion, scores
@@ -118,17 +119,22 @@ def versions() -> dict:
 
 
 class Trainer:
-    """Builds data, model and optimiser from a TrainConfig and runs (or resumes) training."""
+    """Builds data, model and optimiser from a TrainConfig and runs (or resumes) training.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, the
+    training crops are sharded with a DistributedSampler, validation confusion matrices are
+    all-reduced, and only rank 0 writes files.
+    """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         cfg.check()
         self.cfg, self.out = cfg, Path(cfg.out)
-        if not resume and (self.out / "last.pt").exists():
+        if not resume and (Path(cfg.out) / "last.pt").exists():
             raise DataError(f"--out {str(self.out)!r} already holds a run; use --resume or "
                             "another --out")
         if resume and not (self.out / "last.pt").exists():
             raise DataError(f"--resume: no last.pt in {str(self.out)!r}")
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.setup(resolve_device(cfg.device))
         self.sources = load_data(cfg.data, cfg.classes, cfg.class_map, seed=cfg.seed)
         self.split = fold_split(len(self.sources.images), cfg.folds, cfg.fold)
         self.mean, self.std = channel_stats(self.sources, self.split["train"])
@@ -140,6 +146,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.spec, in_channels=self.sources.in_channels,
                                   classes=n).to(self.device)
+        self.net = self.model
+        if distributed.world_size() > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         params = self.model.parameters()
         self.optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
@@ -176,19 +187,33 @@ class Trainer:
         }
 
     def loader(self, dataset, shuffle: bool, seed: int = 0):
+        if distributed.world_size() > 1 and shuffle:
+            sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed)
+            return torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size,
+                                               sampler=sampler, num_workers=self.cfg.workers)
         return torch.utils.data.DataLoader(
             dataset, batch_size=self.cfg.batch_size, shuffle=shuffle,
             generator=torch.Generator().manual_seed(seed) if shuffle else None,
             num_workers=self.cfg.workers)
 
+    def validate(self) -> dict:
+        """Scores on the validation split; each rank takes every world-th crop, then all-reduce."""
+        world, rank = distributed.world_size(), distributed.rank()
+        shard = torch.utils.data.Subset(self.val_set, range(rank, len(self.val_set), world))
+        matrix = evaluate(self.model, self.loader(shard, shuffle=False),
+                          len(self.class_names), self.device)
+        return scores(distributed.all_reduce_sum(matrix.to(self.device)).cpu(), self.class_names)
+
     def write_config(self) -> None:
+        if not distributed.is_main():
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         info = {**asdict(self.cfg), "versions": versions(), "split": self.split,
                 "class_names": list(self.class_names), "norm": {"mean": self.mean, "std": self.std}}
         (self.out / "config.json").write_text(json.dumps(info, indent=2))
 
     def train_epoch(self, on_step=None) -> float:
-        cfg, model = self.cfg, self.model
+        cfg, model = self.cfg, self.net
         epoch_seed = cfg.seed * 100_003 + self.epoch
         torch.manual_seed(epoch_seed)  # dropout, FREM draws: a function of (seed, epoch)
         self.train_set.epoch = self.epoch
@@ -196,6 +221,8 @@ class Trainer:
         model.train()
         losses = []
         loader = self.loader(self.train_set, shuffle=True, seed=epoch_seed)
+        if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+            loader.sampler.set_epoch(self.epoch)
         for i, (x, y) in enumerate(loader):
             x, y = x.to(self.device), y.to(self.device)
             step_start(model, self.step)
@@ -224,12 +251,12 @@ class Trainer:
     def run(self, on_step=None, on_epoch=None) -> dict:
         """Train until cfg.epochs; returns the last history row."""
         self.write_config()
-        val_loader = self.loader(self.val_set, shuffle=False)
         while self.epoch < self.cfg.epochs:
             t0 = time.perf_counter()
             loss = self.train_epoch(on_step)
-            val = scores(evaluate(self.model, val_loader, len(self.class_names), self.device),
-                         self.class_names)
+            loss = float(distributed.all_reduce_sum(
+                torch.tensor([loss], device=self.device))) / distributed.world_size()
+            val = self.validate()
             row = {"epoch": self.epoch + 1, "train_loss": loss, "val_miou": val["miou"],
                    "val_pixel_accuracy": val["pixel_accuracy"],
                    "lr": self.optimizer.param_groups[0]["lr"],
@@ -240,11 +267,13 @@ class Trainer:
             improved = val["miou"] > self.best
             if improved:
                 self.best = val["miou"]
-            ckpt = self.checkpoint()
-            if improved:
-                save_atomic(ckpt, self.out / "best.pt")
-            save_atomic(ckpt, self.out / "last.pt")
-            self.write_metrics()
+            if distributed.is_main():
+                ckpt = self.checkpoint()
+                if improved:
+                    save_atomic(ckpt, self.out / "best.pt")
+                save_atomic(ckpt, self.out / "last.pt")
+                self.write_metrics()
+            distributed.barrier()
             if on_epoch:
                 on_epoch(row)
         return self.history[-1] if self.history else {}

@@ -1,0 +1,35 @@
+"""Evaluate a checkpoint on a split of its data (or on other data)."""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .data import CropDataset, DataError, load_data
+from .metrics import scores
+from .train import evaluate, resolve_device
+
+
+def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
+                        device: str = "auto") -> dict:
+    """{"miou", "iou": {class: IoU}, "pixel_accuracy", "crops", "spec"} over all pixels.
+
+    With the checkpoint's own data, ``split`` picks its test or validation sources; with other
+    ``data``, every image of it is used.
+    """
+    if split not in ("test", "val"):
+        raise DataError(f"--split {split!r}: expected test or val")
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    sources = load_data(data or cfg["data"], cfg["classes"], cfg["class_map"], cfg["seed"])
+    if list(sources.class_names) != ckpt["class_names"]:
+        raise DataError(f"data classes {list(sources.class_names)} differ from the "
+                        f"checkpoint's {ckpt['class_names']}")
+    own = data in (None, cfg["data"])
+    indices = ckpt["split"][split] if own else list(range(len(sources.images)))
+    dataset = CropDataset(sources, indices, cfg["crop"], ckpt["norm"]["mean"], ckpt["norm"]["std"])
+    dev = resolve_device(device)
+    model = model_from_checkpoint(ckpt).to(dev)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    result = scores(evaluate(model, loader, len(ckpt["class_names"]), dev), ckpt["class_names"])
+    return {**result, "crops": len(dataset), "spec": ckpt["spec"]}

@@ -1,0 +1,105 @@
+"""Two-round models: run the whole network twice with shared weights (Feedback U-Net, FA).
+
+:func:`install_rounds` hooks the model's own forward: after round 1 has produced its output,
+the hook asks the feedback module for round 2's inputs and runs the model again; round 2's
+output is the prediction (``predict=1`` returns round 1's, for the papers' ablation). Round 1's
+logits are an auxiliary output of weight λ (λ·L_round1 + L_round2), through the plugin protocol.
+Every module that must know the round (per-round BatchNorm, recurrent cells, feedback
+attention) reads the shared :class:`RoundState`.
+
+Order in a spec: plugins apply left to right; a rounds plugin runs everything the model has
+(plugins before and after it) in both rounds. Per-round BatchNorm covers the BatchNorms present
+when it is applied, so put the rounds plugin last. A model has at most one rounds plugin.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .registry import PluginConfigError, PluginModule
+
+
+class RoundState:
+    """The round being computed: 0 (first) or 1 (second). Shared, not a module."""
+
+    def __init__(self) -> None:
+        self.current = 0
+
+
+class RoundBatchNorm(nn.Module):
+    """One BatchNorm (statistics and affine parameters) per round; (N, C, H, W) → same."""
+
+    def __init__(self, bn: nn.BatchNorm2d, state: RoundState, rounds: int = 2):
+        super().__init__()
+        self.slots = nn.ModuleList(copy.deepcopy(bn) for _ in range(rounds))
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.slots[self.state.current](x)
+
+
+def per_round_batchnorm(model: nn.Module, state: RoundState) -> int:
+    """Swap every BatchNorm2d in ``model`` for a RoundBatchNorm; returns how many."""
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children()
+             if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(parent, RoundBatchNorm)]
+    for parent, name, child in swaps:
+        setattr(parent, name, RoundBatchNorm(child, state))
+    return len(swaps)
+
+
+class Feedback(nn.Module):
+    """What a rounds plugin feeds back: override ``reset`` and ``round2_inputs``."""
+
+    def reset(self) -> None:
+        """Forget the previous forward's state (called before round 1)."""
+
+    def round2_inputs(self, inputs: tuple, round1_output: torch.Tensor) -> tuple:
+        """The model's positional inputs for round 2 (default: the same as round 1)."""
+        return inputs
+
+
+class Rounds(PluginModule):
+    """Runs the model twice per forward; see the module docstring."""
+
+    def __init__(self, state: RoundState, feedback: Feedback, lam: float, predict: int):
+        super().__init__()
+        self.state, self.feedback, self.lam, self.predict = state, feedback, lam, predict
+        self._busy = False
+        self.round1_output: torch.Tensor | None = None
+
+    def pre_hook(self, model, inputs):
+        if not self._busy:
+            self.state.current = 0
+            self.feedback.reset()
+
+    def post_hook(self, model, inputs, output):
+        if self._busy:
+            return None
+        self._busy = True
+        try:
+            self.state.current = 1
+            second = model(*self.feedback.round2_inputs(inputs, output))
+        finally:
+            self._busy = False
+            self.state.current = 0
+            self.feedback.reset()
+        self.round1_output = output.detach()
+        if self.lam > 0:
+            self.add_aux("round1", self.lam, output)
+        return second if self.predict == 2 else output
+
+
+def install_rounds(model: nn.Module, feedback: Feedback, state: RoundState, lam: float = 0.0,
+                   predict: int = 2) -> Rounds:
+    """Make ``model`` a two-round model with ``feedback``; attach the controller as ``model.rounds``."""
+    if any(isinstance(m, Rounds) for m in model.modules()):
+        raise PluginConfigError("the model already runs in rounds; use one feedback plugin")
+    rounds = Rounds(state, feedback, lam, predict)
+    model.rounds = rounds
+    model.register_forward_pre_hook(rounds.pre_hook)
+    model.register_forward_hook(rounds.post_hook)
+    return rounds

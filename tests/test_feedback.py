@@ -1,0 +1,167 @@
+import copy
+
+import pytest
+import torch
+
+import cellseg_plugins as cs
+from cellseg_plugins.full_attention import attention
+from cellseg_plugins.plugins.feedback_attention import AttentionConnection, FeedbackAttention
+from cellseg_plugins.plugins.feedback_convlstm import RecurrentPlace
+from cellseg_plugins.rounds import RoundBatchNorm, RoundState
+
+PLAIN = "unet(encoder='plain8')"
+
+
+def dense_reference(q, k, v, scale=1.0):
+    return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
+
+
+@pytest.mark.parametrize("chunk", [None, 5, 7, 64])
+def test_attention_equals_dense_reference(chunk):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 37, 4), torch.randn(2, 23, 4), torch.randn(2, 23, 6)
+    ref = dense_reference(q, k, v)
+    args = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*args, chunk=chunk)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.square().sum().backward()
+    ref_args = [t.clone().requires_grad_() for t in (q, k, v)]
+    dense_reference(*ref_args).square().sum().backward()
+    for a, b in zip(args, ref_args):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_stride", [1, 2, 4])
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_attention_connection_matches_dense(kv_stride, chunk):
+    torch.manual_seed(0)
+    module = AttentionConnection(16, kv_stride=kv_stride, chunk=chunk).eval()
+    f, o = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    q = module.q(f).flatten(2).transpose(1, 2)
+    k = torch.nn.functional.avg_pool2d(module.k(o), kv_stride).flatten(2).transpose(1, 2)
+    v = torch.nn.functional.avg_pool2d(module.v(o), kv_stride).flatten(2).transpose(1, 2)
+    y = dense_reference(q, k, v).transpose(1, 2).reshape(2, 8, 8, 8)
+    assert torch.allclose(module(f, o), module.out(y), atol=1e-5)
+
+
+@pytest.mark.parametrize("plugin", ["feedback_self", "feedback_st",
+                                    "feedback_attention(connection='se')"])
+@pytest.mark.parametrize("arch", [PLAIN, "unet(encoder='resnet18')", "fpn(encoder='resnet18')"])
+def test_fresh_model_round2_equals_round1(plugin, arch):
+    torch.manual_seed(0)
+    model = cs.create_model(f"{arch}+{plugin}", classes=3).eval()
+    out = model(torch.randn(2, 1, 64, 64))
+    assert torch.equal(out, model.rounds.round1_output)
+
+
+def test_scale_gets_a_gradient_and_then_round2_differs():
+    torch.manual_seed(0)
+    model = cs.create_model(PLAIN + "+feedback_self", classes=3).train()
+    x = torch.randn(2, 1, 32, 32)
+    model(x).square().mean().backward()
+    scale = model.rounds.feedback.scale
+    assert scale.grad is not None and scale.grad.abs() > 0
+    with torch.no_grad():
+        scale.fill_(0.5)
+    model.eval()
+    assert not torch.equal(model(x), model.rounds.round1_output)
+
+
+def test_self_and_source_target_differ_only_in_the_query():
+    torch.manual_seed(0)
+    state = RoundState()
+    self_fb = FeedbackAttention(state, 16, 16, "self", 1, None).eval()
+    st_fb = FeedbackAttention(state, 16, 16, "st", 1, None).eval()
+    st_fb.load_state_dict(self_fb.state_dict())
+    f, o = torch.randn(1, 16, 6, 6), torch.randn(1, 16, 6, 6)
+    assert torch.equal(self_fb.combine(f, o), st_fb.combine(o, o))  # self = Q from O
+    assert not torch.allclose(self_fb.combine(f, o), st_fb.combine(f, o))
+
+
+def test_feedback_site_is_the_plain_encoders_first_block():
+    model = cs.create_model(PLAIN + "+feedback_self", classes=3)
+    assert model.rounds.feedback.scale.shape == (1,)
+    assert not hasattr(model, "feedback_stem")  # the plain encoder has F already
+    resnet = cs.create_model("unet(encoder='resnet18')+feedback_self", classes=3)
+    assert resnet.feedback_stem.convs[0].out_channels == 16  # = decoder output channels
+
+
+def test_lam_adds_the_round1_loss():
+    torch.manual_seed(0)
+    model = cs.create_model(PLAIN + "+feedback_self(lam=0.25)", classes=3).train()
+    y = torch.randint(0, 3, (2, 32, 32))
+    criterion = torch.nn.CrossEntropyLoss()
+    model(torch.randn(2, 1, 32, 32))
+    total, parts = cs.auxiliary_loss(model, y, criterion)
+    assert torch.isclose(total, torch.tensor(0.25 * parts["round1"]))
+    model(torch.randn(2, 1, 32, 32))
+    model2 = cs.create_model(PLAIN + "+feedback_self", classes=3).train()
+    model2(torch.randn(2, 1, 32, 32))
+    assert cs.auxiliary_loss(model2, y, criterion) == (0.0, {})  # default: round 2 only
+
+
+def test_rounds_plugins_are_exclusive():
+    with pytest.raises(cs.SpecError, match="cannot be combined with 'feedback_self'"):
+        cs.parse_spec("unet+feedback_self+feedback_convlstm")
+
+
+# ---------------------------------------------------------------- ConvLSTM feedback
+
+
+def test_convlstm_state_carries_into_round2():
+    torch.manual_seed(0)
+    model = cs.create_model(PLAIN + "+feedback_convlstm", classes=3).eval()
+    x = torch.randn(1, 1, 32, 32)
+    carried = model(x)
+    places = [m for m in model.modules() if isinstance(m, RecurrentPlace)]
+    assert len(places) == 5
+    for p in places:
+        p.zero_carried_state = True
+    assert not torch.allclose(carried, model(x))
+
+
+def test_two_sets_of_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = cs.create_model(PLAIN + "+feedback_convlstm", classes=3).train()
+    model(torch.randn(2, 1, 32, 32))
+    bns = [m for m in model.modules() if isinstance(m, RoundBatchNorm)]
+    assert bns and not any(isinstance(m, RoundBatchNorm) for b in bns for m in b.slots)
+    first = bns[0]
+    assert not torch.allclose(first.slots[0].running_mean, first.slots[1].running_mean)
+    shared = cs.create_model(PLAIN + "+feedback_convlstm(per_round_bn=False)", classes=3)
+    assert not any(isinstance(m, RoundBatchNorm) for m in shared.modules())
+
+
+def test_convlstm_aux_weight_reaches_total_loss():
+    torch.manual_seed(0)
+    model = cs.create_model(PLAIN + "+feedback_convlstm(lam=0.5)", classes=3).train()
+    y = torch.randint(0, 3, (2, 32, 32))
+    criterion = torch.nn.CrossEntropyLoss()
+    out = model(torch.randn(2, 1, 32, 32))
+    total, parts = cs.auxiliary_loss(model, y, criterion)
+    assert torch.isclose(total, torch.tensor(0.5 * parts["round1"]))
+    (criterion(out, y) + total).backward()
+    assert model.rounds.feedback.project.weight.grad.abs().sum() > 0  # round 2 saw round 1
+
+
+@pytest.mark.parametrize("variant", ["cell='rcl'", "cell='none'", "feed='probs+image'",
+                                     "at=['bottleneck','d1']"])
+def test_convlstm_variants_train(variant):
+    model = cs.create_model(f"{PLAIN}+feedback_convlstm({variant})", classes=3).train()
+    model(torch.randn(2, 1, 32, 32)).mean().backward()
+
+
+def test_composition_with_other_plugins():
+    for spec in ["unet(encoder='resnet18')+lfa(m=7)+feedback_self",
+                 "unet(encoder='resnet18')+frem+feedback_convlstm"]:
+        model = cs.create_model(spec, classes=3).train()
+        cs.epoch_start(model, 0)
+        model(torch.randn(2, 1, 64, 64)).mean().backward()
+        assert str(cs.parse_spec(spec)) == model.cellseg_spec
+
+
+def test_deepcopy_of_a_two_round_model():
+    model = cs.create_model(PLAIN + "+feedback_convlstm", classes=3).eval()
+    clone = copy.deepcopy(model)
+    x = torch.randn(1, 1, 32, 32)
+    assert torch.equal(model(x), clone(x))
