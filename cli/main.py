@@ -19,6 +19,7 @@ from .cv_cmd import cv_command
 from .data_cmd import data_app
 from .list_cmd import list_command
 from .train_cmd import eval_command, predict_command, train_command
+from .tune_cmd import tune_command
 
 app = typer.Typer(
     name="cellseg",
@@ -33,6 +34,7 @@ app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("predict")(predict_command)
 app.command("cv")(cv_command)
+app.command("tune")(tune_command)
 app.add_typer(data_app, name="data")
 
 

@@ -165,3 +165,20 @@ def test_deepcopy_of_a_two_round_model():
     clone = copy.deepcopy(model)
     x = torch.randn(1, 1, 32, 32)
     assert torch.equal(model(x), clone(x))
+
+
+def test_convlstm_cell_matches_the_textbook_equations():
+    from cellseg_plugins.plugins.feedback_convlstm import ConvLSTMCell
+
+    torch.manual_seed(0)
+    cell = ConvLSTMCell(3)
+    x, h, c = torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5)
+    w = torch.cat([cell.input_gates.weight, cell.hidden_gates.weight], dim=1)
+    gates = torch.nn.functional.conv2d(torch.cat([x, h], 1), w, cell.input_gates.bias, padding=1)
+    i, f, o, g = gates.chunk(4, 1)
+    c_ref = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_ref = torch.sigmoid(o) * torch.tanh(c_ref)
+    out, (h2, c2) = cell(x, (h, c))
+    assert torch.allclose(out, h_ref, atol=1e-6) and torch.allclose(c2, c_ref, atol=1e-6)
+    zero = torch.zeros_like(x)
+    assert torch.allclose(cell(x, None)[0], cell(x, (zero, zero))[0], atol=1e-6)

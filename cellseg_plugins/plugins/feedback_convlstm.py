@@ -23,19 +23,26 @@ PLACES = ("e1", "e2", "bottleneck", "d2", "d1")
 
 
 class ConvLSTMCell(nn.Module):
-    """ConvLSTM (Shi et al., 2015), kernel k: gates from conv([x, h]); h replaces the feature.
+    """ConvLSTM (Shi et al., 2015), kernel k: gates = W_x∗x + W_h∗h + b; h replaces the feature.
 
     i, f, o = σ(·), g = tanh(·); c' = f⊙c + i⊙g; h' = o⊙tanh(c'). (N, C, H, W) → (N, C, H, W).
+    With zero state (round 1) the W_h∗h and f⊙c terms are zero and are skipped.
     """
 
     def __init__(self, channels: int, kernel: int = 3):
         super().__init__()
-        self.gates = nn.Conv2d(2 * channels, 4 * channels, kernel, padding=kernel // 2)
+        self.input_gates = nn.Conv2d(channels, 4 * channels, kernel, padding=kernel // 2)
+        self.hidden_gates = nn.Conv2d(channels, 4 * channels, kernel, padding=kernel // 2,
+                                      bias=False)
 
     def forward(self, x, state):
-        h, c = state if state is not None else (torch.zeros_like(x), torch.zeros_like(x))
-        i, f, o, g = self.gates(torch.cat([x, h], dim=1)).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        gates = self.input_gates(x)
+        if state is not None:
+            gates = gates + self.hidden_gates(state[0])
+        i, f, o, g = gates.chunk(4, dim=1)
+        c = torch.sigmoid(i) * torch.tanh(g)
+        if state is not None:
+            c = c + torch.sigmoid(f) * state[1]
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, (h, c)
 

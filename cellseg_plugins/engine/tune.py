@@ -1,0 +1,217 @@
+"""Hyper-parameter search with Optuna's TPE sampler, as the FREM paper chose B and X.
+
+A search space names ``plugin.param`` (or ``train.<option>``) and a distribution:
+``int:LOW:HIGH[:log]``, ``float:LOW:HIGH[:log]`` or ``choice:a,b,c``. The objective is the best
+validation mIoU of one training run by the engine; the study lives in a database (SQLite by
+default), so a re-run resumes and several processes can share it.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..registry import SpecError, get_entry, parse_spec
+from ..registry.spec import Spec, Term
+from .data import DataError
+from .train import TrainConfig, Trainer
+
+TRAIN_PARAMS = {"lr": float, "batch_size": int, "epochs": int, "optimizer": str,
+                "schedule": str, "loss": str, "class_weights": str, "crop": int}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    target: str  # plugin/arch name, or "train"
+    param: str
+    kind: str  # int | float | choice
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.target}.{self.param}"
+
+    def suggest(self, trial):
+        if self.kind == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+        if self.kind == "float":
+            return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+        return trial.suggest_categorical(self.key, list(self.choices))
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_search(text: str, spec: Spec) -> SearchSpace:
+    """'frem.B=int:1:512' → SearchSpace, checked against the spec and the registry."""
+    name, sep, space = text.partition("=")
+    target, dot, param = name.strip().partition(".")
+    if not sep or not dot or not param:
+        raise DataError(f"--search {text!r}: expected PARAM=SPACE, e.g. frem.B=int:1:512")
+    target = target.lower()
+    if target == "train":
+        if param not in TRAIN_PARAMS:
+            raise DataError(f"--search {text!r}: unknown training option {param!r} "
+                            f"(searchable: {', '.join(TRAIN_PARAMS)})")
+    else:
+        entry = get_entry(target)
+        if entry is None:
+            raise DataError(f"--search {text!r}: unknown plugin or arch {target!r}")
+        if target not in [t.name for t in spec.terms]:
+            raise DataError(f"--search {text!r}: {target!r} is not in the spec {str(spec)!r}")
+        p = entry.param(param)
+        if p is None:
+            raise DataError(f"--search {text!r}: {target!r} has no parameter {param!r} "
+                            f"(valid: {', '.join(q.name for q in entry.params)})")
+        param = p.name
+    kind, _, rest = space.strip().partition(":")
+    if kind == "choice":
+        choices = tuple(_literal(c.strip()) for c in rest.split(",") if c.strip())
+        if not choices:
+            raise DataError(f"--search {text!r}: choice needs values, e.g. choice:a,b,c")
+        return SearchSpace(target, param, "choice", choices=choices)
+    if kind not in ("int", "float"):
+        raise DataError(f"--search {text!r}: space {space!r} must be int:LOW:HIGH[:log], "
+                        "float:LOW:HIGH[:log] or choice:a,b,c")
+    parts = rest.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+        raise DataError(f"--search {text!r}: expected {kind}:LOW:HIGH or {kind}:LOW:HIGH:log")
+    try:
+        low, high = (int(parts[0]), int(parts[1])) if kind == "int" else (
+            float(parts[0]), float(parts[1]))
+    except ValueError:
+        raise DataError(f"--search {text!r}: LOW and HIGH must be {kind} numbers") from None
+    log = len(parts) == 3
+    if low > high:
+        raise DataError(f"--search {text!r}: LOW {low} is greater than HIGH {high}")
+    if log and low <= 0:
+        raise DataError(f"--search {text!r}: a log scale needs LOW > 0, got {low}")
+    return SearchSpace(target, param, kind, low, high, log)
+
+
+def apply_params(spec: Spec, cfg: TrainConfig, values: dict[str, object]) -> tuple[str, TrainConfig]:
+    """The spec string and config with ``{"frem.B": 8, "train.lr": 1e-3}`` set (validated)."""
+    terms = []
+    for term in spec.terms:
+        kwargs = term.kwargs
+        for key, value in values.items():
+            target, param = key.split(".", 1)
+            if target == term.name:
+                kwargs[param] = value
+        terms.append(Term(term.name, tuple(kwargs.items())))
+    text = "+".join(str(t) for t in terms)
+    train = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("train.")}
+    return str(parse_spec(text)), replace(cfg, spec=text, **train)
+
+
+def study_name(spec: str, spaces: list[SearchSpace], cfg: TrainConfig) -> str:
+    key = json.dumps([spec, [s.__dict__ for s in spaces], cfg.data, cfg.fold, cfg.folds,
+                      cfg.epochs], sort_keys=True, default=str)
+    return "cellseg-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig, out: Path,
+              storage: str | None = None, prune: bool = False, on_trial=None):
+    """Run the study until it has ``trials`` finished trials; returns the optuna Study."""
+    import optuna
+
+    spec = parse_spec(spec_text)
+    spaces = [parse_search(s, spec) for s in searches]
+    if not spaces:
+        raise DataError("give at least one --search PARAM=SPACE")
+    if len({s.key for s in spaces}) != len(spaces):
+        raise DataError("a parameter is searched twice")
+    if trials < 1:
+        raise DataError(f"--trials {trials}: must be ≥ 1")
+    cfg.spec = str(spec)
+    cfg.check()
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = study_name(str(spec), spaces, cfg)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                                pruner=optuna.pruners.MedianPruner() if prune else
+                                optuna.pruners.NopPruner())
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    # a fresh seed per resumption, so that resumed or parallel runs do not repeat samples
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
+
+    def objective(trial):
+        values = {s.key: s.suggest(trial) for s in spaces}
+        trial_spec, trial_cfg = apply_params(spec, cfg, values)
+        trial_cfg = replace(trial_cfg, spec=trial_spec, out=str(out / f"trial{trial.number:04d}"))
+        trial.set_user_attr("spec", trial_spec)
+        trainer = Trainer(trial_cfg)
+
+        def report(row):
+            trial.report(row["val_miou"], row["epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        trainer.run(on_epoch=report)
+        return trainer.best
+
+    remaining = trials - len(study.get_trials(states=finished))
+    if remaining > 0:
+        # a sampled value the model rejects (e.g. B above the bottleneck's channels) fails
+        # that trial only
+        study.optimize(objective, n_trials=remaining, catch=(SpecError,), callbacks=[
+            optuna.study.MaxTrialsCallback(trials, states=finished)] + ([on_trial] if on_trial else []))
+    plot_search(study, spaces, out / "search.png")
+    return study
+
+
+def summary(study) -> dict:
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return {"n_trials": len(study.trials), "best_value": None, "best_params": {},
+                "best_spec": None}
+    best = study.best_trial
+    return {"n_trials": len(study.trials), "best_value": best.value, "best_params": best.params,
+            "best_spec": best.user_attrs.get("spec")}
+
+
+def plot_search(study, spaces: list[SearchSpace], path: Path) -> None:
+    """Sampled parameters coloured by validation mIoU (the FREM paper's Fig. 7–8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if done:
+        values = [t.value for t in done]
+        x = [t.params[spaces[0].key] for t in done]
+        if len(spaces) > 1:
+            y = [t.params[spaces[1].key] for t in done]
+            ax.set_ylabel(spaces[1].key)
+            if spaces[1].log:
+                ax.set_yscale("log")
+        else:
+            y = values
+            ax.set_ylabel("validation mIoU")
+        points = ax.scatter(x, y, c=values, cmap="viridis")
+        fig.colorbar(points, label="validation mIoU")
+        if spaces[0].log:
+            ax.set_xscale("log")
+    ax.set_xlabel(spaces[0].key)
+    ax.set_title(f"{len(done)} trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

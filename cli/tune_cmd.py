@@ -1,0 +1,70 @@
+"""``cellseg tune``: TPE search of plugin and training parameters (Optuna)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..engine.train import TrainConfig
+from ..engine.tune import run_study, summary
+from . import options as o
+from .errors import reports_errors
+
+
+@reports_errors
+def tune_command(
+    spec: o.Spec,
+    search: Annotated[list[str], typer.Option(
+        help="PARAM=SPACE, e.g. frem.B=int:1:512, frem.X=float:1:1000:log, train.lr=float:1e-4:1e-2:log, "
+             "train.optimizer=choice:adam,sgd (repeatable)")],
+    trials: Annotated[int, typer.Option(help="total trials of the study (re-runs resume)")] = 50,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default sqlite:///OUT/study.db)")] = None,
+    prune: Annotated[bool, typer.Option(help="stop hopeless trials (median pruner on per-epoch val mIoU)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    data: o.Data = "synthetic",
+    classes: o.Classes = None,
+    class_map: o.ClassMap = None,
+    epochs: o.Epochs = 20,
+    batch_size: o.BatchSize = 8,
+    lr: o.Lr = 1e-3,
+    optimizer: o.Optimizer = "adam",
+    schedule: o.Schedule = "none",
+    loss: o.Loss = "ce",
+    class_weights: o.ClassWeights = "none",
+    device: o.Device = "auto",
+    amp: o.Amp = False,
+    seed: o.Seed = 0,
+    fold: o.Fold = 0,
+    folds: o.Folds = 5,
+    crop: o.Crop = 256,
+    augment: o.Augment = True,
+    workers: o.Workers = 0,
+    out: o.Out = "runs/tune",
+) -> None:
+    """Search parameters by validation mIoU with a seeded TPE sampler; print the best spec."""
+    options = dict(locals())
+    for key in ("search", "trials", "storage", "prune", "as_json"):
+        options.pop(key)
+    cfg = TrainConfig(**options)
+    console = Console(stderr=True)
+    study = run_study(spec, search, trials, cfg, Path(out), storage, prune,
+                      on_trial=lambda s, t: console.print(
+                          f"trial {t.number}: {t.state.name.lower()} {t.params} → {t.value}"))
+    result = summary(study)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{len(study.trials)} trials")
+    for col in ("trial", "state", "params", "val mIoU"):
+        table.add_column(col)
+    for t in study.trials:
+        table.add_row(str(t.number), t.state.name.lower(), json.dumps(t.params),
+                      "" if t.value is None else f"{t.value:.4f}")
+    Console().print(table)
+    Console().print(f"best: {result['best_value']}\ncellseg train \"{result['best_spec']}\"")
+    console.print(f"wrote {Path(out) / 'search.png'}")

@@ -1,0 +1,67 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import cellseg_plugins as cs
+from cellseg_plugins.cli.main import main
+
+SPEC = "unet(encoder='plain4')+frem"
+FAST = ["--epochs", "1", "--crop", "64", "--batch-size", "32", "--device", "cpu"]
+SEARCH = ["--search", "frem.B=int:1:16", "--search", "frem.X=float:1:1000:log"]
+
+
+def cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def test_study_runs_resumes_and_prints_a_buildable_spec(tmp_path, capsys):
+    out = tmp_path / "tune"
+    code, stdout, err = cli(capsys, "tune", SPEC, *SEARCH, "--trials", "2", "--out", out, "--json", *FAST)
+    assert code == 0, err
+    first = json.loads(stdout)
+    assert first["n_trials"] == 2 and 0 <= first["best_value"] <= 1
+    assert set(first["best_params"]) == {"frem.B", "frem.X"}
+    model = cs.create_model(first["best_spec"])
+    assert model.cellseg_spec == first["best_spec"]
+    assert (out / "study.db").is_file() and (out / "search.png").is_file()
+    code, stdout, err = cli(capsys, "tune", SPEC, *SEARCH, "--trials", "3", "--out", out, "--json", *FAST)
+    assert code == 0, err
+    assert json.loads(stdout)["n_trials"] == 3  # exactly one more trial
+    assert sorted(p.name for p in out.glob("trial*")) == ["trial0000", "trial0001", "trial0002"]
+
+
+def test_two_processes_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    args = [sys.executable, "-m", "cellseg_plugins.cli.main", "tune", SPEC, "--search",
+            "frem.B=int:1:16", "--trials", "3", "--storage", storage, "--json", *FAST]
+    procs = [subprocess.Popen(args + ["--out", str(tmp_path / f"p{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outputs]
+    counts = [json.loads(o[0])["n_trials"] for o in outputs]
+    assert max(counts) >= 3  # one study: trials of both processes are counted together
+    import optuna
+    summaries = optuna.study.get_all_study_summaries(storage)
+    assert len(summaries) == 1 and summaries[0].n_trials >= 3
+
+
+@pytest.mark.parametrize("search, fragment", [
+    ("lfa.m=int:3:9", "'lfa' is not in the spec"),
+    ("frem.Q=int:1:4", "'frem' has no parameter 'Q' (valid: B, X, per, fixed, at_test, seed)"),
+    ("frem.B=int:9:2", "LOW 9 is greater than HIGH 2"),
+    ("frem.X=float:0:10:log", "a log scale needs LOW > 0"),
+    ("frem.B=gauss:1:2", "must be int:LOW:HIGH[:log]"),
+    ("nope.B=int:1:2", "unknown plugin or arch 'nope'"),
+    ("train.momentum=float:0:1", "unknown training option 'momentum'"),
+    ("frem.B", "expected PARAM=SPACE"),
+])
+def test_bad_search_spaces_fail_before_training(tmp_path, capsys, search, fragment):
+    code, _, err = cli(capsys, "tune", SPEC, "--search", search, "--trials", "1",
+                       "--out", tmp_path / "t", *FAST)
+    assert code == 2 and fragment in err and err.count("\n") == 1
+    assert not (tmp_path / "t").exists()
