@@ -65,3 +65,10 @@ def test_bad_search_spaces_fail_before_training(tmp_path, capsys, search, fragme
                        "--out", tmp_path / "t", *FAST)
     assert code == 2 and fragment in err and err.count("\n") == 1
     assert not (tmp_path / "t").exists()
+
+
+def test_bad_storage_url_is_one_line(tmp_path, capsys):
+    code, _, err = cli(capsys, "tune", SPEC, *SEARCH, "--trials", "1", "--storage", "nosuchdb://x",
+                       "--out", tmp_path / "t", *FAST)
+    assert code == 2 and "--storage 'nosuchdb://x'" in err and err.count("\n") == 1
+    assert not (tmp_path / "t").exists()

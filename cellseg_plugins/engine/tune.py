@@ -120,6 +120,23 @@ def study_name(spec: str, spaces: list[SearchSpace], cfg: TrainConfig) -> str:
     return "cellseg-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def open_storage(url: str):
+    """An Optuna RDB storage; retries while another process is creating the same database."""
+    import random
+    import time
+
+    import optuna
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as e:  # sqlalchemy errors while two processes create the schema
+            if "sqlalchemy" not in type(e).__module__ or attempt == 5:
+                raise DataError(f"--storage {url!r}: {' '.join(str(e).split())[:200]}") from None
+            time.sleep(0.2 + random.random())
+
+
 def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig, out: Path,
               storage: str | None = None, prune: bool = False, on_trial=None):
     """Run the study until it has ``trials`` finished trials; returns the optuna Study."""
@@ -135,11 +152,15 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
         raise DataError(f"--trials {trials}: must be ≥ 1")
     cfg.spec = str(spec)
     cfg.check()
-    out.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    opened = open_storage(storage)  # a bad URL fails here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     name = study_name(str(spec), spaces, cfg)
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+    study = optuna.create_study(study_name=name, storage=opened,
+                                direction="maximize",
                                 load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                 pruner=optuna.pruners.MedianPruner() if prune else
