@@ -31,17 +31,6 @@ class BenchConfig:
     steps: int = 10
 
 
-def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when available, else 'cpu'; validates explicit choices."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: expected auto, cpu or cuda")
-    return device
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ..bench import BenchConfig, report, resolve_device, run_bench
+from ..bench import BenchConfig, report, run_bench
+from ..engine.train import resolve_device
 from ..registry import create_model, parse_spec
 from .errors import CLIError, reports_errors
 
@@ -36,10 +37,7 @@ def bench_command(
     for name, value in (("--size", size), ("--batch", batch), ("--in-channels", in_channels),
                         ("--classes", classes), ("--steps", steps)):
         _positive(name, value)
-    try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    dev = resolve_device(device).type
     specs = [str(parse_spec(spec))] + ([str(parse_spec(vs))] if vs else [])
     for s in specs:  # build once here so that plugin errors are reported before any worker starts
         create_model(s, in_channels=in_channels, classes=classes)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..engine.data import DataError, class_shares, fetch_sstem, load_data
+from ..engine.data import class_shares, fetch_sstem, load_data
 from .errors import CLIError, reports_errors
 
 data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True)
@@ -25,10 +25,7 @@ def fetch_command(
     """Download a data set (or import a local copy), verifying every file's SHA-256."""
     if name != "sstem":
         raise CLIError(f"unknown data set {name!r}; available: sstem")
-    try:
-        target = fetch_sstem(Path(root) if root else None, from_)
-    except DataError as e:
-        raise CLIError(str(e)) from None
+    target = fetch_sstem(Path(root) if root else None, from_)
     Console(stderr=True).print(f"sstem verified at {target}")
 
 
@@ -40,10 +37,7 @@ def info_command(
     class_map: Annotated[str | None, typer.Option(help="e.g. '0:bg,255:cell'")] = None,
 ) -> None:
     """Images, sizes, classes and pixel shares of a data set."""
-    try:
-        sources = load_data(data, classes, class_map)
-    except DataError as e:
-        raise CLIError(str(e)) from None
+    sources = load_data(data, classes, class_map)
     sizes = sorted({tuple(m.shape) for m in sources.masks})
     console = Console()
     console.print(f"{data}: {len(sources.images)} images, sizes {sizes}, "

@@ -13,9 +13,8 @@ from rich.table import Table
 
 from ..engine import distributed
 from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
-from ..engine.data import DataError
 from ..engine.evaluation import evaluate_checkpoint
-from ..engine.train import TrainConfig, Trainer, TrainingError, resolve_device
+from ..engine.train import TrainConfig, Trainer, resolve_device
 from . import options as o
 from .errors import CLIError, reports_errors
 
@@ -50,17 +49,12 @@ def train_command(
     options = dict(locals())
     options.pop("resume")
     cfg = TrainConfig(**options)
-    try:
-        trainer = Trainer(cfg, resume=resume)
-    except DataError as e:
-        raise CLIError(str(e)) from None
+    trainer = Trainer(cfg, resume=resume)
     try:
         if distributed.is_main():
             _train_with_progress(trainer, cfg)
         else:
             trainer.run()
-    except TrainingError as e:
-        raise CLIError(str(e)) from None
     finally:
         distributed.teardown()
 
@@ -96,10 +90,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Per-class IoU, mIoU and pixel accuracy over all pixels of a split."""
-    try:
-        result = evaluate_checkpoint(checkpoint, data, split, device)
-    except DataError as e:
-        raise CLIError(str(e)) from None
+    result = evaluate_checkpoint(checkpoint, data, split, device)
     crops, spec = result.pop("crops"), result.pop("spec")
     if as_json:
         print(json.dumps(result))
@@ -134,20 +125,18 @@ def predict_command(
         raise CLIError(f"--tile {tile}: must be at least 32")
     if not 0 <= overlap < tile:
         raise CLIError(f"--overlap {overlap}: must be in [0, tile)")
-    try:
-        ckpt = load_checkpoint(checkpoint)
-        dev = resolve_device(device)
-        model = model_from_checkpoint(ckpt).to(dev)
-        items = list(iter_inputs(inputs))
-    except DataError as e:
-        raise CLIError(str(e)) from None
+    ckpt = load_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model = model_from_checkpoint(ckpt).to(dev)
+    items = list(iter_inputs(inputs))
+    for path, pages, _ in items:  # check every input before writing anything
+        channels = 1 if pages[0].ndim == 2 else pages[0].shape[-1]
+        if channels != ckpt["in_channels"]:
+            raise CLIError(f"{path}: {channels} channel(s), the model expects {ckpt['in_channels']}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     norm = ckpt["norm"]
     for path, pages, _ in items:
-        channels = 1 if pages[0].ndim == 2 else pages[0].shape[-1]
-        if channels != ckpt["in_channels"]:
-            raise CLIError(f"{path}: {channels} channel(s), the model expects {ckpt['in_channels']}")
         labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, device=dev)
                   for p in pages]
         write_labels(out_dir / f"{path.stem}.tif", labels)

@@ -66,8 +66,7 @@ class TrainConfig:
             raise DataError(f"--lr {self.lr}: must be > 0")
         if self.workers < 0:
             raise DataError(f"--workers {self.workers}: must be ≥ 0")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise DataError("--device cuda: no CUDA device is available (use cpu or auto)")
+        resolve_device(self.device)
         self.spec = str(parse_spec(self.spec))
 
 
@@ -93,6 +92,11 @@ def median_frequency_weights(shares: np.ndarray) -> torch.Tensor:
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; 'cpu' / 'cuda' checked (DataError otherwise)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise DataError(f"--device {name!r}: expected auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available (use cpu or auto)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
