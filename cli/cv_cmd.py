@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from rich.console import Console
 from rich.table import Table
@@ -14,34 +17,19 @@ from .errors import reports_errors
 
 
 @reports_errors
+@o.with_train_options(skip=("fold", "folds", "seed"))
 def cv_command(
     spec: o.Spec,
-    data: o.Data = "synthetic",
-    classes: o.Classes = None,
-    class_map: o.ClassMap = None,
-    folds: o.Folds = 5,
-    seeds: o.Seeds = 3,
-    epochs: o.Epochs = 20,
-    batch_size: o.BatchSize = 8,
-    lr: o.Lr = 1e-3,
-    optimizer: o.Optimizer = "adam",
-    schedule: o.Schedule = "none",
-    loss: o.Loss = "ce",
-    class_weights: o.ClassWeights = "none",
-    device: o.Device = "auto",
-    amp: o.Amp = False,
-    crop: o.Crop = 256,
-    augment: o.Augment = True,
-    workers: o.Workers = 0,
+    cfg: TrainConfig,
+    folds: Annotated[int, typer.Option(help="number of folds (split by source image)")] = 5,
+    seeds: Annotated[int, typer.Option(help="seeds per fold (0, 1, ...)")] = 3,
     out: o.Out = "runs/cv",
 ) -> None:
     """Train and test every fold × seed (finished runs are skipped); write summary.csv/.md."""
-    options = dict(locals())
-    n_folds, n_seeds = options.pop("folds"), options.pop("seeds")
-    base = TrainConfig(**options, folds=n_folds)
-    base.check()
+    cfg.folds = folds
+    cfg.check()
     console = Console(stderr=True)
-    summary = run_cv(base, n_folds, n_seeds, Path(out), on_run=lambda r: console.print(
+    summary = run_cv(cfg, folds, seeds, Path(out), on_run=lambda r: console.print(
         f"fold {r['fold']} seed {r['seed']}: test mIoU {r['miou']:.4f}"))
     table = Table(title=f"{summary['spec']} — {summary['runs']} runs, test IoU (mean ± std)")
     table.add_column("class")

@@ -1,32 +1,68 @@
-"""Training options shared by ``train``, ``cv`` and ``tune`` (one definition each)."""
+"""Training options shared by ``train``, ``cv`` and ``tune``, defined once.
+
+``@with_train_options()`` adds every option of :data:`TRAIN_OPTIONS` to a command's signature
+(Typer reads ``__signature__``) and hands the command a ready ``cfg: TrainConfig``.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Annotated
 
 import typer
 
-
+from ..engine.train import TrainConfig
 
 Spec = Annotated[str, typer.Argument(help="model spec, e.g. 'unet+lfa(m=7)'")]
-Data = Annotated[str, typer.Option(help="synthetic (built in), sstem, or a folder")]
-Classes = Annotated[str | None, typer.Option(help="sstem class map: sstem5 or sstem4")]
-ClassMap = Annotated[str | None, typer.Option(help="mask grey levels, e.g. '0:bg,255:cell'")]
-Epochs = Annotated[int, typer.Option(help="training epochs")]
-BatchSize = Annotated[int, typer.Option(help="crops per batch")]
-Lr = Annotated[float, typer.Option(help="learning rate")]
-Optimizer = Annotated[str, typer.Option(help="adam or sgd")]
-Schedule = Annotated[str, typer.Option(help="none or cosine")]
-Loss = Annotated[str, typer.Option(help="ce, focal+iou or dice+ce")]
-ClassWeights = Annotated[str, typer.Option(help="none or auto (median frequency)")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
-Amp = Annotated[bool, typer.Option(help="mixed precision")]
-Seed = Annotated[int, typer.Option(help="random seed")]
-Seeds = Annotated[int, typer.Option(help="seeds per fold (0, 1, ...)")]
-Fold = Annotated[int, typer.Option(help="test fold index")]
-Folds = Annotated[int, typer.Option(help="number of folds (split by source image)")]
-Crop = Annotated[int, typer.Option(help="non-overlapping crop size")]
-Augment = Annotated[bool, typer.Option(help="random 90° rotations and flips")]
-Workers = Annotated[int, typer.Option(help="data-loader worker processes")]
 Out = Annotated[str, typer.Option(help="output folder")]
 
+_DEFAULTS = TrainConfig(spec="unet")
+TRAIN_OPTIONS = {  # name → (type, help); defaults come from TrainConfig
+    "data": (str, "synthetic (built in), sstem, or a folder"),
+    "classes": (str | None, "sstem class map: sstem5 or sstem4"),
+    "class_map": (str | None, "mask grey levels, e.g. '0:bg,255:cell'"),
+    "epochs": (int, "training epochs"),
+    "batch_size": (int, "crops per batch"),
+    "lr": (float, "learning rate"),
+    "optimizer": (str, "adam or sgd"),
+    "schedule": (str, "none or cosine"),
+    "loss": (str, "ce, focal+iou or dice+ce"),
+    "class_weights": (str, "none or auto (median frequency)"),
+    "device": (str, "auto, cpu or cuda"),
+    "amp": (bool, "mixed precision"),
+    "seed": (int, "random seed"),
+    "fold": (int, "test fold index"),
+    "folds": (int, "number of folds (split by source image)"),
+    "crop": (int, "non-overlapping crop size"),
+    "augment": (bool, "random 90° rotations and flips"),
+    "workers": (int, "data-loader worker processes"),
+}
+
+
+def with_train_options(skip: tuple[str, ...] = (), **defaults):
+    """Decorator: the command gains the training options (less ``skip``; ``defaults`` override
+    TrainConfig's) and receives them as ``cfg`` (its ``spec`` and ``out`` parameters included)."""
+
+    def deco(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
+               if p.name != "cfg"]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                              default=defaults.get(name, getattr(_DEFAULTS, name)),
+                              annotation=Annotated[tp, typer.Option(help=text)])
+            for name, (tp, text) in TRAIN_OPTIONS.items() if name not in skip
+        ]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            train = {p.name: kwargs.pop(p.name) for p in added}
+            cfg = TrainConfig(spec=kwargs["spec"], out=kwargs["out"], **train)
+            return fn(cfg=cfg, **kwargs)
+
+        params = own + added
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return deco

@@ -22,33 +22,14 @@ console = Console(stderr=True)
 
 
 @reports_errors
+@o.with_train_options()
 def train_command(
     spec: o.Spec,
-    data: o.Data = "synthetic",
-    classes: o.Classes = None,
-    class_map: o.ClassMap = None,
-    epochs: o.Epochs = 20,
-    batch_size: o.BatchSize = 8,
-    lr: o.Lr = 1e-3,
-    optimizer: o.Optimizer = "adam",
-    schedule: o.Schedule = "none",
-    loss: o.Loss = "ce",
-    class_weights: o.ClassWeights = "none",
-    device: o.Device = "auto",
-    amp: o.Amp = False,
-    seed: o.Seed = 0,
-    fold: o.Fold = 0,
-    folds: o.Folds = 5,
-    crop: o.Crop = 256,
-    augment: o.Augment = True,
-    workers: o.Workers = 0,
+    cfg: TrainConfig,
     out: o.Out = "runs/latest",
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
 ) -> None:
     """Train SPEC; writes best.pt, last.pt, metrics.csv, curves.png, config.json into --out."""
-    options = dict(locals())
-    options.pop("resume")
-    cfg = TrainConfig(**options)
     trainer = Trainer(cfg, resume=resume)
     try:
         if distributed.is_main():

@@ -17,40 +17,22 @@ from .errors import reports_errors
 
 
 @reports_errors
+@o.with_train_options()
 def tune_command(
     spec: o.Spec,
+    cfg: TrainConfig,
     search: Annotated[list[str], typer.Option(
-        help="PARAM=SPACE, e.g. frem.B=int:1:512, frem.X=float:1:1000:log, train.lr=float:1e-4:1e-2:log, "
-             "train.optimizer=choice:adam,sgd (repeatable)")],
+        help="PARAM=SPACE, e.g. frem.B=int:1:512, frem.X=float:1:1000:log, "
+             "train.lr=float:1e-4:1e-2:log, train.optimizer=choice:adam,sgd (repeatable)")],
     trials: Annotated[int, typer.Option(help="total trials of the study (re-runs resume)")] = 50,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default sqlite:///OUT/study.db)")] = None,
-    prune: Annotated[bool, typer.Option(help="stop hopeless trials (median pruner on per-epoch val mIoU)")] = False,
+    storage: Annotated[str | None, typer.Option(
+        help="Optuna storage URL (default sqlite:///OUT/study.db)")] = None,
+    prune: Annotated[bool, typer.Option(
+        help="stop hopeless trials (median pruner on per-epoch validation mIoU)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    data: o.Data = "synthetic",
-    classes: o.Classes = None,
-    class_map: o.ClassMap = None,
-    epochs: o.Epochs = 20,
-    batch_size: o.BatchSize = 8,
-    lr: o.Lr = 1e-3,
-    optimizer: o.Optimizer = "adam",
-    schedule: o.Schedule = "none",
-    loss: o.Loss = "ce",
-    class_weights: o.ClassWeights = "none",
-    device: o.Device = "auto",
-    amp: o.Amp = False,
-    seed: o.Seed = 0,
-    fold: o.Fold = 0,
-    folds: o.Folds = 5,
-    crop: o.Crop = 256,
-    augment: o.Augment = True,
-    workers: o.Workers = 0,
     out: o.Out = "runs/tune",
 ) -> None:
     """Search parameters by validation mIoU with a seeded TPE sampler; print the best spec."""
-    options = dict(locals())
-    for key in ("search", "trials", "storage", "prune", "as_json"):
-        options.pop(key)
-    cfg = TrainConfig(**options)
     console = Console(stderr=True)
     study = run_study(spec, search, trials, cfg, Path(out), storage, prune,
                       on_trial=lambda s, t: console.print(
