@@ -50,3 +50,19 @@ def test_console_script_bad_spec_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "did you mean 'scse'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("unet+lfaa", "did you mean 'lfa'"),
+    ("unet+lfa(k=3)", "unknown parameter 'k' (valid: m, query, residual, stages, reduction)"),
+    ("unet+frem(B='eight')", "B: expected int, got str 'eight'"),
+    ("unet+frem(B=0)", "out of range"),
+    ("unet+frem(8)", "positional argument not allowed"),
+    ("pspnet+lfa", "does not support arch 'pspnet'"),
+    ("unet+frem+frem", "may appear only once"),
+    ("unet+feedback_self+feedback_st", "cannot be combined"),
+])
+def test_train_rejects_bad_specs_in_one_line(capsys, tmp_path, spec, fragment):
+    code, _, err = run(capsys, "train", spec, "--out", str(tmp_path / "run"))
+    assert code == 2 and fragment in err and err.count("\n") == 1 and "column" in err
+    assert not (tmp_path / "run").exists()
