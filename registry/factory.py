@@ -28,7 +28,7 @@ def create_model(spec: str | Spec, in_channels: int = 1, classes: int = 5, **ove
         model = entry.factory(in_channels=in_channels, classes=classes, **parsed.arch.kwargs)
     except PluginConfigError as e:
         raise SpecError(str(e), term=parsed.arch.name) from None
-    model = _apply(model, parsed.arch.name, parsed.plugins)
+    model = _apply(model, parsed.plugins)
     model.cellseg_spec = str(parsed)
     return model
 
@@ -46,10 +46,10 @@ def apply_plugins(model: nn.Module, spec: str | Spec) -> nn.Module:
             what = f"arch {arch!r}" if arch else f"a {type(model).__name__}"
             raise SpecError(f"plugin {term.name!r} does not support {what}; it supports: "
                             f"{', '.join(sorted(entry.supports))}", term=term.name)
-    return _apply(model, arch, parsed.plugins)
+    return _apply(model, parsed.plugins)
 
 
-def _apply(model: nn.Module, arch: str | None, plugins: tuple[Term, ...]) -> nn.Module:
+def _apply(model: nn.Module, plugins: tuple[Term, ...]) -> nn.Module:
     for term in plugins:
         try:
             model = get_entry(term.name).factory(model, **term.kwargs)

@@ -79,7 +79,8 @@ def auxiliary_loss(
 ) -> tuple[torch.Tensor | float, dict[str, float]]:
     """Σ weight·criterion(aux logits, target) over the last forward's auxiliary outputs.
 
-    Logits smaller than the target are upsampled bilinearly. Returns the weighted sum (0.0 if there are none) and each term's value for logging.
+    Logits smaller than the target are upsampled bilinearly. Returns the weighted sum (0.0 if
+    there are none) and each term's value for logging.
     """
     total: torch.Tensor | float = 0.0
     parts: dict[str, float] = {}

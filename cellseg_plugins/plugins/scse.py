@@ -5,7 +5,8 @@ from typing import Annotated, Literal
 import torch
 from torch import nn
 
-from ..hooks import decoder_out_channels, encoder_channels, transform_decoder_output, transform_encoder_features
+from ..hooks import (decoder_out_channels, encoder_channels, transform_decoder_output,
+                     transform_encoder_features)
 from ..registry import Range, register_plugin
 
 
