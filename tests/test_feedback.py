@@ -182,3 +182,12 @@ def test_convlstm_cell_matches_the_textbook_equations():
     assert torch.allclose(out, h_ref, atol=1e-6) and torch.allclose(c2, c_ref, atol=1e-6)
     zero = torch.zeros_like(x)
     assert torch.allclose(cell(x, None)[0], cell(x, (zero, zero))[0], atol=1e-6)
+
+
+def test_cpu_training_at_256_warns():
+    state = RoundState()
+    feedback = FeedbackAttention(state, 8, 8, "self", kv_stride=4, chunk=None).train()
+    state.current = 1
+    feedback._o = torch.randn(1, 8, 256, 256)
+    with pytest.warns(UserWarning, match="full-resolution attention is GPU work"):
+        feedback.feed(None, None, torch.randn(1, 8, 256, 256))
