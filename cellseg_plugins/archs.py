@@ -50,14 +50,14 @@ WEIGHT_FILE = re.compile(r".*\.(pth|pt|bin|safetensors)$")
 
 def arch_params(name: str, cls: type) -> tuple[Param, ...]:
     """The smp class's keyword parameters, ``encoder_name`` spelled ``encoder``, no weights."""
-    out = list(TIMM_PARAMS.get(name, ()))
+    out = []
     for p in params_from_signature(cls.__init__, skip=HIDDEN):
         if p.name == "encoder_name":
             p = Param("encoder", p.annotation, p.default)
         elif p.name == "encoder_weights":
             p = Param(p.name, p.annotation, None)
-        out.insert(len(out) - len(TIMM_PARAMS.get(name, ())), p)
-    return tuple(out)
+        out.append(p)
+    return tuple(out) + TIMM_PARAMS.get(name, ())
 
 
 def check_encoder(name: str) -> None:

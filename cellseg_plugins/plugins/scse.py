@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 import torch
 from torch import nn
 
-from ..hooks import (decoder_out_channels, encoder_channels, transform_decoder_output,
+from ..hooks import (FEATURE_LIST_ARCHS, decoder_out_channels, encoder_channels, transform_decoder_output,
                      transform_encoder_features)
 from ..registry import Range, register_plugin
 
@@ -29,8 +29,7 @@ class SCSE(nn.Module):
         return x * self.cse(x) + x * self.sse(x)
 
 
-@register_plugin("scse", supports=("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet",
-                                   "deeplabv3", "deeplabv3plus", "pan", "upernet", "segformer"))
+@register_plugin("scse", supports=FEATURE_LIST_ARCHS)
 def scse(model: nn.Module, reduction: Annotated[int, Range(1, 1024)] = 16,
          where: Literal["encoder", "decoder", "both"] = "both") -> nn.Module:
     """Squeeze-and-excitation (scSE) on every encoder stage and/or the decoder output.
