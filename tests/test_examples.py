@@ -31,3 +31,11 @@ def test_wrap_smp_model_example_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "output: (2, 5, 128, 128)" in proc.stdout
+
+
+def test_train_from_python_example_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_from_python.py"),
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 2: val mIoU" in proc.stdout and "test mIoU" in proc.stdout
+    assert (tmp_path / "run" / "best.pt").is_file()
