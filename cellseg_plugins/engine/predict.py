@@ -48,7 +48,8 @@ def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap:
     tile = min(tile, max(h, w))
     tile = -(-tile // multiple) * multiple
     ph, pw = max(tile, h), max(tile, w)
-    x = F.pad(x[None], (0, pw - w, 0, ph - h), mode="reflect" if min(h, w) > 1 else "replicate")
+    mode = "reflect" if ph - h < h and pw - w < w else "replicate"  # reflect needs pad < size
+    x = F.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)
     step = max(1, tile - overlap)
     weight = _ramp(tile, min(overlap, tile // 2))
     probs, norm = None, torch.zeros(ph, pw)
