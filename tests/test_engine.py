@@ -284,3 +284,12 @@ def test_tiles_blend_to_the_untiled_prediction():
     whole = predict_image(model, image, [0.5], [0.2], tile=96, overlap=0)
     tiled = predict_image(model, image, [0.5], [0.2], tile=64, overlap=32)
     assert (whole == tiled).mean() > 0.9  # same model, different tiling: near-identical labels
+
+
+@pytest.mark.parametrize("command", ["cv", "tune"])
+def test_bad_data_leaves_nothing_behind(tmp_path, capsys, command):
+    extra = ["--search", "frem.B=int:1:4"] if command == "tune" else []
+    code, _, err = cli(capsys, command, TINY + "+frem(B=2)", *extra, "--data", tmp_path / "nope",
+                       "--out", tmp_path / "out", *FAST)
+    assert code == 2 and "not 'synthetic', 'sstem' or an existing folder" in err
+    assert not (tmp_path / "out").exists()

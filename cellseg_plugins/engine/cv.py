@@ -22,7 +22,6 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None) ->
     A run killed part-way resumes from its last.pt. Returns the summary (also written to
     out/summary.csv and out/summary.md).
     """
-    out.mkdir(parents=True, exist_ok=True)
     results = []
     for fold in range(folds):
         for seed in range(seeds):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..registry import SpecError, get_entry, parse_spec
 from ..registry.spec import Spec, Term
-from .data import DataError
+from .data import DataError, load_data
 from .train import TrainConfig, Trainer
 
 TRAIN_PARAMS = {"lr": float, "batch_size": int, "epochs": int, "optimizer": str,
@@ -152,6 +152,7 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
         raise DataError(f"--trials {trials}: must be ≥ 1")
     cfg.spec = str(spec)
     cfg.check()
+    load_data(cfg.data, cfg.classes, cfg.class_map, seed=cfg.seed)  # bad data fails here, first
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
