@@ -32,7 +32,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickles
     except Exception as e:
         raise DataError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -118,8 +118,8 @@ def versions() -> dict:
     import timm
 
     from .. import __version__
-    return {"cellseg": __version__, "torch": torch.__version__, "smp": smp.__version__,
-            "timm": timm.__version__, "python": platform.python_version()}
+    return {"cellseg": __version__, "torch": str(torch.__version__), "smp": str(smp.__version__),
+            "timm": str(timm.__version__), "python": platform.python_version()}
 
 
 class Trainer:
