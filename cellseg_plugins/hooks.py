@@ -58,11 +58,14 @@ def unique_child_name(parent: nn.Module, name: str) -> str:
 
 
 def in_channels_of(model: nn.Module) -> int:
-    """Input channels: those of the first convolution."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    raise PluginConfigError(f"cannot find a Conv2d in {type(model).__name__}")
+    """The model's input channels: those of its first convolution, remembered on first use
+    (plugins such as Feedback Attention later change what the encoder's first conv takes)."""
+    if "cellseg_in_channels" not in model.__dict__:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            raise PluginConfigError(f"cannot find a Conv2d in {type(model).__name__}")
+        model.cellseg_in_channels = first.in_channels
+    return model.cellseg_in_channels
 
 
 def classes_of(model: nn.Module) -> int:

@@ -28,6 +28,7 @@ def create_model(spec: str | Spec, in_channels: int = 1, classes: int = 5, **ove
         model = entry.factory(in_channels=in_channels, classes=classes, **parsed.arch.kwargs)
     except PluginConfigError as e:
         raise SpecError(str(e), term=parsed.arch.name) from None
+    model.cellseg_in_channels = in_channels
     model = _apply(model, parsed.plugins)
     model.cellseg_spec = str(parsed)
     return model

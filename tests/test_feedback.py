@@ -191,3 +191,17 @@ def test_cpu_training_at_256_warns():
     feedback._o = torch.randn(1, 8, 256, 256)
     with pytest.warns(UserWarning, match="full-resolution attention is GPU work"):
         feedback.feed(None, None, torch.randn(1, 8, 256, 256))
+
+
+@pytest.mark.parametrize("spec", ["unet(encoder='resnet18')+lfa(m=3)+feedback_self",
+                                  "unet(encoder='resnet18')+feedback_self+lfa(m=3)"])
+def test_plugins_run_in_both_rounds_whatever_their_order(spec):
+    from cellseg_plugins.plugins.lfa import LocalFeatureAggregation
+
+    model = cs.create_model(spec, classes=3).eval()
+    lfa = [m for m in model.modules() if isinstance(m, LocalFeatureAggregation)]
+    calls = []
+    for m in lfa:
+        m.register_forward_hook(lambda *a: calls.append(1))
+    model(torch.randn(1, 1, 64, 64))
+    assert len(lfa) == 4 and len(calls) == 2 * len(lfa)
