@@ -96,6 +96,17 @@ def run_probe(model: nn.Module, size: int = 128) -> None:
         model.train(was_training)
 
 
+def output_channels(model: nn.Module, module: nn.Module) -> int:
+    """Channels of ``module``'s output inside ``model`` (one probe pass)."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, i, out: seen.append(out.shape[1]))
+    try:
+        run_probe(model)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 # ---------------------------------------------------------------- encoder features
 
 

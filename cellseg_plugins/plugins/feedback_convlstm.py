@@ -15,7 +15,7 @@ from torch import nn
 
 from ..encoders import PlainEncoder
 from ..hooks import (FEATURE_LIST_ARCHS, classes_of, decoder_out_channels, encoder_channels,
-                     in_channels_of, transform_encoder_features)
+                     in_channels_of, output_channels, transform_encoder_features)
 from ..registry import PluginConfigError, Range, register_plugin
 from ..rounds import Feedback, RoundState, install_rounds, per_round_batchnorm
 
@@ -132,7 +132,7 @@ def install_place(model: nn.Module, name: str, cell_type: str, state: RoundState
             raise PluginConfigError(f"place 'd2' needs a decoder with a list of blocks "
                                     f"(unet, manet, linknet); {type(model).__name__} has none")
         module = blocks[-2]
-        channels = _out_channels(module)
+        channels = output_channels(model, module)
     cell = (ConvLSTMCell(channels) if cell_type == "convlstm" else RecurrentConvCell(channels))
     place = RecurrentPlace(cell, state)
     if module is not None:
@@ -140,11 +140,6 @@ def install_place(model: nn.Module, name: str, cell_type: str, state: RoundState
     else:  # encoder without stage modules we know: transform the feature it returns
         transform_encoder_features(model, f"convlstm_{name}", {index: place})
     return place
-
-
-def _out_channels(module: nn.Module) -> int:
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1].out_channels
 
 
 @register_plugin("feedback_convlstm", supports=FEATURE_LIST_ARCHS, exclusive="rounds")
