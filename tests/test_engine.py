@@ -71,7 +71,7 @@ def test_fetch_refuses_a_corrupt_copy_and_leaves_nothing(tmp_path, sstem_root):
     root = tmp_path / "root"
     with pytest.raises(DataError, match="05.tif: SHA-256 mismatch"):
         fetch_sstem(root, str(bad))
-    assert not (root / "sstem").exists() and list(root.iterdir()) == []
+    assert not root.exists()
 
 
 def test_fetch_download_code_with_a_file_url(tmp_path, sstem_root):
@@ -215,6 +215,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     (["train", "unet", "--epochs", "0"], "--epochs 0: must be ≥ 1"),
     (["eval", "/nonexistent.pt"], "checkpoint '/nonexistent.pt' does not exist"),
     (["data", "fetch", "mnist"], "unknown data set 'mnist'"),
+    (["train", "unet", "--classes", "sstem4"], "--classes 'sstem4' applies to --data sstem only"),
+    (["train", "unet", "--class-map", "0:a,1:b"], "--class-map applies to image folders"),
 ])
 def test_cli_bad_input(capsys, tmp_path, argv, fragment):
     code, _, err = cli(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] == "train" else []))

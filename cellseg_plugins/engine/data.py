@@ -90,6 +90,7 @@ def fetch_sstem(root: Path | None = None, source: str | None = None, progress=No
     sums = sstem_checksums()
     if target.is_dir() and all((target / p).is_file() for p in sums):
         return target
+    made_root = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".sstem-", dir=target.parent))
     try:
@@ -118,6 +119,8 @@ def fetch_sstem(root: Path | None = None, source: str | None = None, progress=No
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+            if made_root and not any(target.parent.iterdir()):
+                target.parent.rmdir()  # a failed fetch leaves no trace
     return target
 
 
@@ -237,7 +240,15 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
 
 def load_data(data: str, classes: str | None = None, class_map: str | None = None,
               seed: int = 0) -> SourceSet:
-    """'synthetic' (built in), 'sstem' (fetched) or a folder of images and masks."""
+    """'synthetic' (built in), 'sstem' (fetched) or a folder of images and masks.
+
+    ``classes`` (sstem5 | sstem4) applies to sstem only, ``class_map`` to folders only.
+    """
+    if classes is not None and data != "sstem":
+        raise DataError(f"--classes {classes!r} applies to --data sstem only; folders take "
+                        "--class-map")
+    if class_map is not None and data in ("synthetic", "sstem"):
+        raise DataError(f"--class-map applies to image folders, not --data {data}")
     if data == "synthetic":
         images, masks = synthetic_dataset(n=20, size=256, seed=seed)
         return SourceSet(images, masks, SYNTHETIC_CLASSES, [f"synthetic{i:02d}" for i in range(20)])

@@ -21,7 +21,10 @@ def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
         raise DataError(f"--split {split!r}: expected test or val")
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    sources = load_data(data or cfg["data"], cfg["classes"], cfg["class_map"], cfg["seed"])
+    target = data or cfg["data"]
+    sources = load_data(target, cfg["classes"] if target == "sstem" else None,
+                        cfg["class_map"] if target not in ("synthetic", "sstem") else None,
+                        cfg["seed"])
     if list(sources.class_names) != ckpt["class_names"]:
         raise DataError(f"data classes {list(sources.class_names)} differ from the "
                         f"checkpoint's {ckpt['class_names']}")
