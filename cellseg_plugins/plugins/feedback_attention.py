@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..blocks import channel_gate
 from ..encoders import DoubleConv, PlainEncoder
 from ..full_attention import attention
 from ..hooks import decoder_out_channels, in_channels_of
@@ -55,10 +56,7 @@ class SEConnection(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        hidden = max(1, channels // reduction)
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1),
-                                  nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1),
-                                  nn.Sigmoid())
+        self.gate = channel_gate(channels, reduction)
 
     def forward(self, f, o):
         return o * self.gate(o)

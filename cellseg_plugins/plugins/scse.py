@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 import torch
 from torch import nn
 
+from ..blocks import channel_gate
 from ..hooks import (FEATURE_LIST_ARCHS, decoder_out_channels, encoder_channels, transform_decoder_output,
                      transform_encoder_features)
 from ..registry import Range, register_plugin
@@ -19,10 +20,7 @@ class SCSE(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        hidden = max(1, channels // reduction)
-        self.cse = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1), nn.Sigmoid())
+        self.cse = channel_gate(channels, reduction)
         self.sse = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
