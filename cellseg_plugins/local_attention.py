@@ -8,12 +8,15 @@ v and the (N, m², H, W) attention for backward and accumulates the key/value gr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn import functional as F
 
 
+@functools.lru_cache(maxsize=64)
 def window_mask(height: int, width: int, m: int, device=None) -> torch.Tensor:
-    """(m², H, W) bool: True where offset j of pixel (h, w) lies inside the image."""
+    """(m², H, W) bool: True where offset j of pixel (h, w) lies inside the image (cached)."""
     r = m // 2
     ones = F.pad(torch.ones(1, 1, height, width, device=device), (r, r, r, r))
     return torch.stack([ones[0, 0, dy:dy + height, dx:dx + width]
