@@ -175,7 +175,7 @@ def test_convlstm_cell_matches_the_textbook_equations():
     x, h, c = torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5), torch.randn(1, 3, 5, 5)
     w = torch.cat([cell.input_gates.weight, cell.hidden_gates.weight], dim=1)
     gates = torch.nn.functional.conv2d(torch.cat([x, h], 1), w, cell.input_gates.bias, padding=1)
-    i, f, o, g = gates.chunk(4, 1)
+    i, o, g, f = gates.chunk(4, 1)
     c_ref = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     h_ref = torch.sigmoid(o) * torch.tanh(c_ref)
     out, (h2, c2) = cell(x, (h, c))

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..encoders import PlainEncoder
 from ..hooks import (FEATURE_LIST_ARCHS, classes_of, decoder_out_channels, encoder_channels,
@@ -25,24 +26,29 @@ PLACES = ("e1", "e2", "bottleneck", "d2", "d1")
 class ConvLSTMCell(nn.Module):
     """ConvLSTM (Shi et al., 2015), kernel k: gates = W_x∗x + W_h∗h + b; h replaces the feature.
 
-    i, f, o = σ(·), g = tanh(·); c' = f⊙c + i⊙g; h' = o⊙tanh(c'). (N, C, H, W) → (N, C, H, W).
-    With zero state (round 1) the W_h∗h and f⊙c terms are zero and are skipped.
+    i, o, f = σ(·), g = tanh(·); c' = f⊙c + i⊙g; h' = o⊙tanh(c'). (N, C, H, W) → (N, C, H, W).
+    Gate rows are stored in the order i, o, g, f. With zero state (round 1) the W_h∗h and f⊙c
+    terms are zero: only the i, o, g rows of W_x are computed (exact, a quarter fewer MACs).
     """
 
     def __init__(self, channels: int, kernel: int = 3):
         super().__init__()
+        self.channels = channels
         self.input_gates = nn.Conv2d(channels, 4 * channels, kernel, padding=kernel // 2)
         self.hidden_gates = nn.Conv2d(channels, 4 * channels, kernel, padding=kernel // 2,
                                       bias=False)
 
     def forward(self, x, state):
-        gates = self.input_gates(x)
-        if state is not None:
-            gates = gates + self.hidden_gates(state[0])
-        i, f, o, g = gates.chunk(4, dim=1)
-        c = torch.sigmoid(i) * torch.tanh(g)
-        if state is not None:
-            c = c + torch.sigmoid(f) * state[1]
+        if state is None:
+            rows = 3 * self.channels  # i, o, g
+            conv = self.input_gates
+            gates = F.conv2d(x, conv.weight[:rows], conv.bias[:rows], padding=conv.padding)
+            i, o, g = gates.chunk(3, dim=1)
+            c = torch.sigmoid(i) * torch.tanh(g)
+        else:
+            gates = self.input_gates(x) + self.hidden_gates(state[0])
+            i, o, g, f = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, (h, c)
 
