@@ -7,7 +7,7 @@
 from .registry import (
     PluginConfigError, PluginModule, Range, Spec, SpecError, apply_plugins, auxiliary_loss,
     create_model, epoch_start, list_archs, list_plugins, parse_spec, register_arch,
-    register_plugin, step_start,
+    register_plugin, step_start, training_loss,
 )
 from . import encoders as _encoders  # noqa: F401  (registers the plain encoders in smp)
 from . import archs as _archs  # noqa: F401  (registers every smp architecture)
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "PluginConfigError", "PluginModule", "Range", "Spec", "SpecError", "apply_plugins",
     "auxiliary_loss", "create_model", "epoch_start", "list_archs", "list_plugins", "parse_spec",
-    "register_arch", "register_plugin", "step_start", "__version__",
+    "register_arch", "register_plugin", "step_start", "training_loss", "__version__",
 ]

@@ -38,7 +38,7 @@ def _sync(device: str) -> None:
 
 def worker(spec: str, cfg: BenchConfig) -> None:
     """Serve 'train' / 'eval' / 'done' commands on stdin; answer one JSON line each."""
-    from . import auxiliary_loss, create_model, step_start
+    from . import create_model, step_start, training_loss
 
     torch.manual_seed(0)
     device = cfg.device
@@ -56,9 +56,7 @@ def worker(spec: str, cfg: BenchConfig) -> None:
         step_start(model, step)
         step += 1
         optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(x), y)
-        aux, _ = auxiliary_loss(model, y, criterion)
-        (loss + aux).backward()
+        training_loss(model, x, y, criterion).backward()
         optimizer.step()
 
     @torch.no_grad()

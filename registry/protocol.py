@@ -93,3 +93,12 @@ def auxiliary_loss(
         total = total + aux.weight * loss
         parts[aux.name] = float(loss.detach())
     return total, parts
+
+
+def training_loss(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: Callable
+) -> torch.Tensor:
+    """One training forward: criterion(model(x), target) + :func:`auxiliary_loss`'s sum."""
+    loss = criterion(model(x), target)
+    aux, _ = auxiliary_loss(model, target, criterion)
+    return loss + aux

@@ -144,6 +144,18 @@ def test_convlstm_aux_weight_reaches_total_loss():
     assert model.rounds.feedback.project.weight.grad.abs().sum() > 0  # round 2 saw round 1
 
 
+def test_training_loss_is_the_main_loss_plus_the_weighted_round1_loss():
+    model = cs.create_model(PLAIN + "+feedback_convlstm(lam=0.5)", classes=3).train()
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    criterion = torch.nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    total = cs.training_loss(model, x, y, criterion)
+    torch.manual_seed(0)
+    main = criterion(model(x), y)
+    aux, parts = cs.auxiliary_loss(model, y, criterion)
+    assert parts and torch.isclose(total, main + 0.5 * parts["round1"])
+
+
 @pytest.mark.parametrize("variant", ["cell='rcl'", "cell='none'", "feed='probs+image'",
                                      "at=['bottleneck','d1']"])
 def test_convlstm_variants_train(variant):

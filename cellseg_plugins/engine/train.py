@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..registry import auxiliary_loss, create_model, epoch_start, parse_spec, step_start
+from ..registry import create_model, epoch_start, parse_spec, step_start, training_loss
 from . import distributed
 from .checkpoint import FORMAT, load_checkpoint, save_atomic
 from .data import CropDataset, DataError, channel_stats, class_shares, fold_split, load_data
@@ -232,10 +232,7 @@ class Trainer:
             step_start(model, self.step)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=cfg.amp):
-                logits = model(x)
-                loss = self.criterion(logits.float(), y)
-                aux, _ = auxiliary_loss(model, y, lambda a, b: self.criterion(a.float(), b))
-                loss = loss + aux
+                loss = training_loss(model, x, y, lambda a, b: self.criterion(a.float(), b))
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {i + 1}; "
