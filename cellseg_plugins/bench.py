@@ -1,4 +1,4 @@
-"""Benchmark a model spec: train-step and eval-forward time, peak memory, parameters.
+"""Benchmark a model spec: train-step and eval-forward time and FLOPs, peak memory, parameters.
 
 Each model runs in a fresh worker process (so that its peak RSS on CPU is its own); with a
 second model the two workers take turns step by step, so that both see the same machine load
@@ -65,9 +65,10 @@ def worker(spec: str, cfg: BenchConfig) -> None:
         model(x)
 
     actions = {"train": train_step, "eval": eval_step}
+    flops = {f"{name}_flops": count_flops(action) for name, action in actions.items()}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _reply({"ready": True, "rss_start": rss_start})
+    _reply({"ready": True, "rss_start": rss_start, **flops})
     for line in sys.stdin:
         command = line.strip()
         if command == "done":
@@ -79,6 +80,15 @@ def worker(spec: str, cfg: BenchConfig) -> None:
         actions[command]()
         _sync(device)
         _reply({"seconds": time.perf_counter() - t0})
+
+
+def count_flops(action) -> int:
+    """FLOPs of one call (torch's FlopCounterMode: convolutions, matmuls, attention; 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        action()
+    return counter.get_total_flops()
 
 
 def _peak_rss() -> int:
@@ -150,7 +160,7 @@ def run_bench(specs: list[str], cfg: BenchConfig, progress=None) -> list[dict]:
                     progress(phase, i + 1, WARMUP_STEPS + cfg.steps)
         for w, r in zip(workers, results):
             r["peak_memory"] = w.close()["peak_memory"]
-            r["rss_start"] = w.info["rss_start"]
+            r.update({k: w.info[k] for k in ("rss_start", "train_flops", "eval_flops")})
     finally:
         for w in workers:
             if w.proc.poll() is None:
@@ -174,6 +184,8 @@ def report(results: list[dict], cfg: BenchConfig) -> dict:
             "eval_time": a["eval_time"]["median"] / b["eval_time"]["median"],
             "peak_memory": a["peak_memory"] / b["peak_memory"],
             "params": a["params"] / b["params"],
+            "train_flops": a["train_flops"] / b["train_flops"],
+            "eval_flops": a["eval_flops"] / b["eval_flops"],
         }
     return out
 

@@ -55,16 +55,19 @@ def bench_command(
 def show(rep: dict) -> None:
     table = Table(title=f"cellseg bench ({rep['device']}, {rep['batch']}×{rep['in_channels']}×"
                         f"{rep['size']}², {rep['steps']} steps)")
-    for col in ("spec", "train step (s)", "eval forward (s)", "peak memory (MiB)", "params"):
+    for col in ("spec", "train step (s)", "eval forward (s)", "train GFLOP", "peak memory (MiB)",
+                "params"):
         table.add_column(col)
     rows = [rep] + ([rep["vs"]] if "vs" in rep else [])
     for r in rows:
         table.add_row(r["spec"], _time(r["train_time"]), _time(r["eval_time"]),
-                      f"{r['peak_memory'] / 2**20:.0f}", f"{r['params']:,}")
+                      f"{r['train_flops'] / 1e9:.1f}", f"{r['peak_memory'] / 2**20:.0f}",
+                      f"{r['params']:,}")
     if "ratio" in rep:
         q = rep["ratio"]
         table.add_row("ratio", f"{q['train_time']:.3f}×", f"{q['eval_time']:.3f}×",
-                      f"{q['peak_memory']:.3f}×", f"{q['params']:.3f}×")
+                      f"{q['train_flops']:.3f}×", f"{q['peak_memory']:.3f}×",
+                      f"{q['params']:.3f}×")
     Console().print(table)
 
 

@@ -16,6 +16,17 @@ def test_bench_json_with_ratio(capsys):
     assert set(report["ratio"]) >= {"train_time", "eval_time", "peak_memory"}
     assert report["train_time"]["n"] == 2 and report["peak_memory"] > 0
     assert report["params"] == report["vs"]["params"]  # FREM adds no parameters
+    assert report["train_flops"] > 2 * report["eval_flops"] > 0  # backward costs about 2 forwards
+    assert report["ratio"]["train_flops"] == 1.0  # FREM multiplies; it adds no conv or matmul
+
+
+def test_count_flops_of_a_convolution_is_two_per_multiply_add():
+    import torch
+
+    from cellseg_plugins.bench import count_flops
+
+    conv, x = torch.nn.Conv2d(3, 5, 3, padding=1), torch.randn(2, 3, 8, 8)
+    assert count_flops(lambda: conv(x)) == 2 * (2 * 8 * 8) * 5 * (3 * 3 * 3)
 
 
 @pytest.mark.parametrize("argv, fragment", [
