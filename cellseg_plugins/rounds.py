@@ -8,8 +8,9 @@ Every module that must know the round (per-round BatchNorm, recurrent cells, fee
 attention) reads the shared :class:`RoundState`.
 
 Order in a spec: plugins apply left to right; a rounds plugin runs everything the model has
-(plugins before and after it) in both rounds. Per-round BatchNorm covers the BatchNorms present
-when it is applied, so put the rounds plugin last. A model has at most one rounds plugin.
+(plugins before and after it) in both rounds. Per-round BatchNorm is installed once the whole
+spec is applied (``on_model_built``), so it covers every BatchNorm wherever the rounds plugin
+stands. A model has at most one rounds plugin.
 """
 
 from __future__ import annotations
@@ -65,11 +66,17 @@ class Feedback(nn.Module):
 class Rounds(PluginModule):
     """Runs the model twice per forward; see the module docstring."""
 
-    def __init__(self, state: RoundState, feedback: Feedback, lam: float, predict: int):
+    def __init__(self, state: RoundState, feedback: Feedback, lam: float, predict: int,
+                 per_round_bn: bool = False):
         super().__init__()
         self.state, self.feedback, self.lam, self.predict = state, feedback, lam, predict
+        self.per_round_bn = per_round_bn
         self._busy = False
         self.round1_output: torch.Tensor | None = None
+
+    def on_model_built(self, model: nn.Module) -> None:
+        if self.per_round_bn:
+            per_round_batchnorm(model, self.state)
 
     def pre_hook(self, model, inputs):
         if not self._busy:
@@ -94,11 +101,14 @@ class Rounds(PluginModule):
 
 
 def install_rounds(model: nn.Module, feedback: Feedback, state: RoundState, lam: float = 0.0,
-                   predict: int = 2) -> Rounds:
-    """Make ``model`` a two-round model with ``feedback``; attach the controller as ``model.rounds``."""
+                   predict: int = 2, per_round_bn: bool = False) -> Rounds:
+    """Make ``model`` a two-round model with ``feedback``; attach the controller as ``model.rounds``.
+
+    ``per_round_bn``: swap every BatchNorm for a per-round one once the model is built.
+    """
     if any(isinstance(m, Rounds) for m in model.modules()):
         raise PluginConfigError("the model already runs in rounds; use one feedback plugin")
-    rounds = Rounds(state, feedback, lam, predict)
+    rounds = Rounds(state, feedback, lam, predict, per_round_bn)
     model.rounds = rounds
     model.register_forward_pre_hook(rounds.pre_hook)
     model.register_forward_hook(rounds.post_hook)

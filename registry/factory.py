@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .protocol import model_built
 from .registry import all_entries, get_entry
 from .spec import Spec, SpecError, Term, parse_spec
 
@@ -56,6 +57,7 @@ def _apply(model: nn.Module, plugins: tuple[Term, ...]) -> nn.Module:
             model = get_entry(term.name).factory(model, **term.kwargs)
         except PluginConfigError as e:
             raise SpecError(str(e), term=term.name) from None
+    model_built(model)
     return model
 
 

@@ -5,6 +5,8 @@ A plugin factory takes a built model and returns a model. The modules it adds ma
 
 - contribute auxiliary training outputs (``add_aux``), which :func:`auxiliary_loss` turns into
   weighted losses with the training criterion (round-1 loss, deep supervision, ...);
+- receive ``on_model_built(model)`` once every plugin of the spec is applied (per-round
+  BatchNorm then covers the modules of plugins listed after the rounds plugin);
 - receive ``on_epoch_start(epoch)`` and ``on_step_start(step)`` callbacks (FREM re-draws its
   channels there);
 - behave differently in train and eval mode, through ``self.training`` as any module does.
@@ -37,6 +39,9 @@ class PluginModule(nn.Module):
         super().__init__()
         self._aux: list[AuxOutput] = []
 
+    def on_model_built(self, model: nn.Module) -> None:
+        """Called once the spec's last plugin is applied (create_model, apply_plugins)."""
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the training loop before each epoch (0-based)."""
 
@@ -55,6 +60,12 @@ class PluginModule(nn.Module):
 
 def _plugin_modules(model: nn.Module):
     return (m for m in model.modules() if isinstance(m, PluginModule))
+
+
+def model_built(model: nn.Module) -> None:
+    """Tell every plugin module that the model is complete (every plugin applied)."""
+    for m in list(_plugin_modules(model)):
+        m.on_model_built(model)
 
 
 def epoch_start(model: nn.Module, epoch: int) -> None:

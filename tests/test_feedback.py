@@ -132,6 +132,16 @@ def test_two_sets_of_batchnorm_statistics():
     assert not any(isinstance(m, RoundBatchNorm) for m in shared.modules())
 
 
+def test_per_round_batchnorm_covers_plugins_listed_after_the_rounds_plugin():
+    model = cs.create_model("unet(encoder='resnet18')+feedback_convlstm+attention_gate", classes=3)
+    plain_bns = [name for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.BatchNorm2d) and ".slots." not in name]
+    assert plain_bns == []
+    gates = [m for name, m in model.named_modules() if "attention_gate" in name.lower()
+             and isinstance(m, RoundBatchNorm)]
+    assert gates  # the gate's BatchNorms, added after feedback_convlstm, are per round too
+
+
 def test_convlstm_aux_weight_reaches_total_loss():
     torch.manual_seed(0)
     model = cs.create_model(PLAIN + "+feedback_convlstm(lam=0.5)", classes=3).train()

@@ -18,7 +18,7 @@ from ..encoders import PlainEncoder
 from ..hooks import (FEATURE_LIST_ARCHS, classes_of, decoder_out_channels, encoder_channels,
                      in_channels_of, output_channels, transform_encoder_features)
 from ..registry import PluginConfigError, Range, register_plugin
-from ..rounds import Feedback, RoundState, install_rounds, per_round_batchnorm
+from ..rounds import Feedback, RoundState, install_rounds
 
 PLACES = ("e1", "e2", "bottleneck", "d2", "d1")
 
@@ -171,12 +171,10 @@ def feedback_convlstm(
         p for p in PLACES if p != "d2" or isinstance(getattr(model.decoder, "blocks", None), nn.ModuleList)]
     if len(set(places)) != len(places):
         raise PluginConfigError(f"at={places}: a place is named twice")
-    if per_round_bn:
-        per_round_batchnorm(model, state)
     cells = nn.ModuleDict()
     if cell != "none":
         for name in places:
             cells[name] = install_place(model, name, cell, state)
     feedback = ProbabilityFeedback(classes_of(model), in_channels_of(model), feed, cells)
-    install_rounds(model, feedback, state, lam, predict)
+    install_rounds(model, feedback, state, lam, predict, per_round_bn)
     return model
