@@ -33,7 +33,7 @@ def bench_command(
     steps: Annotated[int, typer.Option(help="timed steps per phase (after 2 warm-up steps)")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Time a training step and an eval forward; report peak memory and parameters."""
+    """Time a training step and an eval forward; report their FLOPs, peak memory and parameters."""
     for name, value in (("--size", size), ("--batch", batch), ("--in-channels", in_channels),
                         ("--classes", classes), ("--steps", steps)):
         _positive(name, value)
