@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+FUSED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
 def _dense(q, k, v, scale):
@@ -15,13 +18,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 
               chunk: int | None = None) -> torch.Tensor:
     """softmax(scale · q kᵀ) v over keys; q (N, L_q, d), k (N, L_k, d), v (N, L_k, c) → (N, L_q, c).
 
-    On CUDA (``chunk=None``) torch's scaled_dot_product_attention picks a memory-efficient /
-    flash kernel. Elsewhere, or with an explicit ``chunk``, the queries are processed ``chunk``
-    at a time and each chunk is recomputed in backward (activation checkpointing), so memory
-    stays O(chunk · L_k) instead of O(L_q · L_k).
+    On CUDA (``chunk=None``) :func:`fused_attention`. Elsewhere, or with an explicit ``chunk``,
+    the queries are processed ``chunk`` at a time and each chunk is recomputed in backward
+    (activation checkpointing), so memory stays O(chunk · L_k) instead of O(L_q · L_k).
     """
     if chunk is None and q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return fused_attention(q, k, v, scale)
     chunk = chunk or 1024
     if q.shape[1] <= chunk:
         if not torch.is_grad_enabled():
@@ -35,3 +37,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 
         else:
             outs.append(_dense(qc, k, v, scale))
     return torch.cat(outs, dim=1)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float = 1.0) -> torch.Tensor:
+    """:func:`attention` by torch's fused SDPA kernels only (flash, memory-efficient, cuDNN).
+
+    Those kernels never keep the map, but they take 4-D inputs with one head size that is a
+    multiple of 8; anything else would fall back to the math kernel, which materialises
+    (L_q × L_k) (137 GB for 256², batch 8). So q, k, v get one head and are zero-padded to a
+    common size: zeros add nothing to q·kᵀ, and v's padded columns are dropped. Raises if no
+    fused kernel can run rather than fall back.
+    """
+    c = v.shape[-1]
+    size = -(-max(q.shape[-1], c) // 8) * 8
+    q, k, v = (F.pad(t, (0, size - t.shape[-1])).unsqueeze(1) for t in (q, k, v))
+    with sdpa_kernel(FUSED):
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.squeeze(1)[..., :c]

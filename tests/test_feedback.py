@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cellseg_plugins as cs
-from cellseg_plugins.full_attention import attention
+from cellseg_plugins.full_attention import attention, fused_attention
 from cellseg_plugins.plugins.feedback_attention import AttentionConnection, FeedbackAttention
 from cellseg_plugins.plugins.feedback_convlstm import RecurrentPlace
 from cellseg_plugins.rounds import RoundBatchNorm, RoundState
@@ -29,6 +29,22 @@ def test_attention_equals_dense_reference(chunk):
     dense_reference(*ref_args).square().sum().backward()
     for a, b in zip(args, ref_args):
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("d, c", [(2, 8), (4, 6), (16, 9)])
+def test_fused_attention_pads_to_a_fused_kernel_and_equals_dense(d, c):
+    """The GPU path, run here by torch's CPU flash kernel (math fallback is switched off)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 37, d), torch.randn(2, 23, d), torch.randn(2, 23, c)
+    args = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fused_attention(*args, scale=0.7)
+    assert out.shape == (2, 37, c)
+    assert torch.allclose(out, dense_reference(q, k, v, 0.7), atol=1e-5)
+    out.square().sum().backward()
+    ref_args = [t.clone().requires_grad_() for t in (q, k, v)]
+    dense_reference(*ref_args, 0.7).square().sum().backward()
+    for a, b in zip(args, ref_args):
+        assert a.grad.shape == b.grad.shape and torch.allclose(a.grad, b.grad, atol=1e-5)
 
 
 @pytest.mark.parametrize("kv_stride", [1, 2, 4])
