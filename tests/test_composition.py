@@ -29,3 +29,18 @@ def test_pair(first, second):
     (loss + aux).backward()
     assert torch.isfinite(loss)
     assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_plugin_trains_under_autocast(plugin):
+    """Mixed precision (bf16 autocast on CPU stands in for --amp on CUDA): dtypes meet, loss finite."""
+    warnings.simplefilter("ignore")
+    model = cs.create_model(f"unet(encoder='resnet18')+{plugin}", classes=3).train()
+    y = torch.randint(0, 3, (2, 64, 64))
+    criterion = torch.nn.CrossEntropyLoss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = cs.training_loss(model, torch.randn(2, 1, 64, 64), y,
+                                lambda a, b: criterion(a.float(), b))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
