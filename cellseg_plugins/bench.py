@@ -83,10 +83,22 @@ def worker(spec: str, cfg: BenchConfig) -> None:
 
 
 def count_flops(action) -> int:
-    """FLOPs of one call (torch's FlopCounterMode: convolutions, matmuls, attention; 2 per MAC)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one call (torch's FlopCounterMode: convolutions, matmuls, attention; 2 per MAC).
 
-    with FlopCounterMode(display=False) as counter:
+    torch's counter knows the CUDA attention kernels but not the CPU flash kernel; the same
+    formulas are added for it.
+    """
+    from torch.utils.flop_counter import (FlopCounterMode, sdpa_backward_flop_count,
+                                          sdpa_flop_count)
+
+    aten = torch.ops.aten
+    cpu_flash = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v),
+    }
+    with FlopCounterMode(display=False, custom_mapping=cpu_flash) as counter:
         action()
     return counter.get_total_flops()
 

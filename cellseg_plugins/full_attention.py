@@ -1,4 +1,4 @@
-"""Global attention that never keeps an (L_q × L_k) map: fused kernels on GPU, chunks on CPU."""
+"""Global attention that never keeps an (L_q × L_k) map: torch's fused kernels, or query chunks."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 
               chunk: int | None = None) -> torch.Tensor:
     """softmax(scale · q kᵀ) v over keys; q (N, L_q, d), k (N, L_k, d), v (N, L_k, c) → (N, L_q, c).
 
-    On CUDA (``chunk=None``) :func:`fused_attention`. Elsewhere, or with an explicit ``chunk``,
-    the queries are processed ``chunk`` at a time and each chunk is recomputed in backward
-    (activation checkpointing), so memory stays O(chunk · L_k) instead of O(L_q · L_k).
+    ``chunk=None``: :func:`fused_attention` (torch's flash / memory-efficient kernels, on CPU
+    and GPU; float64 on CUDA, which they do not take, uses 1,024-query chunks). An explicit
+    ``chunk``: the queries are processed ``chunk`` at a time and each chunk is recomputed in
+    backward (activation checkpointing), so memory stays O(chunk · L_k) instead of O(L_q · L_k).
     """
-    if chunk is None and q.is_cuda:
+    if chunk is None and not (q.is_cuda and q.dtype == torch.float64):
         return fused_attention(q, k, v, scale)
     chunk = chunk or 1024
     if q.shape[1] <= chunk:
@@ -46,12 +47,13 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Those kernels never keep the map, but they take 4-D inputs with one head size that is a
     multiple of 8; anything else would fall back to the math kernel, which materialises
     (L_q × L_k) (137 GB for 256², batch 8). So q, k, v get one head and are zero-padded to a
-    common size: zeros add nothing to q·kᵀ, and v's padded columns are dropped. Raises if no
+    common size (and made contiguous: the kernels need a unit last stride): zeros add nothing
+    to q·kᵀ, and v's padded columns are dropped. Raises if no
     fused kernel can run rather than fall back.
     """
     c = v.shape[-1]
     size = -(-max(q.shape[-1], c) // 8) * 8
-    q, k, v = (F.pad(t, (0, size - t.shape[-1])).unsqueeze(1) for t in (q, k, v))
+    q, k, v = (F.pad(t, (0, size - t.shape[-1])).contiguous().unsqueeze(1) for t in (q, k, v))
     with sdpa_kernel(FUSED):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.squeeze(1)[..., :c]

@@ -39,3 +39,15 @@ def test_bench_bad_input(capsys, argv, fragment):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and fragment in err and err.count("\n") == 1
+
+
+def test_count_flops_of_attention_on_cpu():
+    import torch
+
+    from cellseg_plugins.bench import count_flops
+    from cellseg_plugins.full_attention import fused_attention
+
+    q, k, v = torch.randn(2, 30, 8), torch.randn(2, 20, 8), torch.randn(2, 20, 8)
+    assert count_flops(lambda: fused_attention(q, k, v)) == 2 * (2 * 2 * 30 * 20 * 8)  # qkᵀ, ·v
+    q.requires_grad_()
+    assert count_flops(lambda: fused_attention(q, k, v).sum().backward()) > 2 * (2 * 2 * 30 * 20 * 8)

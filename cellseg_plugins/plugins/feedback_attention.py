@@ -129,7 +129,7 @@ class FeedbackAttention(Feedback):
                 and self.connection in ("self", "st"):
             warnings.warn(
                 f"Feedback Attention at {f.shape[-2]}×{f.shape[-1]} on the CPU: full-resolution "
-                "attention is GPU work (about 100 s per image per step at 256²); use a GPU, "
+                "attention is GPU work (about 25 s per image per step at 256²); use a GPU, "
                 "smaller crops or kv_stride=4", stacklevel=2)
         return f + self.scale * self.combine(f, o)
 
@@ -201,7 +201,8 @@ def feedback_self(model: nn.Module, lam: Lam = 0.0, at: At = "conv2", kv_stride:
     0). F: the first two 3×3 convs' output at full resolution (``at="conv1"``: after one conv);
     the plain encoder's first block, else an added two-conv stem. O: the decoder output,
     resized to F's size. ``lam`` adds λ·L(round 1); ``kv_stride`` pools keys/values (speed);
-    ``chunk`` sets the CPU query chunk; ``predict=1`` returns round 1 (ablation).
+    ``chunk=N``: N queries at a time, recomputed in backward, instead of torch's fused kernels;
+    ``predict=1`` returns round 1 (ablation).
     """
     return build_feedback_attention(model, "self", lam, at, kv_stride, chunk, predict)
 
