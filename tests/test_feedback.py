@@ -223,6 +223,25 @@ def test_convlstm_cell_matches_the_textbook_equations():
     assert torch.allclose(cell(x, None)[0], cell(x, (zero, zero))[0], atol=1e-6)
 
 
+def test_convlstm_state_dict_of_the_old_gate_order_loads_reordered(tmp_path):
+    torch.manual_seed(0)
+    model = cs.create_model(PLAIN + "+feedback_convlstm", classes=3).eval()
+    x = torch.randn(1, 1, 32, 32)
+    state = model.state_dict()
+    old = type(state)((k, v.clone()) for k, v in state.items())
+    old._metadata = {k: dict(v) for k, v in state._metadata.items()}
+    for key, meta in old._metadata.items():  # write it as version 1 did: rows i, f, o, g
+        if key.endswith(".cell") and meta.get("version") == 2:
+            meta["version"] = 1
+            for name in ("input_gates.weight", "input_gates.bias", "hidden_gates.weight"):
+                i, o, g, f = old[f"{key}.{name}"].chunk(4)
+                old[f"{key}.{name}"] = torch.cat([i, f, o, g])
+    torch.save(old, tmp_path / "old.pt")
+    fresh = cs.create_model(PLAIN + "+feedback_convlstm", classes=3).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    assert torch.equal(fresh(x), model(x))
+
+
 def test_cpu_training_at_256_warns():
     state = RoundState()
     feedback = FeedbackAttention(state, 8, 8, "self", kv_stride=4, chunk=None).train()

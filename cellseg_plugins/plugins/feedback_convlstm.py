@@ -29,7 +29,11 @@ class ConvLSTMCell(nn.Module):
     i, o, f = σ(·), g = tanh(·); c' = f⊙c + i⊙g; h' = o⊙tanh(c'). (N, C, H, W) → (N, C, H, W).
     Gate rows are stored in the order i, o, g, f. With zero state (round 1) the W_h∗h and f⊙c
     terms are zero: only the i, o, g rows of W_x are computed (exact, a quarter fewer MACs).
+    State dicts of version 1 (cellseg 0.1.0's first landing: rows i, f, o, g) are reordered on
+    load.
     """
+
+    _version = 2
 
     def __init__(self, channels: int, kernel: int = 3):
         super().__init__()
@@ -51,6 +55,14 @@ class ConvLSTMCell(nn.Module):
             c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, (h, c)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version", 1) < 2:  # rows i, f, o, g → i, o, g, f
+            for key in ("input_gates.weight", "input_gates.bias", "hidden_gates.weight"):
+                if prefix + key in state_dict:
+                    i, f, o, g = state_dict[prefix + key].chunk(4, dim=0)
+                    state_dict[prefix + key] = torch.cat([i, o, g, f])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
 
 class RecurrentConvCell(nn.Module):
