@@ -231,6 +231,15 @@ def test_not_a_checkpoint(tmp_path, capsys):
     assert code == 2 and "is not a cellseg checkpoint" in err
 
 
+def test_checkpoint_whose_weights_do_not_fit_its_spec(tmp_path, capsys):
+    Trainer(tiny_config(tmp_path / "run", epochs=1)).run()
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    ckpt["spec"] = TINY + "+feedback_convlstm"  # e.g. saved before per-round BatchNorm moved
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    code, _, err = cli(capsys, "eval", tmp_path / "mismatch.pt")
+    assert code == 2 and "checkpoint does not rebuild" in err and err.count("\n") == 1
+
+
 def test_data_info(capsys):
     code, out, _ = cli(capsys, "data", "info", "synthetic")
     assert code == 0 and "20 images" in out and "intracellular" in out
