@@ -11,6 +11,7 @@ from .registry import (
 )
 from . import encoders as _encoders  # noqa: F401  (registers the plain encoders in smp)
 from . import archs as _archs  # noqa: F401  (registers every smp architecture)
+from . import classic_unet as _classic_unet  # noqa: F401  (registers the papers' U-Net)
 from . import plugins as _plugins  # noqa: F401  (registers every plugin)
 
 __version__ = "0.1.0"

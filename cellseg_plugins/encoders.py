@@ -15,27 +15,34 @@ from segmentation_models_pytorch.encoders import encoders as smp_encoders
 from segmentation_models_pytorch.encoders._base import EncoderMixin
 from torch import nn
 
+from .blocks import SqueezeExcitation
+
 PLAIN_WIDTHS = (4, 8, 16, 32, 64)
 
 
 class DoubleConv(nn.Sequential):
-    """(3×3 conv → BatchNorm → ReLU) × 2; (N, C_in, H, W) → (N, C_out, H, W)."""
+    """(3×3 conv → BatchNorm → ReLU) × 2, then an SE block if ``se_reduction`` is given;
+    (N, C_in, H, W) → (N, C_out, H, W)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(
+    def __init__(self, in_channels: int, out_channels: int, se_reduction: int | None = None):
+        layers = [
             nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
-        )
+        ]
+        if se_reduction is not None:
+            layers.append(SqueezeExcitation(out_channels, se_reduction))
+        super().__init__(*layers)
 
 
 class PlainEncoder(nn.Module, EncoderMixin):
     """Classic U-Net contracting path: features[i] has ``width·2^i`` channels at stride 2^i."""
 
-    def __init__(self, width: int = 64, depth: int = 5, output_stride: int = 32):
+    def __init__(self, width: int = 64, depth: int = 5, output_stride: int = 32,
+                 se_reduction: int | None = None):
         super().__init__()
         if output_stride != 32:
             raise ValueError("the plain encoder has no dilated mode; use encoder_output_stride=32")
@@ -44,9 +51,9 @@ class PlainEncoder(nn.Module, EncoderMixin):
         self._in_channels = 3
         self._out_channels = widths
         self._output_stride = output_stride
-        self.stem = DoubleConv(3, widths[0])
+        self.stem = DoubleConv(3, widths[0], se_reduction)
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.MaxPool2d(2), DoubleConv(widths[i - 1], widths[i]))
+            nn.Sequential(nn.MaxPool2d(2), DoubleConv(widths[i - 1], widths[i], se_reduction))
             for i in range(1, depth + 1)
         )
 

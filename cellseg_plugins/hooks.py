@@ -3,7 +3,13 @@
 - encoder stages / bottleneck: :func:`transform_encoder_features` (forward hook on ``encoder``);
 - decoder output: :func:`transform_decoder_output` (forward hook on ``decoder``);
 - skip fusion: :func:`transform_skips` replaces the encoder skip at every place where an
-  architecture fuses (decoder feature, skip), before its own fusion.
+  architecture fuses (decoder feature, skip), before its own fusion; where the arch's fusion is
+  an explicit module (classic_unet), a site can also drop the concatenation (``site.replace``);
+- head input: :func:`tap_head_input` sees the feature entering the segmentation head, after
+  every decoder-output transform, whatever order plugins were applied in;
+- places inside the network: :func:`first_conv` (the convolution that sees the input),
+  :func:`encoder_stage` (the module computing encoder feature i), :func:`decoder_block`
+  (the k-th decoder block from the output), :func:`set_child` (swap a submodule).
 
 Hooks are bound methods of small adapter modules that live inside the model, so
 ``copy.deepcopy`` and pickling keep them pointing at the copied modules.
@@ -28,6 +34,8 @@ from segmentation_models_pytorch.decoders.unetplusplus.decoder import DecoderBlo
 from segmentation_models_pytorch.decoders.upernet.decoder import FPNLateralBlock
 from torch import nn
 
+from .classic_unet import ClassicDecoderBlock
+from .encoders import PlainEncoder
 from .registry import PluginConfigError
 
 # (block class, its forward argument holding the decoder feature, the one holding the skip)
@@ -41,9 +49,10 @@ SKIP_CALLS = (
     (GAUBlock, "y", "x"),
     (FPNLateralBlock, "state_feature", "lateral_feature"),
 )
-SKIP_ARCHS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pan", "deeplabv3plus", "upernet")
-FEATURE_LIST_ARCHS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3",
-                      "deeplabv3plus", "pan", "upernet", "segformer")
+SKIP_ARCHS = ("classic_unet", "unet", "unetplusplus", "manet", "linknet", "fpn", "pan",
+              "deeplabv3plus", "upernet")
+FEATURE_LIST_ARCHS = ("classic_unet", "unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet",
+                      "deeplabv3", "deeplabv3plus", "pan", "upernet", "segformer")
 
 
 def unique_child_name(parent: nn.Module, name: str) -> str:
@@ -84,9 +93,20 @@ def encoder_channels(model: nn.Module) -> list[int]:
     return list(model.encoder.out_channels)
 
 
+def probe_size(model: nn.Module) -> int:
+    """A square input size the model accepts: a ViT's fixed image size, else 128 (the smallest
+    every smp arch takes; PAN needs 128)."""
+    for m in model.modules():
+        size = getattr(m, "img_size", None)
+        if getattr(m, "strict_img_size", False) and size:
+            return int(size[0])
+    return 128
+
+
 @torch.no_grad()
-def run_probe(model: nn.Module, size: int = 128) -> None:
+def run_probe(model: nn.Module, size: int | None = None) -> None:
     """One eval-mode forward pass on zeros, to let temporary hooks record shapes."""
+    size = size or probe_size(model)
     was_training = model.training
     model.eval()
     try:
@@ -165,7 +185,8 @@ def transform_decoder_output(model: nn.Module, name: str, transform: nn.Module) 
 class SkipSite:
     """One place where a decoder feature meets an encoder skip.
 
-    ``stage`` is the encoder feature index of the skip (its stride is 2**stage).
+    ``stage`` is the encoder feature index of the skip (its stride is 2**stage). ``replace``,
+    where the arch allows it, makes the (transformed) skip replace the arch's concatenation.
     """
 
     owner: nn.Module
@@ -173,6 +194,7 @@ class SkipSite:
     decoder_channels: int = 0
     skip_channels: int = 0
     stage: int = -1
+    replace: Callable[[], None] | None = None
 
 
 class CallSkipTransform(nn.Module):
@@ -234,11 +256,14 @@ def skip_sites(model: nn.Module) -> list[SkipSite]:
     for module in model.decoder.modules():
         if isinstance(module, DeepLabV3PlusDecoder):
             sites.append(SkipSite(module, _deeplab_attacher(module)))
+        if isinstance(module, ClassicDecoderBlock):  # the upsampled feature meets the skip
+            sites.append(SkipSite(module.fuse, _call_attacher(module.fuse, "decoder", "skip"),
+                                  replace=module.replace_concatenation))
         for cls, decoder_arg, skip_arg in SKIP_CALLS:
             if type(module) is cls:
                 sites.append(SkipSite(module, _call_attacher(module, decoder_arg, skip_arg)))
     handles = []
-    size = 128  # the smallest size every smp arch accepts (PAN needs 128)
+    size = probe_size(model)
     for site in sites:
         def record(decoder_feature, skip, site=site):
             site.decoder_channels = decoder_feature.shape[1]
@@ -275,3 +300,55 @@ def transform_skips(model: nn.Module, name: str,
         site.owner.add_module(unique_child_name(site.owner, name), adapter)
         used.append(site)
     return used
+
+
+# ---------------------------------------------------------------- places inside the network
+
+
+def tap_head_input(model: nn.Module, hook: Callable):
+    """Call ``hook(head, (feature,))`` with the feature entering the segmentation head, every
+    forward. ``hook`` should be a bound method of a module inside ``model`` (deepcopy rebinds
+    it to the copy)."""
+    return model.segmentation_head.register_forward_pre_hook(hook)
+
+
+def set_child(model: nn.Module, target: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` where ``target`` sits inside ``model``."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is target:
+                setattr(parent, name, new)
+                return
+    raise PluginConfigError(f"{type(target).__name__} is not inside {type(model).__name__}")
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    """The convolution that sees the model's input: the first one a probe pass runs."""
+    order: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda m, args: order.append(m))
+               for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        run_probe(model)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise PluginConfigError(f"cannot find a Conv2d in {type(model).__name__}")
+    return order[0]
+
+
+def encoder_stage(model: nn.Module, index: int) -> nn.Module | None:
+    """The module whose output is encoder feature ``index`` (plain encoders), else None."""
+    encoder = model.encoder
+    if not isinstance(encoder, PlainEncoder):
+        return None
+    return encoder.stem if index == 0 else encoder.stages[index - 1]
+
+
+def decoder_block(model: nn.Module, k: int) -> nn.Module | None:
+    """The k-th decoder block counted from the output (k = 1: the last), or None where the
+    decoder keeps no list of blocks (fpn, pan, deeplab, ...)."""
+    blocks = getattr(model.decoder, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) < k:
+        return None
+    return blocks[-k]

@@ -2,10 +2,13 @@
 
 :func:`install_rounds` hooks the model's own forward: after round 1 has produced its output,
 the hook asks the feedback module for round 2's inputs and runs the model again; round 2's
-output is the prediction (``predict=1`` returns round 1's, for the papers' ablation). Round 1's
-logits are an auxiliary output of weight λ (λ·L_round1 + L_round2), through the plugin protocol.
-Every module that must know the round (per-round BatchNorm, recurrent cells, feedback
-attention) reads the shared :class:`RoundState`.
+output is the prediction. Training always runs and returns both rounds, so the main loss falls
+on round 2; ``predict=1`` (or :func:`set_prediction_round`) makes an *eval-mode* forward return
+round 1 of the normally trained model, the FA paper's Table 4. Round 1's logits are an
+auxiliary output of weight λ (λ·L_round1 + L_round2), through the plugin protocol. Other
+plugins' auxiliary outputs count once, from round 2 (as the main loss): those recorded in
+round 1 are dropped. Every module that must know the round (per-round BatchNorm, recurrent
+cells, feedback attention) reads the shared :class:`RoundState`.
 
 Order in a spec: plugins apply left to right; a rounds plugin runs everything the model has
 (plugins before and after it) in both rounds. Per-round BatchNorm is installed once the whole
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from .registry import PluginConfigError, PluginModule
+from .registry.protocol import pop_aux_outputs
 
 
 class RoundState:
@@ -30,23 +34,30 @@ class RoundState:
         self.current = 0
 
 
-class RoundBatchNorm(nn.Module):
-    """One BatchNorm (statistics and affine parameters) per round; (N, C, H, W) → same."""
+class RoundSwitch(nn.Module):
+    """One module per round, chosen by the shared RoundState; input → that module's output."""
 
-    def __init__(self, bn: nn.BatchNorm2d, state: RoundState, rounds: int = 2):
+    def __init__(self, modules: list[nn.Module], state: RoundState):
         super().__init__()
-        self.slots = nn.ModuleList(copy.deepcopy(bn) for _ in range(rounds))
+        self.slots = nn.ModuleList(modules)
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.slots[self.state.current](x)
 
 
+class RoundBatchNorm(RoundSwitch):
+    """One BatchNorm (statistics and affine parameters) per round; (N, C, H, W) → same."""
+
+    def __init__(self, bn: nn.BatchNorm2d, state: RoundState, rounds: int = 2):
+        super().__init__([copy.deepcopy(bn) for _ in range(rounds)], state)
+
+
 def per_round_batchnorm(model: nn.Module, state: RoundState) -> int:
     """Swap every BatchNorm2d in ``model`` for a RoundBatchNorm; returns how many."""
     swaps = [(parent, name, child) for parent in model.modules()
              for name, child in parent.named_children()
-             if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(parent, RoundBatchNorm)]
+             if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(parent, RoundSwitch)]
     for parent, name, child in swaps:
         setattr(parent, name, RoundBatchNorm(child, state))
     return len(swaps)
@@ -86,6 +97,11 @@ class Rounds(PluginModule):
     def post_hook(self, model, inputs, output):
         if self._busy:
             return None
+        self.round1_output = output.detach()
+        if self.predict == 1 and not self.training:
+            self.feedback.reset()
+            return output
+        pop_aux_outputs(model)  # other plugins' round-1 auxiliary outputs: round 2's count
         self._busy = True
         try:
             self.state.current = 1
@@ -94,10 +110,9 @@ class Rounds(PluginModule):
             self._busy = False
             self.state.current = 0
             self.feedback.reset()
-        self.round1_output = output.detach()
         if self.lam > 0:
             self.add_aux("round1", self.lam, output)
-        return second if self.predict == 2 else output
+        return second
 
 
 def install_rounds(model: nn.Module, feedback: Feedback, state: RoundState, lam: float = 0.0,
@@ -113,3 +128,19 @@ def install_rounds(model: nn.Module, feedback: Feedback, state: RoundState, lam:
     model.register_forward_pre_hook(rounds.pre_hook)
     model.register_forward_hook(rounds.post_hook)
     return rounds
+
+
+def set_prediction_round(model: nn.Module, predict: int) -> None:
+    """Make eval-mode forwards of a two-round model return round ``predict`` (1 or 2).
+
+    Training is unaffected (the loss always falls on round 2). Raises PluginConfigError for
+    round 1 of a model without rounds.
+    """
+    if predict not in (1, 2):
+        raise PluginConfigError(f"round {predict}: expected 1 or 2")
+    rounds = getattr(model, "rounds", None)
+    if not isinstance(rounds, Rounds):
+        if predict == 1:
+            raise PluginConfigError("round 1 exists only for two-round models (feedback_*)")
+        return
+    rounds.predict = predict

@@ -52,7 +52,8 @@ def format_param(p: dict) -> str:
         text += f" = {format_value(tuple(default) if isinstance(default, list) else default)}"
     if "range" in p:
         lo, hi = p["range"]
-        text += f" in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        bracket = "(" if p.get("range_lo_open") else "["
+        text += f" in {bracket}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
     return text
 
 

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from ..engine.presets import apply_preset, describe_presets
 from ..engine.train import TrainConfig
 
 Spec = Annotated[str, typer.Argument(help="model spec, e.g. 'unet+lfa(m=7)'")]
@@ -40,9 +41,14 @@ TRAIN_OPTIONS = {  # name → (type, help); defaults come from TrainConfig
 }
 
 
+PRESET_HELP = (f"a paper's training settings for the options not given ({describe_presets()}); "
+               "without it the defaults are quick ones")
+
+
 def with_train_options(skip: tuple[str, ...] = (), **defaults):
     """Decorator: the command gains the training options (less ``skip``; ``defaults`` override
-    TrainConfig's) and receives them as ``cfg`` (its ``spec`` and ``out`` parameters included)."""
+    TrainConfig's) and ``--preset``, and receives them as ``cfg`` (its ``spec`` and ``out``
+    parameters included). A preset fills the options not given on the command line."""
 
     def deco(fn):
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
@@ -53,14 +59,23 @@ def with_train_options(skip: tuple[str, ...] = (), **defaults):
                               annotation=Annotated[tp, typer.Option(help=text)])
             for name, (tp, text) in TRAIN_OPTIONS.items() if name not in skip
         ]
+        extra = [
+            inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=Annotated[str | None, typer.Option(help=PRESET_HELP)]),
+            inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+        ]
 
         @functools.wraps(fn)
         def command(**kwargs):
+            ctx, preset = kwargs.pop("ctx"), kwargs.pop("preset")
             train = {p.name: kwargs.pop(p.name) for p in added}
+            given = {name for name in train
+                     if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
             cfg = TrainConfig(spec=kwargs["spec"], out=kwargs["out"], **train)
+            cfg = apply_preset(cfg, preset, given | set(skip))
             return fn(cfg=cfg, **kwargs)
 
-        params = own + added
+        params = own + added + extra
         command.__signature__ = inspect.Signature(params)
         command.__annotations__ = {p.name: p.annotation for p in params}
         return command

@@ -68,10 +68,12 @@ def eval_command(
     data: Annotated[str | None, typer.Option(help="default: the checkpoint's training data")] = None,
     split: Annotated[str, typer.Option(help="test or val")] = "test",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    round: Annotated[int | None, typer.Option(
+        help="two-round models: evaluate round 1 or 2 (default: the spec's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Per-class IoU, mIoU and pixel accuracy over all pixels of a split."""
-    result = evaluate_checkpoint(checkpoint, data, split, device)
+    result = evaluate_checkpoint(checkpoint, data, split, device, round)
     crops, spec = result.pop("crops"), result.pop("spec")
     if as_json:
         print(json.dumps(result))

@@ -17,6 +17,7 @@ whole model; it never names a plugin.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -25,11 +26,16 @@ from torch.nn import functional as F
 
 
 class AuxOutput(NamedTuple):
-    """Auxiliary logits (any resolution: resized to the target's) and their loss weight."""
+    """Auxiliary logits (any resolution: resized to the target's) and their loss weight.
+
+    ``main_weight`` multiplies the main loss (1 - λ for a convex combination
+    (1 - λ)·L_main + λ·L_aux); :func:`training_loss` applies it.
+    """
 
     name: str
     weight: float
     logits: torch.Tensor
+    main_weight: float = 1.0
 
 
 class PluginModule(nn.Module):
@@ -48,10 +54,12 @@ class PluginModule(nn.Module):
     def on_step_start(self, step: int) -> None:
         """Called by the training loop before each optimisation step (0-based, global)."""
 
-    def add_aux(self, name: str, weight: float, logits: torch.Tensor) -> None:
-        """Record an auxiliary output of the current forward pass (training mode only)."""
+    def add_aux(self, name: str, weight: float, logits: torch.Tensor,
+                main_weight: float = 1.0) -> None:
+        """Record an auxiliary output of the current forward pass (training mode only);
+        ``main_weight`` scales the main loss (see :class:`AuxOutput`)."""
         if self.training:
-            self._aux.append(AuxOutput(name, float(weight), logits))
+            self._aux.append(AuxOutput(name, float(weight), logits, float(main_weight)))
 
     def pop_aux(self) -> list[AuxOutput]:
         out, self._aux = self._aux, []
@@ -85,17 +93,10 @@ def pop_aux_outputs(model: nn.Module) -> list[AuxOutput]:
     return [a for m in _plugin_modules(model) for a in m.pop_aux()]
 
 
-def auxiliary_loss(
-    model: nn.Module, target: torch.Tensor, criterion: Callable
-) -> tuple[torch.Tensor | float, dict[str, float]]:
-    """Σ weight·criterion(aux logits, target) over the last forward's auxiliary outputs.
-
-    Logits smaller than the target are upsampled bilinearly. Returns the weighted sum (0.0 if
-    there are none) and each term's value for logging.
-    """
+def _weighted_sum(outputs: list[AuxOutput], target: torch.Tensor, criterion: Callable):
     total: torch.Tensor | float = 0.0
     parts: dict[str, float] = {}
-    for aux in pop_aux_outputs(model):
+    for aux in outputs:
         logits = aux.logits
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear",
@@ -106,10 +107,25 @@ def auxiliary_loss(
     return total, parts
 
 
+def auxiliary_loss(
+    model: nn.Module, target: torch.Tensor, criterion: Callable
+) -> tuple[torch.Tensor | float, dict[str, float]]:
+    """Σ weight·criterion(aux logits, target) over the last forward's auxiliary outputs.
+
+    Logits smaller than the target are upsampled bilinearly. Returns the weighted sum (0.0 if
+    there are none) and each term's value for logging. The main loss's own weight (see
+    :class:`AuxOutput`) is applied by :func:`training_loss`, which a training loop should use.
+    """
+    return _weighted_sum(pop_aux_outputs(model), target, criterion)
+
+
 def training_loss(
     model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: Callable
 ) -> torch.Tensor:
-    """One training forward: criterion(model(x), target) + :func:`auxiliary_loss`'s sum."""
-    loss = criterion(model(x), target)
-    aux, _ = auxiliary_loss(model, target, criterion)
-    return loss + aux
+    """One training forward: w·criterion(model(x), target) + :func:`auxiliary_loss`'s sum,
+    w the product of the auxiliary outputs' ``main_weight`` (1 without any)."""
+    logits = model(x)
+    outputs = pop_aux_outputs(model)
+    main_weight = math.prod(a.main_weight for a in outputs)
+    aux, _ = _weighted_sum(outputs, target, criterion)
+    return main_weight * criterion(logits, target) + aux

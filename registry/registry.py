@@ -76,14 +76,19 @@ def add_entry(entry: Entry) -> Entry:
     return entry
 
 
-def register_arch(name: str, description: str | None = None):
-    """Decorator: register ``factory(in_channels, classes, **params) -> nn.Module`` as an arch."""
+def register_arch(name: str, description: str | None = None, model_class: type | None = None):
+    """Decorator: register ``factory(in_channels, classes, **params) -> nn.Module`` as an arch.
+
+    ``model_class``: the class the factory builds, so that plugins applied to a model built
+    elsewhere (``apply_plugins``) know its architecture.
+    """
 
     def deco(factory: Callable) -> Callable:
         add_entry(Entry(
             name=name.lower(), kind="arch", factory=factory,
             description=description or first_line(factory.__doc__),
             params=params_from_signature(factory, skip=ARCH_CONTEXT),
+            extra={"model_class": model_class} if model_class else {},
         ))
         return factory
 

@@ -17,15 +17,23 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Range:
-    """Inclusive numeric bounds for ``Annotated[int | float, Range(lo, hi)]``; None = unbounded."""
+    """Numeric bounds for ``Annotated[int | float, Range(lo, hi)]``; None = unbounded.
+
+    Inclusive, except ``lo`` when ``lo_open`` (``Range(0, lo_open=True)``: greater than 0).
+    """
 
     lo: float | None = None
     hi: float | None = None
+    lo_open: bool = False
 
     def describe(self) -> str:
         lo = "-inf" if self.lo is None else _fmt(self.lo)
         hi = "inf" if self.hi is None else _fmt(self.hi)
-        return f"[{lo}, {hi}]"
+        return f"{'(' if self.lo_open else '['}{lo}, {hi}]"
+
+    def contains(self, x: float) -> bool:
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        return above and (self.hi is None or x <= self.hi)
 
 
 NO_DEFAULT = inspect.Parameter.empty
@@ -67,6 +75,8 @@ class Param:
             out["choices"] = list(self.choices)
         if self.range is not None:
             out["range"] = [self.range.lo, self.range.hi]
+            if self.range.lo_open:
+                out["range_lo_open"] = True
         return out
 
 
@@ -166,7 +176,7 @@ def check_value(annotation, value):
     out = _check(base, value)
     rng = _range(annotation)
     if rng is not None and isinstance(out, (int, float)) and not isinstance(out, bool):
-        if (rng.lo is not None and out < rng.lo) or (rng.hi is not None and out > rng.hi):
+        if not rng.contains(out):
             raise ValueError(f"{_fmt(out)} is out of range {rng.describe()}")
     return out
 

@@ -17,6 +17,8 @@ MIN_SIZE = {"pan": 128}
 
 
 def small_spec(arch: str) -> str:
+    if arch == "classic_unet":
+        return "classic_unet(width=4)"
     enc = SMALL_ENCODER.get(arch, "resnet18")
     extra = ",img_size=64" if arch == "dpt" else ""
     return f"{arch}(encoder='{enc}'{extra})"

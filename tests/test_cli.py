@@ -26,7 +26,7 @@ def test_list_json_has_every_entry(capsys):
 def test_list_pattern_and_kind(capsys):
     code, out, _ = run(capsys, "list", "*net*", "--json")
     assert code == 0 and sorted(json.loads(out)) == [
-        "linknet", "manet", "pspnet", "unet", "unetplusplus", "upernet"]
+        "classic_unet", "linknet", "manet", "pspnet", "unet", "unetplusplus", "upernet"]
     code, out, _ = run(capsys, "list", "plain*", "--kind", "encoder", "--json")
     assert "plain8" in json.loads(out)
     code, out, _ = run(capsys, "list", "--kind", "plugin")
@@ -54,8 +54,8 @@ def test_console_script_bad_spec_has_no_traceback():
 
 @pytest.mark.parametrize("spec, fragment", [
     ("unet+lfaa", "did you mean 'lfa'"),
-    ("unet+lfa(k=3)", "unknown parameter 'k' (valid: m, query, residual, stages, reduction)"),
-    ("unet+frem(B='eight')", "B: expected int, got str 'eight'"),
+    ("unet+lfa(k=3)", "unknown parameter 'k' (valid: m, query, residual, stages, reduction, fusion)"),
+    ("unet+frem(B='eight')", "B: expected int | float, got str 'eight'"),
     ("unet+frem(B=0)", "out of range"),
     ("unet+frem(8)", "positional argument not allowed"),
     ("pspnet+lfa", "does not support arch 'pspnet'"),

@@ -90,7 +90,7 @@ def test_transformer_placeholder_skip_is_left_alone():
 def test_skip_plugins_refuse_archs_without_skips(arch, plugin):
     with pytest.raises(cs.SpecError) as err:
         cs.create_model(f"{arch}+{plugin}")
-    assert "it supports: deeplabv3plus, fpn, linknet, manet, pan, unet, unetplusplus, upernet" in str(err.value)
+    assert "it supports: classic_unet, deeplabv3plus, fpn, linknet, manet, pan, unet, unetplusplus, upernet" in str(err.value)
 
 
 def test_even_window_is_refused():

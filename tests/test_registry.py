@@ -16,8 +16,8 @@ SMP_ARCHS = ["deeplabv3", "deeplabv3plus", "dpt", "fpn", "linknet", "manet", "pa
 
 
 def test_every_smp_arch_is_registered():
-    assert cs.list_archs() == sorted(SMP_ARCHS)
-    assert cs.list_archs("*net*") == ["linknet", "manet", "pspnet", "unet", "unetplusplus", "upernet"]
+    assert cs.list_archs() == sorted([*SMP_ARCHS, "classic_unet"])
+    assert cs.list_archs("*net*") == ["classic_unet", "linknet", "manet", "pspnet", "unet", "unetplusplus", "upernet"]
     assert "scse" in cs.list_plugins()
     assert cs.list_plugins("zzz*") == []
 
@@ -158,4 +158,4 @@ def test_deepcopy_keeps_hooks_local():
 
 def test_registry_json_is_serialisable():
     data = {e.name: e.to_json() for e in cs.registry.all_entries()}
-    assert json.loads(json.dumps(data))["scse"]["supports"][0] == "deeplabv3"
+    assert json.loads(json.dumps(data))["scse"]["supports"][0] == "classic_unet"

@@ -48,6 +48,7 @@ class TrainConfig:
     augment: bool = True
     workers: int = 0
     out: str = "runs/latest"
+    preset: str | None = None
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:

@@ -11,22 +11,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..blocks import channel_gate
-from ..encoders import DoubleConv, PlainEncoder
-from ..full_attention import attention
-from ..hooks import decoder_out_channels, in_channels_of
-from ..registry import PluginConfigError, Range, register_plugin
+from ..blocks import GlobalAttention, SqueezeExcitation, conv_like
+from ..encoders import DoubleConv
+from ..hooks import (decoder_out_channels, encoder_stage, first_conv, in_channels_of, set_child,
+                     tap_head_input)
+from ..registry import Range, register_plugin
 from ..rounds import Feedback, RoundState, install_rounds
 
 CONNECTIONS = ("self", "st", "add", "conv", "se", "light")
 CPU_WARN_PIXELS = 256 * 256
 
 
-def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-
-
-class AttentionConnection(nn.Module):
+class AttentionConnection(GlobalAttention):
     """Q from ``query`` (F for source-target, O for self), K and V from O (paper Fig. 2–3).
 
     Q, K: 1×1 conv + BN to C/8; V: 1×1 conv + BN to C/2; softmax over keys of QᵀK (no
@@ -35,31 +31,14 @@ class AttentionConnection(nn.Module):
     """
 
     def __init__(self, channels: int, kv_stride: int = 1, chunk: int | None = None):
-        super().__init__()
-        d, c = max(1, channels // 8), max(1, channels // 2)
-        self.q, self.k, self.v = conv_bn(channels, d), conv_bn(channels, d), conv_bn(channels, c)
-        self.out = nn.Conv2d(c, channels, 1)
-        self.kv_stride, self.chunk = kv_stride, chunk
-
-    def forward(self, query: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = query.shape
-        k, v = self.k(o), self.v(o)
-        if self.kv_stride > 1:
-            k, v = F.avg_pool2d(k, self.kv_stride), F.avg_pool2d(v, self.kv_stride)
-        y = attention(self.q(query).flatten(2).transpose(1, 2), k.flatten(2).transpose(1, 2),
-                      v.flatten(2).transpose(1, 2), scale=1.0, chunk=self.chunk)
-        return self.out(y.transpose(1, 2).reshape(n, -1, h, w))
+        super().__init__(channels, norm=True, kv_stride=kv_stride, chunk=chunk)
 
 
-class SEConnection(nn.Module):
+class SEConnection(SqueezeExcitation):
     """Squeeze-and-excitation of O (the paper's "SE block then add" ablation)."""
 
-    def __init__(self, channels: int, reduction: int = 16):
-        super().__init__()
-        self.gate = channel_gate(channels, reduction)
-
     def forward(self, f, o):
-        return o * self.gate(o)
+        return super().forward(o)
 
 
 class LightConnection(nn.Module):
@@ -77,7 +56,7 @@ class LightConnection(nn.Module):
 
 
 class FeedbackAttention(Feedback):
-    """Keeps O from round 1 (decoder hook) and turns F into A in round 2 (F-site hook)."""
+    """Keeps O from round 1 (head-input tap) and turns F into A in round 2 (F-site hook)."""
 
     def __init__(self, state: RoundState, f_channels: int, o_channels: int, connection: str,
                  kv_stride: int, chunk: int | None):
@@ -101,9 +80,10 @@ class FeedbackAttention(Feedback):
     def reset(self) -> None:
         self._o = None
 
-    def keep_output(self, decoder, inputs, output):
+    def keep_output(self, head, inputs):
+        """Pre-hook on the segmentation head: O is the feature entering it, in round 1."""
         if self.state.current == 0:
-            self._o = output
+            self._o = inputs[0]
 
     def combine(self, f: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The connection's output (before scale and residual) for F and O at F's size."""
@@ -145,32 +125,16 @@ class FeedbackStem(nn.Module):
         return (self.convs(inputs[0]),)
 
 
-def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
-    for parent in module.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride,
-                                child.padding, child.dilation, child.groups,
-                                child.bias is not None, child.padding_mode)
-                setattr(parent, name, new)
-                return
-    raise PluginConfigError(f"no convolution found in {type(module).__name__}")
-
-
 def f_site(model: nn.Module, at: str, o_channels: int) -> tuple[nn.Module, int]:
     """The module whose output is F, and F's channels (adds a stem where the encoder has none)."""
-    encoder = model.encoder
-    if isinstance(encoder, PlainEncoder):
-        stem = encoder.stem
-    else:
-        if not hasattr(encoder, "out_channels"):
-            raise PluginConfigError(f"{type(encoder).__name__} is not an smp encoder")
-        stem_module = FeedbackStem(in_channels_of(model), o_channels)
-        model.feedback_stem = stem_module
-        _replace_first_conv(encoder, o_channels)
-        encoder.register_forward_pre_hook(stem_module.feed_encoder)
-        stem = stem_module.convs
-    # DoubleConv = (conv, BN, ReLU, conv, BN, ReLU): after conv 1 is index 2, after conv 2 is all
+    stem = encoder_stage(model, 0)
+    if stem is None:  # the encoder's feature 0 is the image: add the two convs in front of it
+        in_channels, first = in_channels_of(model), first_conv(model)
+        model.feedback_stem = FeedbackStem(in_channels, o_channels)
+        set_child(model.encoder, first, conv_like(first, in_channels=o_channels))
+        model.encoder.register_forward_pre_hook(model.feedback_stem.feed_encoder)
+        stem = model.feedback_stem.convs
+    # DoubleConv = (conv, BN, ReLU, conv, BN, ReLU[, SE]): after conv 1 is index 2, else all
     return (stem[2] if at == "conv1" else stem), stem[0].out_channels
 
 
@@ -180,7 +144,7 @@ def build_feedback_attention(model, connection, lam, at, kv_stride, chunk, predi
     site, f_channels = f_site(model, at, o_channels)
     feedback = FeedbackAttention(state, f_channels, o_channels, connection, kv_stride, chunk)
     install_rounds(model, feedback, state, lam, predict)
-    model.decoder.register_forward_hook(feedback.keep_output)
+    tap_head_input(model, feedback.keep_output)
     site.register_forward_hook(feedback.feed)
     return model
 
@@ -197,12 +161,18 @@ def feedback_self(model: nn.Module, lam: Lam = 0.0, at: At = "conv2", kv_stride:
                   chunk: Chunk = None, predict: Predict = 2) -> nn.Module:
     """Feedback Attention, self-attention (Q, K, V from O): the paper's best variant.
 
-    Two rounds with shared weights; round 2 restarts from A = β·attention(O) + F (β starts at
-    0). F: the first two 3×3 convs' output at full resolution (``at="conv1"``: after one conv);
-    the plain encoder's first block, else an added two-conv stem. O: the decoder output,
-    resized to F's size. ``lam`` adds λ·L(round 1); ``kv_stride`` pools keys/values (speed);
-    ``chunk=N``: N queries at a time, recomputed in backward, instead of torch's fused kernels;
-    ``predict=1`` returns round 1 (ablation).
+    "we use the model twice with shared weights" (§3.1); round 2 restarts from
+    A = β·attention(O) + F, "where β is initialized as 0" (Eq. 5). Q, K, V: "we feed the
+    feature maps of output into 1×1 convolution and batch normalization" (C/8, C/8, C/2
+    channels; the C/2 → C reshape is a 1×1 conv, SAGAN's reading, the paper says no more).
+    F: "we use the input feature map that was processed two times by convolution" (the plain
+    encoder's first block, else an added two-conv stem; ``at="conv1"``: after one conv, Table
+    3). O: the feature entering the segmentation head (resized to F's size where the decoder
+    output is coarser). Loss: "U-Net is updated by using only the gradients at the second
+    round" (``lam=0``; ``lam`` adds λ·L(round 1)). ``kv_stride`` pools keys/values (speed, not
+    in the paper); ``chunk=N``: N queries at a time, recomputed in backward, instead of torch's
+    fused kernels. ``predict=1``: eval-mode forwards return round 1 of the normally trained
+    model ("we compare the results of the outputs at the first and second rounds", Table 4).
     """
     return build_feedback_attention(model, "self", lam, at, kv_stride, chunk, predict)
 

@@ -55,10 +55,22 @@ class FeatureRandomEnhancement(PluginModule):
         return x * self.scale(x.dtype, x.device).view(1, -1, 1, 1)
 
 
+def channel_count(B: int | float, channels: int, what: str) -> int:
+    """B as a count (int) or as a share of ``channels`` (float < 1): the number of channels."""
+    count = B if isinstance(B, int) else max(1, round(B * channels))
+    if isinstance(B, float) and B >= 1:
+        raise PluginConfigError(f"{what}: B={B} as a float is a share of the channels; "
+                                "give a share below 1, or an int count")
+    if count > channels:
+        raise PluginConfigError(f"{what}: B={B} is larger than the bottleneck's {channels} "
+                                "channels")
+    return count
+
+
 @register_plugin("frem", supports=FEATURE_LIST_ARCHS)
 def frem(
     model: nn.Module,
-    B: Annotated[int, Range(1, None)] = 8,
+    B: Annotated[int | float, Range(0, lo_open=True)] = 8,
     X: Annotated[float, Range(0, None)] = 250.0,
     per: Literal["epoch", "batch"] = "epoch",
     fixed: bool = False,
@@ -67,13 +79,17 @@ def frem(
 ) -> nn.Module:
     """Feature Random Enhancement: multiply B random bottleneck channels by X while training.
 
-    Defaults are the paper's ssTEM values (B=8, X=250, found by TPE). ``per``: re-draw the
-    channels every epoch (paper) or every batch; ``fixed``: one fixed set (the paper's
-    additional experiment); ``at_test``: enhance in eval mode too (extended paper, Table 1).
+    "the encoder's output is enhanced by multiplying feature maps selected randomly at each
+    epoch by X. The number of feature maps selected randomly is denoted as B" (§3.2); "Our
+    method is not used in test phase" (§3.1). Defaults are the paper's ssTEM values, B=8,
+    X=250 (found by TPE), chosen "from 512 feature maps" (§4.2). ``B`` is a count (int) or a
+    share of the bottleneck's channels (float below 1): ``B=0.015625`` is the paper's 8/512
+    on any bottleneck (2 of the 8…128 U-Net's 128). ``per``: re-draw every epoch (paper) or
+    every batch; ``fixed``: one fixed set (the paper's additional experiment); ``at_test``:
+    enhance in eval mode too (extended paper, Table 1).
     """
     channels = encoder_channels(model)[-1]
-    if B > channels:
-        raise PluginConfigError(f"B={B} is larger than the bottleneck's {channels} channels")
-    module = FeatureRandomEnhancement(channels, B, X, per, fixed, at_test, seed)
+    module = FeatureRandomEnhancement(channels, channel_count(B, channels, "frem"), X, per,
+                                      fixed, at_test, seed)
     transform_encoder_features(model, "frem", {-1: module})
     return model

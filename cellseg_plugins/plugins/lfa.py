@@ -58,14 +58,21 @@ def lfa(
     residual: Literal["encoder", "decoder", "none"] = "encoder",
     stages: Sequence[int] | None = None,
     reduction: Annotated[int, Range(1, 1024)] = 8,
+    fusion: Literal["auto", "replace", "concat"] = "auto",
 ) -> nn.Module:
     """Localized Feature Aggregation: m×m local attention between encoder skip and decoder.
 
-    Inserted at every skip connection before the architecture's own fusion; ``stages`` picks
-    skip levels by encoder feature index (1 = stride 2, 2 = stride 4, ...; default all).
-    ``query`` says which side gives the query (the paper is ambiguous; default §III-A's encoder),
-    ``residual`` which feature is added back (the paper's Table 4: encoder is best).
-    ``reduction``: query/key channels = skip channels / reduction.
+    Inserted at every skip connection before the decoder block's convolutions ("These
+    processes are done before the convolutional layer in each decoder layer", §III-B);
+    ``stages`` picks skip levels by encoder feature index (1 = stride 2, 2 = stride 4, ...;
+    default all). ``query`` says which side gives the query (the paper is ambiguous; default
+    §III-A's encoder), ``residual`` which feature is added back (the paper's Table 4: encoder
+    is best). ``reduction``: query/key channels = skip channels / reduction (not in the paper).
+    ``fusion``: the paper "used source-target-attention between feature maps instead of
+    concatenation" (§II-A), so with ``replace`` the decoder's convolution receives Y + P alone;
+    ``concat`` keeps the arch's own fusion of the decoder feature with Y + P; ``auto``
+    (default) replaces where the decoder block can take it (classic_unet) and keeps the arch's
+    fusion elsewhere (smp's blocks concatenate or add inline).
     """
     if m % 2 != 1:
         raise PluginConfigError(f"m={m}: the window size must be odd (3, 5, 7, ...)")
@@ -75,4 +82,12 @@ def lfa(
             site.skip_channels, site.decoder_channels, m, query, residual, reduction))
     if not sites:
         raise PluginConfigError(f"stages={list(stages)} matches no skip of this model")
+    if fusion == "replace" and any(site.replace is None for site in sites):
+        raise PluginConfigError(
+            f"fusion='replace' needs decoder blocks with a separate fusion step (classic_unet); "
+            f"{type(model).__name__} fuses inline: use fusion='concat'")
+    if fusion != "concat":
+        for site in sites:
+            if site.replace is not None:
+                site.replace()
     return model
