@@ -11,6 +11,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..bench import BenchConfig, report, run_bench
+from ..engine.config import TrainConfig
 from ..engine.train import resolve_device
 from ..registry import create_model, parse_spec
 from .errors import CLIError, reports_errors
@@ -31,12 +32,28 @@ def bench_command(
     classes: Annotated[int, typer.Option(help="output classes")] = 5,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     steps: Annotated[int, typer.Option(help="timed steps per phase (after 2 warm-up steps)")] = 10,
+    epoch: Annotated[bool, typer.Option(
+        "--epoch", help="time training epochs of the engine against a bare PyTorch loop")] = False,
+    data: Annotated[str, typer.Option(help="--epoch: synthetic, sstem or a folder")] = "synthetic",
+    epochs: Annotated[int, typer.Option(help="--epoch: timed epochs (after 1 warm-up)")] = 3,
+    precision: Annotated[str, typer.Option(help="--epoch: auto, fp32, bf16 or fp16")] = "auto",
+    data_on_device: Annotated[bool | None, typer.Option(
+        "--data-on-device/--no-data-on-device",
+        help="--epoch: the engine's device-resident data (default: when it fits)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Time a training step and an eval forward; report their FLOPs, peak memory and parameters."""
+    """Time a training step and an eval forward; report their FLOPs, peak memory and parameters.
+
+    With --epoch: time whole training epochs (validation and checkpoints included) of the
+    engine against a bare PyTorch loop over the same model, crops, batch and optimiser."""
     for name, value in (("--size", size), ("--batch", batch), ("--in-channels", in_channels),
-                        ("--classes", classes), ("--steps", steps)):
+                        ("--classes", classes), ("--steps", steps), ("--epochs", epochs)):
         _positive(name, value)
+    if epoch:
+        _epoch_bench(TrainConfig(spec=spec, data=data, crop=size, batch_size=batch,
+                                 device=device, precision=precision,
+                                 data_on_device=data_on_device), epochs, as_json)
+        return
     dev = resolve_device(device).type
     specs = [str(parse_spec(spec))] + ([str(parse_spec(vs))] if vs else [])
     for s in specs:  # build once here so that plugin errors are reported before any worker starts
@@ -73,3 +90,24 @@ def show(rep: dict) -> None:
 
 def _time(t: dict) -> str:
     return f"{t['median']:.4f} ± {t['spread'] / 2:.4f}"
+
+
+def _epoch_bench(cfg: TrainConfig, epochs: int, as_json: bool) -> None:
+    from ..engine.epoch_bench import run_epoch_bench
+
+    if as_json:
+        print(json.dumps(run_epoch_bench(cfg, epochs), indent=2))
+        return
+    with Progress(transient=True) as progress:
+        task = progress.add_task("epochs", total=epochs + 1)
+        rep = run_epoch_bench(cfg, epochs, progress=lambda *_: progress.advance(task))
+    table = Table(title=f"cellseg bench --epoch ({rep['device']}, {rep['data']}, "
+                        f"{rep['train_crops']}+{rep['val_crops']} crops of {rep['crop']}², batch "
+                        f"{rep['batch_size']}, {rep['precision']}, data on device: "
+                        f"{rep['data_on_device']})")
+    for col in ("loop", "epoch (s, median)", "images/s"):
+        table.add_column(col)
+    table.add_row("engine", f"{rep['engine_epoch_s']:.2f}", f"{rep['engine_images_per_s']:.1f}")
+    table.add_row("bare", f"{rep['bare_epoch_s']:.2f}", f"{rep['bare_images_per_s']:.1f}")
+    table.add_row("ratio", f"{rep['ratio']:.3f}×", "")
+    Console().print(table)

@@ -23,14 +23,17 @@ def cv_command(
     cfg: TrainConfig,
     folds: Annotated[int, typer.Option(help="number of folds (split by source image)")] = 5,
     seeds: Annotated[int, typer.Option(help="seeds per fold (0, 1, ...)")] = 3,
+    jobs: Annotated[int, typer.Option(help="runs at a time, each in its own process")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads per run (default: the cores split between the jobs)")] = None,
     out: o.Out = "runs/cv",
 ) -> None:
     """Train and test every fold × seed (finished runs are skipped); write summary.csv/.md."""
-    cfg.folds = folds
-    cfg.check()
+    o.check_jobs(jobs, threads)
     console = Console(stderr=True)
-    summary = run_cv(cfg, folds, seeds, Path(out), on_run=lambda r: console.print(
-        f"fold {r['fold']} seed {r['seed']}: test mIoU {r['miou']:.4f}"))
+    summary = run_cv(cfg, folds, seeds, Path(out), jobs=jobs, threads=threads,
+                     on_run=lambda r: console.print(
+                         f"fold {r['fold']} seed {r['seed']}: test mIoU {r['miou']:.4f}"))
     table = Table(title=f"{summary['spec']} — {summary['runs']} runs, test IoU (mean ± std)")
     table.add_column("class")
     table.add_column("IoU %", justify="right")

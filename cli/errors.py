@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from ..engine.config import ConfigError
 from ..engine.data import DataError
 from ..engine.train import TrainingError
 from ..registry import PluginConfigError, SpecError
@@ -17,6 +18,12 @@ class CLIError(Exception):
 
 
 USER_ERRORS = (CLIError, SpecError, PluginConfigError, DataError, TrainingError)
+
+
+def user_message(error: Exception) -> str:
+    """One line for a user error: configuration fields are named as their options."""
+    text = error.flag() if isinstance(error, ConfigError) else str(error)
+    return " ".join(text.split())
 
 
 def fail(message: str, code: int = 2):
@@ -34,6 +41,6 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            fail(str(e))
+            fail(user_message(e))
 
     return wrapper

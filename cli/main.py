@@ -14,7 +14,7 @@ try:  # newer typer vendors click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import UsageError
 
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, user_message
 from .bench_cmd import bench_command
 from .cv_cmd import cv_command
 from .data_cmd import data_app
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     except USER_ERRORS as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -1,48 +1,50 @@
-"""Training options shared by ``train``, ``cv`` and ``tune``, defined once.
+"""Training options shared by ``train``, ``cv``, ``tune`` and ``study``, built from TrainConfig.
 
-``@with_train_options()`` adds every option of :data:`TRAIN_OPTIONS` to a command's signature
-(Typer reads ``__signature__``) and hands the command a ready ``cfg: TrainConfig``.
+``@with_train_options()`` adds an option for every documented field of
+:class:`~cellseg_plugins.engine.config.TrainConfig` (its help text and default come from the
+field) plus ``--preset`` to a command's signature (Typer reads ``__signature__``) and hands the
+command a ready ``cfg: TrainConfig``. Choices stay plain strings on the command line so that
+the engine's check names the option and what it allows.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Annotated
+import typing
+from typing import Annotated, Literal
 
 import typer
 
+from ..engine.config import TrainConfig, option_fields
 from ..engine.presets import apply_preset, describe_presets
-from ..engine.train import TrainConfig
 
 Spec = Annotated[str, typer.Argument(help="model spec, e.g. 'unet+lfa(m=7)'")]
 Out = Annotated[str, typer.Option(help="output folder")]
 
 _DEFAULTS = TrainConfig(spec="unet")
-TRAIN_OPTIONS = {  # name → (type, help); defaults come from TrainConfig
-    "data": (str, "synthetic (built in), sstem, or a folder"),
-    "classes": (str | None, "sstem class map: sstem5 or sstem4"),
-    "class_map": (str | None, "mask grey levels, e.g. '0:bg,255:cell'"),
-    "epochs": (int, "training epochs"),
-    "batch_size": (int, "crops per batch"),
-    "lr": (float, "learning rate"),
-    "optimizer": (str, "adam or sgd"),
-    "schedule": (str, "none or cosine"),
-    "loss": (str, "ce, focal+iou or dice+ce"),
-    "class_weights": (str, "none or auto (median frequency)"),
-    "device": (str, "auto, cpu or cuda"),
-    "amp": (bool, "mixed precision"),
-    "seed": (int, "random seed"),
-    "fold": (int, "test fold index"),
-    "folds": (int, "number of folds (split by source image)"),
-    "crop": (int, "non-overlapping crop size"),
-    "augment": (bool, "random 90° rotations and flips"),
-    "workers": (int, "data-loader worker processes"),
-}
-
-
 PRESET_HELP = (f"a paper's training settings for the options not given ({describe_presets()}); "
                "without it the defaults are quick ones")
+
+
+def cli_type(annotation):
+    """The command-line type of a field: its base type, Literal choices as plain str."""
+    base = typing.get_args(annotation)[0]
+    args = typing.get_args(base)
+    if typing.get_origin(base) is Literal:
+        return str
+    if type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return (str if typing.get_origin(inner) is Literal else inner) | None
+    return base
+
+
+def _option(name: str, annotation, text: str, default) -> inspect.Parameter:
+    tp = cli_type(annotation)
+    decls = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"] if tp == (
+        bool | None) else []
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[tp, typer.Option(*decls, help=text)])
 
 
 def with_train_options(skip: tuple[str, ...] = (), **defaults):
@@ -53,12 +55,8 @@ def with_train_options(skip: tuple[str, ...] = (), **defaults):
     def deco(fn):
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
                if p.name != "cfg"]
-        added = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
-                              default=defaults.get(name, getattr(_DEFAULTS, name)),
-                              annotation=Annotated[tp, typer.Option(help=text)])
-            for name, (tp, text) in TRAIN_OPTIONS.items() if name not in skip
-        ]
+        added = [_option(name, annotation, text, defaults.get(name, getattr(_DEFAULTS, name)))
+                 for name, annotation, text in option_fields() if name not in skip]
         extra = [
             inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, default=None,
                               annotation=Annotated[str | None, typer.Option(help=PRESET_HELP)]),
@@ -81,3 +79,13 @@ def with_train_options(skip: tuple[str, ...] = (), **defaults):
         return command
 
     return deco
+
+
+def check_jobs(jobs: int, threads: int | None) -> None:
+    """One-line errors for --jobs / --threads below 1."""
+    from .errors import CLIError
+
+    if jobs < 1:
+        raise CLIError(f"--jobs {jobs}: must be ≥ 1")
+    if threads is not None and threads < 1:
+        raise CLIError(f"--threads {threads}: must be ≥ 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -51,8 +52,12 @@ def _train_with_progress(trainer: Trainer, cfg: TrainConfig) -> None:
                                         info="")
         steps_task = progress.add_task("steps", total=None, info="")
 
-        def on_step(i, n, value):
-            progress.update(steps_task, completed=i, total=n, info=f"loss {value:.4f}")
+        shown = [0.0]
+
+        def on_step(i, n, loss):  # reading the loss waits for the device: twice a second
+            if time.monotonic() - shown[0] > 0.5 or i == n:
+                shown[0] = time.monotonic()
+                progress.update(steps_task, completed=i, total=n, info=f"loss {float(loss):.4f}")
 
         def on_epoch(row):
             progress.update(epochs_task, advance=1,

@@ -33,7 +33,7 @@ def test_pair(first, second):
 
 @pytest.mark.parametrize("plugin", PLUGINS)
 def test_plugin_trains_under_autocast(plugin):
-    """Mixed precision (bf16 autocast on CPU stands in for --amp on CUDA): dtypes meet, loss finite."""
+    """Mixed precision (bf16 autocast on CPU stands in for --precision bf16 on CUDA): dtypes meet, loss finite."""
     warnings.simplefilter("ignore")
     model = cs.create_model(f"unet(encoder='resnet18')+{plugin}", classes=3).train()
     y = torch.randint(0, 3, (2, 64, 64))

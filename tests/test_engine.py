@@ -274,6 +274,28 @@ def test_cv_grid_summary_and_resume(tmp_path, capsys):
     assert code == 0 and (out / "fold0_seed0" / "last.pt").stat().st_mtime == stamp
 
 
+def test_cv_jobs_2_gives_the_summary_of_jobs_1(tmp_path, capsys):
+    argv = ["cv", TINY, "--folds", "3", "--seeds", "1", "--epochs", "1", "--threads", "1", *FAST]
+    code, _, err = cli(capsys, *argv, "--jobs", "1", "--out", tmp_path / "one")
+    assert code == 0, err
+    code, _, err = cli(capsys, *argv, "--jobs", "2", "--out", tmp_path / "two")
+    assert code == 0, err
+    assert (tmp_path / "one" / "summary.csv").read_text() == (
+        tmp_path / "two" / "summary.csv").read_text()
+
+
+def test_cv_reports_a_failed_run_and_finishes_the_others(tmp_path, capsys):
+    bad = tmp_path / "bad" / "fold1_seed0"
+    bad.mkdir(parents=True)
+    (bad / "last.pt").write_bytes(b"not a checkpoint")  # fold 1 cannot resume
+    code, _, err = cli(capsys, "cv", TINY, "--folds", "3", "--seeds", "1", "--epochs", "1",
+                       "--jobs", "2", "--out", tmp_path / "bad", *FAST)
+    last = err.strip().splitlines()[-1]  # after the finished runs' lines
+    assert code == 2 and last.startswith("error: 1 of 3 runs failed: fold 1 seed 0:")
+    assert (tmp_path / "bad" / "fold0_seed0" / "test.json").is_file()
+    assert (tmp_path / "bad" / "fold2_seed0" / "test.json").is_file()
+
+
 @pytest.mark.parametrize("shape", [(10, 13), (33, 200), (300, 41)])
 def test_tiled_prediction_any_size(shape):
     import cellseg_plugins as cs

@@ -8,35 +8,55 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from .data import load_data
 from .evaluation import evaluate_checkpoint
-from .train import TrainConfig, Trainer
+from .jobs import run_jobs
+from .train import TrainConfig, Trainer, TrainingError
 
 
 def run_dir(out: Path, fold: int, seed: int) -> Path:
     return out / f"fold{fold}_seed{seed}"
 
 
-def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None) -> dict:
-    """Train and test every (fold, seed); finished runs (with test.json) are skipped.
+def train_and_test(cfg: TrainConfig) -> dict:
+    """Train one (fold, seed) run (resuming a killed one) and test its best checkpoint; writes
+    test.json last, so a run with test.json is finished."""
+    rd = Path(cfg.out)
+    Trainer(cfg, resume=(rd / "last.pt").exists()).run()
+    result = evaluate_checkpoint(rd / "best.pt", split="test", device=cfg.device)
+    (rd / "test.json").write_text(json.dumps(result))
+    return result
 
-    A run killed part-way resumes from its last.pt. Returns the summary (also written to
-    out/summary.csv and out/summary.md).
+
+def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jobs: int = 1,
+           threads: int | None = None) -> dict:
+    """Train and test every (fold, seed), ``jobs`` runs at a time; finished runs (with
+    test.json) are kept. A killed run resumes from its last.pt.
+
+    Returns the summary (also written to out/summary.csv and out/summary.md). A run that
+    fails is reported with its (fold, seed) and error after the others have finished
+    (TrainingError); the summary then covers the finished runs.
     """
-    results = []
-    for fold in range(folds):
-        for seed in range(seeds):
-            rd = run_dir(out, fold, seed)
-            done = rd / "test.json"
-            if not done.exists():
-                cfg = replace(base, fold=fold, folds=folds, seed=seed, out=str(rd))
-                Trainer(cfg, resume=(rd / "last.pt").exists()).run()
-                result = evaluate_checkpoint(rd / "best.pt", split="test", device=base.device)
-                done.write_text(json.dumps(result))
-            results.append({"fold": fold, "seed": seed, **json.loads(done.read_text())})
-            if on_run:
-                on_run(results[-1])
-    summary = summarise(results)
-    write_summary(summary, results, out)
+    base.folds = folds
+    base.check()
+    load_data(base.data, base.classes, base.class_map, seed=0)  # bad data: one error, first
+    pending = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),)
+               for f in range(folds) for s in range(seeds)
+               if not (run_dir(out, f, s) / "test.json").exists()]
+    failed = []
+    for (cfg,), ok, value in run_jobs(train_and_test, pending, jobs, threads):
+        if not ok:
+            failed.append(f"fold {cfg.fold} seed {cfg.seed}: {value}")
+        elif on_run:
+            on_run({"fold": cfg.fold, "seed": cfg.seed, **value})
+    results = [{"fold": f, "seed": s, **json.loads((run_dir(out, f, s) / "test.json").read_text())}
+               for f in range(folds) for s in range(seeds)
+               if (run_dir(out, f, s) / "test.json").exists()]
+    summary = summarise(results) if results else None
+    if summary:
+        write_summary(summary, results, out)
+    if failed:
+        raise TrainingError(f"{len(failed)} of {folds * seeds} runs failed: " + "; ".join(failed))
     return summary
 
 

@@ -6,9 +6,10 @@ import torch
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
-    """(classes, classes) int64 counts; rows = truth, columns = prediction."""
+    """(classes, classes) int64 counts on the inputs' device; rows = truth, columns =
+    prediction."""
     idx = target.reshape(-1).long() * classes + pred.reshape(-1).long()
-    return torch.bincount(idx, minlength=classes * classes).reshape(classes, classes).cpu()
+    return torch.bincount(idx, minlength=classes * classes).reshape(classes, classes)
 
 
 def scores(matrix: torch.Tensor, class_names) -> dict:

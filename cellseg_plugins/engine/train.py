@@ -6,69 +6,28 @@ import csv
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..registry import create_model, epoch_start, parse_spec, step_start, training_loss
+from ..registry import create_model, epoch_start, step_start, training_loss
 from . import distributed
 from .checkpoint import FORMAT, load_checkpoint, save_atomic
+from .config import TrainConfig
 from .data import CropDataset, DataError, channel_stats, class_shares, fold_split, load_data
+from .device_data import DeviceCrops, fits_on_device
 from .metrics import confusion, scores
 
-LOSSES = ("ce", "focal+iou", "dice+ce")
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "evaluate", "resolve_device"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PLOT_EVERY_S = 30.0  # curves.png is redrawn at most this often (and after the last epoch)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged loss, ...); one line."""
-
-
-@dataclass
-class TrainConfig:
-    spec: str
-    data: str = "synthetic"
-    classes: str | None = None
-    class_map: str | None = None
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    schedule: str = "none"
-    loss: str = "ce"
-    class_weights: str = "none"
-    device: str = "auto"
-    amp: bool = False
-    seed: int = 0
-    fold: int = 0
-    folds: int = 5
-    crop: int = 256
-    augment: bool = True
-    workers: int = 0
-    out: str = "runs/latest"
-    preset: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        """Raise DataError naming the first bad option."""
-        choices = {"optimizer": ("adam", "sgd"), "schedule": ("none", "cosine"),
-                   "loss": LOSSES, "class_weights": ("none", "auto"),
-                   "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected "
-                                f"one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "crop"):
-            if getattr(self, name) < 1:
-                raise DataError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
-        if not self.lr > 0:
-            raise DataError(f"--lr {self.lr}: must be > 0")
-        if self.workers < 0:
-            raise DataError(f"--workers {self.workers}: must be ≥ 0")
-        resolve_device(self.device)
-        self.spec = str(parse_spec(self.spec))
 
 
 def make_criterion(name: str, weights: torch.Tensor | None):
@@ -104,14 +63,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, classes: int, device) -> torch.Tensor:
-    """Confusion matrix over every pixel the loader yields (eval mode)."""
+def evaluate(model: nn.Module, batches, classes: int, device, autocast=None) -> torch.Tensor:
+    """Confusion matrix (on the CPU) over every pixel the (x, y) batches yield, in eval mode;
+    counted on ``device``, with one transfer at the end."""
     model.eval()
-    total = torch.zeros(classes, classes, dtype=torch.int64)
-    for x, y in loader:
-        pred = model(x.to(device)).argmax(1)
-        total += confusion(pred, y.to(device), classes)
-    return total
+    total = torch.zeros(classes, classes, dtype=torch.int64, device=device)
+    for x, y in batches:
+        with autocast or torch.autocast(torch.device(device).type, enabled=False):
+            logits = model(x.to(device, non_blocking=True))
+        total += confusion(logits.argmax(1), y.to(device, non_blocking=True), classes)
+    return total.cpu()
 
 
 def versions() -> dict:
@@ -126,9 +87,12 @@ def versions() -> dict:
 class Trainer:
     """Builds data, model and optimiser from a TrainConfig and runs (or resumes) training.
 
-    Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, the
-    training crops are sharded with a DistributedSampler, validation confusion matrices are
-    all-reduced, and only rank 0 writes files.
+    GPU-first: on CUDA the splits are held on the device when they fit (``data_on_device``)
+    and cut into augmented batches there, training runs under bf16 autocast, channels-last and
+    cuDNN autotuning (each switchable in the config); losses stay on the device until the
+    epoch ends. Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in
+    DistributedDataParallel, the training crops are sharded per rank, validation confusion
+    matrices are all-reduced, and only rank 0 writes files.
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False):
@@ -140,6 +104,7 @@ class Trainer:
         if resume and not (self.out / "last.pt").exists():
             raise DataError(f"--resume: no last.pt in {str(self.out)!r}")
         self.device = distributed.setup(resolve_device(cfg.device))
+        cuda = self.device.type == "cuda"
         self.sources = load_data(cfg.data, cfg.classes, cfg.class_map, seed=cfg.seed)
         self.split = fold_split(len(self.sources.images), cfg.folds, cfg.fold)
         self.mean, self.std = channel_stats(self.sources, self.split["train"])
@@ -148,13 +113,24 @@ class Trainer:
         self.train_set = CropDataset(self.sources, self.split["train"], cfg.crop, self.mean,
                                      self.std, augment=cfg.augment, seed=cfg.seed)
         self.val_set = CropDataset(self.sources, self.split["val"], cfg.crop, self.mean, self.std)
+        self.on_device = self._data_on_device()
+        if self.on_device:
+            self.train_crops = DeviceCrops(self.train_set, self.device)
+            self.val_crops = DeviceCrops(self.val_set, self.device)
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.spec, in_channels=self.sources.in_channels,
                                   classes=n).to(self.device)
-        self.net = self.model
+        self.channels_last = cuda if cfg.channels_last is None else cfg.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cuda:
+            torch.backends.cudnn.benchmark = (True if cfg.cudnn_benchmark is None
+                                              else cfg.cudnn_benchmark)
+        self.precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+        self.net = torch.compile(self.model) if cfg.compile else self.model
         if distributed.world_size() > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                self.net, device_ids=[self.device.index] if cuda else None,
                 find_unused_parameters=True)
         params = self.model.parameters()
         self.optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
@@ -164,10 +140,23 @@ class Trainer:
         weights = (median_frequency_weights(class_shares(self.sources, self.split["train"]))
                    if cfg.class_weights == "auto" else None)
         self.criterion = make_criterion(cfg.loss, None if weights is None else weights.to(self.device))
-        self.scaler = torch.amp.GradScaler(enabled=cfg.amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and cuda)
         self.epoch, self.step, self.best, self.history = 0, 0, -1.0, []
+        self._plotted = 0.0
         if resume:
             self._restore(load_checkpoint(self.out / "last.pt"))
+
+    def _data_on_device(self) -> bool:
+        if self.cfg.data_on_device is not None:
+            return self.cfg.data_on_device
+        c = self.sources.in_channels
+        nbytes = (len(self.train_set) + len(self.val_set)) * self.cfg.crop ** 2 * (4 * c + 1)
+        return fits_on_device(nbytes, self.device)
+
+    def autocast(self):
+        """The autocast context of the configured precision (disabled for fp32)."""
+        return torch.autocast(self.device.type, dtype=DTYPES.get(self.precision),
+                              enabled=self.precision in DTYPES)
 
     def _restore(self, ckpt: dict) -> None:
         if ckpt["spec"] != self.cfg.spec:
@@ -199,15 +188,37 @@ class Trainer:
         return torch.utils.data.DataLoader(
             dataset, batch_size=self.cfg.batch_size, shuffle=shuffle,
             generator=torch.Generator().manual_seed(seed) if shuffle else None,
-            num_workers=self.cfg.workers)
+            num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda")
+
+    def train_batches(self, epoch_seed: int):
+        """(number of batches, iterator of (x, y) on the device) for this epoch."""
+        world, rank = distributed.world_size(), distributed.rank()
+        if self.on_device:
+            n = len(range(rank, len(self.train_crops), world))
+            return -(-n // self.cfg.batch_size), self.train_crops.batches(
+                self.cfg.batch_size, self.epoch, shuffle=True, rank=rank, world=world)
+        self.train_set.epoch = self.epoch
+        loader = self.loader(self.train_set, shuffle=True, seed=epoch_seed)
+        if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+            loader.sampler.set_epoch(self.epoch)
+        return len(loader), ((x.to(self.device, non_blocking=True),
+                              y.to(self.device, non_blocking=True)) for x, y in loader)
 
     def validate(self) -> dict:
         """Scores on the validation split; each rank takes every world-th crop, then all-reduce."""
         world, rank = distributed.world_size(), distributed.rank()
-        shard = torch.utils.data.Subset(self.val_set, range(rank, len(self.val_set), world))
-        matrix = evaluate(self.model, self.loader(shard, shuffle=False),
-                          len(self.class_names), self.device)
+        if self.on_device:
+            batches = self.val_crops.batches(self.cfg.batch_size, rank=rank, world=world)
+        else:
+            shard = torch.utils.data.Subset(self.val_set, range(rank, len(self.val_set), world))
+            batches = self.loader(shard, shuffle=False)
+        matrix = evaluate(self.model, self._channels_last(batches), len(self.class_names),
+                          self.device, self.autocast())
         return scores(distributed.all_reduce_sum(matrix.to(self.device)).cpu(), self.class_names)
+
+    def _channels_last(self, batches):
+        for x, y in batches:
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
     def write_config(self) -> None:
         if not distributed.is_main():
@@ -218,37 +229,37 @@ class Trainer:
         (self.out / "config.json").write_text(json.dumps(info, indent=2))
 
     def train_epoch(self, on_step=None) -> float:
+        """One epoch; returns the mean loss. ``on_step(i, n, loss)`` gets the loss as a device
+        tensor (reading it is the caller's choice: it waits for the device)."""
         cfg, model = self.cfg, self.net
         epoch_seed = cfg.seed * 100_003 + self.epoch
         torch.manual_seed(epoch_seed)  # dropout, FREM draws: a function of (seed, epoch)
-        self.train_set.epoch = self.epoch
         epoch_start(model, self.epoch)
         model.train()
         losses = []
-        loader = self.loader(self.train_set, shuffle=True, seed=epoch_seed)
-        if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-            loader.sampler.set_epoch(self.epoch)
-        for i, (x, y) in enumerate(loader):
-            x, y = x.to(self.device), y.to(self.device)
+        n, batches = self.train_batches(epoch_seed)
+        for i, (x, y) in enumerate(self._channels_last(batches)):
             step_start(model, self.step)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, enabled=cfg.amp):
+            with self.autocast():
                 loss = training_loss(model, x, y, lambda a, b: self.criterion(a.float(), b))
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {float(loss.detach())} at epoch {self.epoch + 1}, step {i + 1}; "
-                    f"stopped; last good checkpoint: {self.out / 'last.pt'} "
-                    "(try a lower --lr or --loss ce)")
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
             if on_step:
-                on_step(i + 1, len(loader), losses[-1])
+                on_step(i + 1, n, losses[-1])
+        losses = torch.stack(losses)
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()  # one sync per epoch
+        if bad:
+            raise TrainingError(
+                f"loss became {float(losses[bad[0]])} at epoch {self.epoch + 1}, step "
+                f"{bad[0] + 1}; stopped; last good checkpoint: {self.out / 'last.pt'} "
+                "(try a lower --lr or --loss ce)")
         if self.scheduler is not None:
             self.scheduler.step()
-        return float(np.mean(losses))
+        return float(losses.mean())
 
     def run(self, on_step=None, on_epoch=None) -> dict:
         """Train until cfg.epochs; returns the last history row."""
@@ -274,18 +285,22 @@ class Trainer:
                 if improved:
                     save_atomic(ckpt, self.out / "best.pt")
                 save_atomic(ckpt, self.out / "last.pt")
-                self.write_metrics()
+                self.write_metrics(final=self.epoch == self.cfg.epochs)
             distributed.barrier()
             if on_epoch:
                 on_epoch(row)
         return self.history[-1] if self.history else {}
 
-    def write_metrics(self) -> None:
+    def write_metrics(self, final: bool = True) -> None:
+        """metrics.csv every epoch; curves.png after the last epoch and at most every
+        :data:`PLOT_EVERY_S` seconds before (drawing it costs as much as a small epoch)."""
         with open(self.out / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
             writer.writeheader()
             writer.writerows(self.history)
-        plot_curves(self.history, self.out / "curves.png")
+        if final or time.monotonic() - self._plotted >= PLOT_EVERY_S:
+            plot_curves(self.history, self.out / "curves.png")
+            self._plotted = time.monotonic()
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -1,0 +1,117 @@
+"""The training configuration: typed fields with their help text, checked in one place.
+
+Each field's annotation says what it takes (``Literal`` choices, :class:`Range` bounds) and a
+:class:`Doc` says what it is; the CLI builds its options from these (``cellseg train --help``),
+so a choice is written once. A bad value raises :class:`ConfigError` naming the field
+(``lr=-1: must be > 0``); the CLI shows it as the option (``--lr -1: must be > 0``).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal
+
+from ..registry import Range
+from .data import DataError
+
+
+@dataclass(frozen=True)
+class Doc:
+    """Help text of a configuration field."""
+
+    text: str
+
+
+class ConfigError(DataError):
+    """A configuration field with a bad value; ``str()`` names the field, ``flag()`` the option."""
+
+    def __init__(self, name: str, value, reason: str):
+        self.name, self.value, self.reason = name, value, reason
+        super().__init__(f"{name}={value!r}: {reason}")
+
+    def flag(self) -> str:
+        """The message with the command-line option in place of the field."""
+        value = repr(self.value) if isinstance(self.value, str) else self.value
+        return f"--{self.name.replace('_', '-')} {value}: {self.reason}"
+
+
+@dataclass
+class TrainConfig:
+    spec: str
+    data: Annotated[str, Doc("synthetic (built in), sstem, or a folder")] = "synthetic"
+    classes: Annotated[Literal["sstem5", "sstem4"] | None, Doc("sstem class map")] = None
+    class_map: Annotated[str | None, Doc("mask grey levels, e.g. '0:bg,255:cell'")] = None
+    epochs: Annotated[int, Range(1), Doc("training epochs")] = 20
+    batch_size: Annotated[int, Range(1), Doc("crops per batch")] = 8
+    lr: Annotated[float, Range(0, lo_open=True), Doc("learning rate")] = 1e-3
+    optimizer: Annotated[Literal["adam", "sgd"], Doc("adam or sgd (momentum 0.9)")] = "adam"
+    schedule: Annotated[Literal["none", "cosine"], Doc("none or cosine")] = "none"
+    loss: Annotated[Literal["ce", "focal+iou", "dice+ce"], Doc("ce, focal+iou or dice+ce")] = "ce"
+    class_weights: Annotated[Literal["none", "auto"],
+                             Doc("none or auto (median frequency)")] = "none"
+    device: Annotated[Literal["auto", "cpu", "cuda"], Doc("auto, cpu or cuda")] = "auto"
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"],
+                         Doc("auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")
+                         ] = "auto"
+    channels_last: Annotated[bool | None, Doc("channels-last memory format (default: on CUDA)")
+                             ] = None
+    cudnn_benchmark: Annotated[bool | None, Doc("cuDNN autotuning (default: on CUDA)")] = None
+    compile: Annotated[bool, Doc("torch.compile the model")] = False
+    data_on_device: Annotated[bool | None, Doc(
+        "hold the splits as tensors on the device, augment there (default: when they fit)")
+    ] = None
+    seed: Annotated[int, Range(0), Doc("random seed")] = 0
+    fold: Annotated[int, Range(0), Doc("test fold index")] = 0
+    folds: Annotated[int, Doc("number of folds (split by source image)")] = 5
+    crop: Annotated[int, Range(1), Doc("non-overlapping crop size")] = 256
+    augment: Annotated[bool, Doc("random 90° rotations and flips")] = True
+    workers: Annotated[int, Range(0), Doc("data-loader worker processes")] = 0
+    out: str = "runs/latest"
+    preset: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first field with a bad value; canonicalise the spec."""
+        from ..registry import parse_spec
+
+        for name, annotation, _ in option_fields():
+            check_field(name, annotation, getattr(self, name))
+        self.spec = str(parse_spec(self.spec))
+
+
+def option_fields() -> list[tuple[str, object, str]]:
+    """(name, annotation, help) of every field that is a command-line option."""
+    hints = typing.get_type_hints(TrainConfig, include_extras=True)
+    out = []
+    for f in fields(TrainConfig):
+        docs = [m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Doc)]
+        if docs:
+            out.append((f.name, hints[f.name], docs[0].text))
+    return out
+
+
+def check_field(name: str, annotation, value) -> None:
+    base, *meta = typing.get_args(annotation)
+    choices = _choices(base)
+    if choices is not None and value not in choices:
+        allowed = ", ".join(str(c) for c in choices if c is not None)
+        raise ConfigError(name, value, f"expected one of {allowed}")
+    for m in meta:
+        if isinstance(m, Range) and value is not None and not m.contains(value):
+            if m.lo is not None and (value <= m.lo if m.lo_open else value < m.lo):
+                reason = f"must be {'>' if m.lo_open else '≥'} {m.lo:g}"
+            else:
+                reason = f"must be ≤ {m.hi:g}"
+            raise ConfigError(name, value, reason)
+
+
+def _choices(tp) -> tuple | None:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    args = typing.get_args(tp)
+    if type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        found = _choices(inner[0]) if len(inner) == 1 else None
+        return None if found is None else (*found, None)
+    return None

@@ -1,0 +1,86 @@
+"""A split's crops held as tensors on the training device; batches cut with batched tensor ops.
+
+The crops are the ones :class:`.data.CropDataset` yields (the same non-overlapping grid), in
+the same per-epoch shuffled order semantics: every crop once per epoch. Augmentation draws the
+same distribution as the loader path (rot90 by 0–3 quarter turns, a left-right flip with
+probability ½) from a CPU ``torch.Generator`` seeded by (seed, epoch), so a run is reproducible
+and the device never waits on Python for a crop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import CropDataset
+
+# Splits up to this many bytes (images + masks) go to a CUDA device by default.
+CUDA_BYTES = 2 << 30
+
+
+class DeviceCrops:
+    """Crops of ``sources[indices]``: images (N, C, crop, crop) float in [0, 1] and masks
+    (N, crop, crop) uint8 on ``device``; normalised per batch with ``mean`` / ``std``."""
+
+    def __init__(self, dataset: CropDataset, device: torch.device):
+        c = dataset.crop
+        images, masks = [], []
+        for i, y, x in dataset.items:
+            image = torch.from_numpy(dataset.sources.images[i][y:y + c, x:x + c])
+            images.append(image[None] if image.ndim == 2 else image.permute(2, 0, 1))
+            masks.append(torch.from_numpy(dataset.sources.masks[i][y:y + c, x:x + c]))
+        self.images = torch.stack(images).to(device)
+        self.masks = torch.stack(masks).to(torch.uint8 if len(dataset.sources.class_names) < 256
+                                           else torch.int64).to(device)
+        self.mean = dataset.mean.view(1, -1, 1, 1).to(device)
+        self.std = dataset.std.view(1, -1, 1, 1).to(device)
+        self.augment, self.seed, self.device = dataset.augment, dataset.seed, device
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.masks.nbytes
+
+    def draws(self, epoch: int, shuffle: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, quarter turns, flips) for one epoch, all (N,) on the CPU."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        n = len(self)
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        if not self.augment:
+            return order, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+        return order, torch.randint(0, 4, (n,), generator=g), torch.randint(0, 2, (n,), generator=g)
+
+    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = False, rank: int = 0,
+                world: int = 1):
+        """Yield (x (B, C, crop, crop) float32 normalised, y (B, crop, crop) int64); rank r of
+        ``world`` takes every world-th crop of the epoch's order."""
+        order, turns, flips = self.draws(epoch, shuffle)
+        order, turns, flips = order[rank::world], turns[rank::world], flips[rank::world]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x = (self.images[idx.to(self.device)] - self.mean) / self.std
+            y = self.masks[idx.to(self.device)].long()
+            yield augment(x, y, turns[start:start + batch_size], flips[start:start + batch_size])
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, turns: torch.Tensor, flips: torch.Tensor):
+    """Rotate sample i by turns[i] quarter turns, then flip it left-right where flips[i]
+    (``turns`` and ``flips`` on the CPU, so choosing the samples never syncs the device)."""
+    x, y = x.clone(), y.clone()
+    for k in (1, 2, 3):
+        sel = torch.nonzero(turns == k).flatten()
+        if len(sel):
+            sel = sel.to(x.device)
+            x[sel] = torch.rot90(x[sel], k, (2, 3))
+            y[sel] = torch.rot90(y[sel], k, (1, 2))
+    sel = torch.nonzero(flips == 1).flatten()
+    if len(sel):
+        sel = sel.to(x.device)
+        x[sel], y[sel] = x[sel].flip(3), y[sel].flip(2)
+    return x, y
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of data belong on ``device`` by default: always on the CPU (they are
+    in memory already), up to :data:`CUDA_BYTES` on a GPU."""
+    return device.type == "cpu" or nbytes <= CUDA_BYTES

@@ -1,0 +1,110 @@
+"""``cellseg bench --epoch``: the engine's training epoch against a bare PyTorch loop.
+
+The engine epoch is what ``cellseg train`` runs (training, validation, checkpoints, metrics
+files). The bare loop (:func:`bare_epoch`, written here without engine code) is what a user
+would write: the same model, crops, batch size, optimiser, loss and precision, shuffled
+batches with random rot90/flip, then an argmax-and-bincount validation. The two alternate
+epoch by epoch so that both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ..registry import create_model
+from .config import TrainConfig
+from .train import DTYPES, Trainer
+
+
+def cut_crops(images: list[np.ndarray], masks: list[np.ndarray], indices: list[int], crop: int,
+              mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping crops of the given sources: (N, C, crop, crop) normalised, (N, crop, crop)."""
+    xs, ys = [], []
+    for i in indices:
+        h, w = masks[i].shape
+        for y in range(0, h - crop + 1, crop):
+            for x in range(0, w - crop + 1, crop):
+                image = torch.from_numpy(images[i][y:y + crop, x:x + crop])
+                xs.append(image[None] if image.ndim == 2 else image.permute(2, 0, 1))
+                ys.append(torch.from_numpy(masks[i][y:y + crop, x:x + crop]))
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    return (torch.stack(xs) - m) / s, torch.stack(ys)
+
+
+def bare_epoch(model, optimizer, train, val, batch_size, device, dtype=None) -> float:
+    """One plain epoch (train + validation mIoU); returns the validation mIoU."""
+    (x_train, y_train), (x_val, y_val) = train, val
+    model.train()
+    for idx in torch.randperm(len(x_train)).split(batch_size):
+        x, y = x_train[idx], y_train[idx]
+        k, flip = np.random.randint(4), np.random.randint(2)  # one transform per batch
+        x, y = torch.rot90(x, k, (2, 3)), torch.rot90(y, k, (1, 2))
+        if flip:
+            x, y = x.flip(3), y.flip(2)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x.to(device)).float(), y.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    n = int(y_val.max()) + 1
+    counts = torch.zeros(n * n, dtype=torch.long, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for x, y in zip(x_val.split(batch_size), y_val.split(batch_size)):
+            pred = model(x.to(device)).argmax(1)
+            counts += torch.bincount(y.to(device).flatten() * n + pred.flatten(), minlength=n * n)
+    m = counts.view(n, n).double().cpu()
+    return float((m.diag() / (m.sum(0) + m.sum(1) - m.diag()).clamp(min=1)).mean())
+
+
+def run_epoch_bench(cfg: TrainConfig, epochs: int = 3, progress=None) -> dict:
+    """Alternate engine and bare epochs (one warm-up each, then ``epochs`` timed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(replace(cfg, out=f"{tmp}/run", epochs=1 + epochs))
+        split, sources = trainer.split, trainer.sources
+        train = cut_crops(sources.images, sources.masks, split["train"], cfg.crop,
+                          trainer.mean, trainer.std)
+        val = cut_crops(sources.images, sources.masks, split["val"], cfg.crop,
+                        trainer.mean, trainer.std)
+        torch.manual_seed(cfg.seed)
+        model = create_model(trainer.cfg.spec, in_channels=sources.in_channels,
+                             classes=len(sources.class_names)).to(trainer.device)
+        optimizer = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
+                     else torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9))
+        dtype = DTYPES.get(trainer.precision)
+        times = {"engine": [], "bare": []}
+        for i in range(1 + epochs):
+            t0 = time.perf_counter()
+            trainer.cfg.epochs = trainer.epoch + 1
+            trainer.run()
+            _sync(trainer.device)
+            t1 = time.perf_counter()
+            bare_epoch(model, optimizer, train, val, cfg.batch_size, trainer.device, dtype)
+            _sync(trainer.device)
+            t2 = time.perf_counter()
+            if i:
+                times["engine"].append(t1 - t0)
+                times["bare"].append(t2 - t1)
+            if progress:
+                progress(i + 1, 1 + epochs)
+        images = len(train[0]) + len(val[0])
+        engine, bare = statistics.median(times["engine"]), statistics.median(times["bare"])
+        return {"spec": trainer.cfg.spec, "data": cfg.data, "device": str(trainer.device),
+                "precision": trainer.precision, "data_on_device": trainer.on_device,
+                "crop": cfg.crop, "batch_size": cfg.batch_size, "epochs": epochs,
+                "train_crops": len(train[0]), "val_crops": len(val[0]),
+                "torch_threads": torch.get_num_threads(),
+                "engine_epoch_s": engine, "bare_epoch_s": bare, "ratio": engine / bare,
+                "engine_images_per_s": images / engine, "bare_images_per_s": images / bare,
+                "engine_epochs_s": times["engine"], "bare_epochs_s": times["bare"]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
