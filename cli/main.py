@@ -19,6 +19,7 @@ from .bench_cmd import bench_command
 from .cv_cmd import cv_command
 from .data_cmd import data_app
 from .list_cmd import list_command
+from .study_cmd import study_app
 from .train_cmd import eval_command, predict_command, train_command
 from .tune_cmd import tune_command
 
@@ -37,6 +38,7 @@ app.command("predict")(predict_command)
 app.command("cv")(cv_command)
 app.command("tune")(tune_command)
 app.add_typer(data_app, name="data")
+app.add_typer(study_app, name="study")
 
 
 def _print_version(value: bool) -> None:

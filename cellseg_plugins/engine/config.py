@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Annotated, Literal
 
 from ..registry import Range
+from ..registry.schema import check_value
 from .data import DataError
 
 
@@ -94,9 +95,15 @@ def option_fields() -> list[tuple[str, object, str]]:
 def check_field(name: str, annotation, value) -> None:
     base, *meta = typing.get_args(annotation)
     choices = _choices(base)
-    if choices is not None and value not in choices:
-        allowed = ", ".join(str(c) for c in choices if c is not None)
-        raise ConfigError(name, value, f"expected one of {allowed}")
+    if choices is not None:
+        if value not in choices:
+            allowed = ", ".join(str(c) for c in choices if c is not None)
+            raise ConfigError(name, value, f"expected one of {allowed}")
+        return
+    try:
+        check_value(base, value)
+    except ValueError as e:
+        raise ConfigError(name, value, str(e)) from None
     for m in meta:
         if isinstance(m, Range) and value is not None and not m.contains(value):
             if m.lo is not None and (value <= m.lo if m.lo_open else value < m.lo):

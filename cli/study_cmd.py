@@ -1,0 +1,55 @@
+"""``cellseg study run | report``: a paper's table from a study file, with statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..engine.study import load_study, report, run_study
+from . import options as o
+from .errors import reports_errors
+
+study_app = typer.Typer(help="Run a study file (rows × folds × seeds) and report its table.",
+                        no_args_is_help=True)
+
+
+@study_app.command("run")
+@reports_errors
+def study_run(
+    file: Annotated[str, typer.Argument(help="a study file, e.g. studies/sstem5.toml")],
+    scale: Annotated[str | None, typer.Option(help="a [scale.NAME] table of the file")] = None,
+    jobs: Annotated[int, typer.Option(help="runs at a time, each in its own process")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads per run (default: the cores split between the jobs)")] = None,
+    out: Annotated[str | None, typer.Option(
+        help="output folder (default: runs/study/<file>-<scale>)")] = None,
+    then_report: Annotated[bool, typer.Option("--report/--no-report",
+                                              help="write the table when done")] = True,
+) -> None:
+    """Train and test every row × fold × seed not finished yet; finished runs are kept."""
+    o.check_jobs(jobs, threads)
+    study = load_study(file, scale)
+    folder = Path(out or f"runs/study/{study.name}-{study.scale}")
+    console = Console(stderr=True)
+    console.print(f"[bold]{study.title}[/] at scale {study.scale}: {len(study.rows)} rows × "
+                  f"{study.folds} folds × {study.seeds} seed(s) → {folder}")
+    run_study(study, folder, jobs, threads, on_run=lambda row, f, s, r: console.print(
+        f"{row} fold {f} seed {s}: test mIoU {r['miou']:.4f}"))
+    if then_report:
+        report(folder)
+        console.print(f"wrote {folder / 'table.md'}, table.csv and gains.png")
+
+
+@study_app.command("report")
+@reports_errors
+def study_report(
+    folder: Annotated[str, typer.Argument(help="a study's output folder")],
+    out: Annotated[str | None, typer.Option(help="where to write the table (default: FOLDER)")
+                   ] = None,
+) -> None:
+    """Write table.md, table.csv and gains.png from the finished runs (no training)."""
+    report(Path(folder), Path(out) if out else None)
+    print((Path(out or folder) / "table.md").read_text())

@@ -1,0 +1,161 @@
+"""Study files: parsing, bad files in one line, the paired statistics, reports from stored runs."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from cellseg_plugins.cli.main import main
+from cellseg_plugins.engine.study import StudyError, load_study, paired_tests, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+[study]
+title = "tiny"
+data = "synthetic"
+folds = 3
+seeds = 1
+epochs = 1
+crop = 64
+batch_size = 32
+device = "cpu"
+vars = { net = "classic_unet(width=4)" }
+
+[scale.two]
+seeds = 2
+
+[[row]]
+name = "base"
+spec = "{net}"
+paper = 70.0
+
+[[row]]
+name = "+ frem"
+spec = "{net}+frem(B=2)"
+base = "base"
+paper = 72.5
+"""
+
+
+def write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["sstem4", "sstem5", "smp"])
+@pytest.mark.parametrize("scale", ["paper", "cpu"])
+def test_the_papers_study_files_parse_at_every_scale(name, scale):
+    study = load_study(ROOT / "studies" / f"{name}.toml", scale)
+    assert study.rows and study.config.data == "sstem"
+    for row in study.rows:
+        assert row.base is None or row.base in {r.name for r in study.rows}
+    if scale == "cpu":
+        assert (study.folds, study.seeds, study.config.epochs) == (5, 1, 60)
+    else:
+        assert (study.folds, study.seeds) == (5, 3) and study.config.epochs >= 1500
+
+
+def test_scale_overrides_settings_and_vars(tmp_path):
+    study = load_study(write(tmp_path, TINY), "two")
+    assert study.seeds == 2 and study.rows[1].spec == "classic_unet(width=4)+frem(B=2)"
+    assert load_study(write(tmp_path, TINY)).seeds == 1
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (("epochs = 1", "epochz = 1"), "[study] epochz: unknown key"),
+    (("epochs = 1", "epochs = 0"), "epochs=0: must be ≥ 1"),
+    (("epochs = 1", 'epochs = "1"'), "epochs='1': expected int"),
+    (('base = "base"', 'base = "nope"'), "row '+ frem' base: 'nope' is not a row"),
+    (('spec = "{net}"', 'spec = "{nett}"'), "row 1 spec: unknown variable 'nett'"),
+    (('spec = "{net}"', 'spec = "{net}+lfa(k=1)"'), "row 1 spec: bad model spec"),
+    (('name = "+ frem"', 'name = "base"'), "row 2 name: 'base' is used twice"),
+    (("paper = 70.0", 'paper = "high"'), "row 1 paper: expected the paper's mIoU"),
+    (("[scale.two]", "[scales.two]"), "[scales]: unknown table"),
+    (("seeds = 1", "seeds = -1"), "[study] seeds: -1 is not a positive integer"),
+    (("folds = 3", "folds = 3\nwat = 1"), "[study] wat: unknown key"),
+    (("[[row]]", "[[row]]\nlabel = 1"), "row 1 label: unknown key"),
+])
+def test_bad_study_files_fail_in_one_line_naming_the_key(tmp_path, capsys, edit, fragment):
+    path = write(tmp_path, TINY.replace(*edit, 1))
+    with pytest.raises(SystemExit) as e:
+        main(["study", "run", str(path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and fragment in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_scale_and_bad_toml(tmp_path):
+    with pytest.raises(StudyError, match=r"--scale big: no \[scale.big\] table \(the file has: two\)"):
+        load_study(write(tmp_path, TINY), "big")
+    with pytest.raises(StudyError, match="not valid TOML"):
+        load_study(write(tmp_path, "[study\n"))
+
+
+def test_paired_statistics_against_hand_computed_values():
+    # differences 0.01, 0.02, 0.03: mean 0.02, sd 0.01, t = 0.02 / (0.01 / √3) = 3.4641 on 2
+    # degrees of freedom: two-sided p = 0.07418; Wilcoxon, n = 3, all positive: p = 2/8
+    out = paired_tests([0.71, 0.72, 0.73], [0.70, 0.70, 0.70])
+    assert out["n"] == 3 and math.isclose(out["mean"], 0.02) and math.isclose(out["std"], 0.01)
+    assert math.isclose(out["t_p"], 0.074180, rel_tol=1e-4)
+    assert math.isclose(out["wilcoxon_p"], 0.25)
+    same = paired_tests([0.5, 0.6], [0.5, 0.6])
+    assert same["mean"] == 0 and same["t_p"] is None and same["wilcoxon_p"] is None
+
+
+def fake_runs(folder: Path, study, mious: dict[str, list[float]]):
+    """Stored run results as `cellseg study run` leaves them (no training)."""
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(json.dumps({**study.to_json(), "command": "cellseg x",
+                                                   "machine": {"cpu": "test cpu"}}))
+    for row in study.rows:
+        for f, miou in enumerate(mious[row.name]):
+            rd = folder / row.slug / f"fold{f}_seed0"
+            rd.mkdir(parents=True)
+            (rd / "test.json").write_text(json.dumps(
+                {"miou": miou, "iou": {"a": miou - 0.1, "b": miou + 0.1}}))
+            (rd / "metrics.csv").write_text("epoch,seconds\n1,1800\n")
+
+
+def test_report_from_stored_runs(tmp_path):
+    study = load_study(write(tmp_path, TINY))
+    fake_runs(tmp_path / "runs", study, {"base": [0.70, 0.70, 0.70], "+ frem": [0.71, 0.72, 0.73]})
+    result = report(tmp_path / "runs", tmp_path / "table")
+    gain = result["rows"][1]["gain"]
+    assert math.isclose(gain["mean"], 0.02) and math.isclose(gain["wilcoxon_p"], 0.25)
+    table = (tmp_path / "table" / "table.md").read_text()
+    assert "| + frem | 3/3 | 62.00 ± 1.00 | 82.00 ± 1.00 | **72.00 ± 1.00** | +2.00 ± 1.00 | " \
+           "0.074 | 0.250 | 72.50 | +2.50 |" in table
+    assert "training wall time of the runs: 3.00 h" in table and "test cpu" in table
+    assert (tmp_path / "table" / "gains.png").stat().st_size > 1000
+    rows = (tmp_path / "table" / "table.csv").read_text().splitlines()
+    assert rows[0].startswith("row,spec,base,runs,a_mean") and len(rows) == 3
+
+
+def test_study_run_then_report_end_to_end(tmp_path, capsys):
+    path = write(tmp_path, TINY)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["study", "run", str(path), "--out", str(out)])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (out / "frem").iterdir()) == [
+        "fold0_seed0", "fold1_seed0", "fold2_seed0"]
+    table = (out / "table.md").read_text()
+    stamp = (out / "base" / "fold0_seed0" / "test.json").stat().st_mtime
+    with pytest.raises(SystemExit) as e:  # everything finished: rebuilt from stored runs only
+        main(["study", "run", str(path), "--out", str(out)])
+    assert e.value.code == 0 and (out / "table.md").read_text() == table
+    assert (out / "base" / "fold0_seed0" / "test.json").stat().st_mtime == stamp
+
+
+def test_row_training_options_sit_between_study_and_scale():
+    paper = load_study(ROOT / "studies" / "sstem4.toml", "paper")
+    cpu = load_study(ROOT / "studies" / "sstem4.toml", "cpu")
+    frem = {s.scale: s.row("U-Net + SE + FREM").train for s in (paper, cpu)}
+    assert frem["paper"]["epochs"] == 2000 and frem["cpu"]["epochs"] == 60
+    assert paper.config.epochs == 1500 and paper.row("U-Net").train == {}
+    assert "U-Net + Feedback Attention (self)" not in {r.name for r in cpu.rows}
+    assert paper.row("U-Net + SE + FREM").spec.startswith("classic_unet(width=32,se=True)")
+    assert cpu.row("U-Net + SE + FREM").spec.startswith("classic_unet(width=8,se=True)")
