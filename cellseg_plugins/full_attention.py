@@ -19,10 +19,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 
     """softmax(scale · q kᵀ) v over keys; q (N, L_q, d), k (N, L_k, d), v (N, L_k, c) → (N, L_q, c).
 
     ``chunk=None``: :func:`fused_attention` (torch's flash / memory-efficient kernels, on CPU
-    and GPU; float64 on CUDA, which they do not take, uses 1,024-query chunks). An explicit
+    and GPU; float64 on CUDA, which they do not take, uses 1,024-query chunks). Under an export
+    trace: plain SDPA, which ONNX opset ≥ 23 keeps as one Attention node. An explicit
     ``chunk``: the queries are processed ``chunk`` at a time and each chunk is recomputed in
     backward (activation checkpointing), so memory stays O(chunk · L_k) instead of O(L_q · L_k).
     """
+    if torch.compiler.is_exporting():  # torch.export / ONNX: the exporter's own lowering
+        return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None],
+                                              scale=scale)[:, 0]
     if chunk is None and not (q.is_cuda and q.dtype == torch.float64):
         return fused_attention(q, k, v, scale)
     chunk = chunk or 1024

@@ -83,8 +83,30 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: int) -
     """Y_p = Σ_{o in m×m window of p} softmax_o(q_p · k_{p+o}) v_{p+o}.
 
     q, k: (N, d, H, W); v: (N, c, H, W) → (N, c, H, W). Out-of-image neighbours are zero-padded
-    keys masked out of the softmax (the window's centre is always inside).
+    keys masked out of the softmax (the window's centre is always inside). Training uses the
+    custom autograd function; inference (no gradient, or an export trace) the functional form
+    :func:`local_attention_functional`, which exporters can follow for any input size.
     """
     if m % 2 != 1:
         raise ValueError(f"window size m={m} must be odd")
+    exporting = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    if exporting or not (torch.is_grad_enabled() and
+                         (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return local_attention_functional(q, k, v, m)
     return _LocalAttention.apply(q, k, v, m)
+
+
+def local_attention_functional(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               m: int) -> torch.Tensor:
+    """:func:`local_attention` with out-of-place ops and a mask built from the input's shape
+    (no cache, no in-place writes): what a trace or export records. Same shapes."""
+    height, width = q.shape[-2:]
+    r = m // 2
+    kp, vp = F.pad(k, (r, r, r, r)), F.pad(v, (r, r, r, r))
+    inside = F.pad(torch.ones_like(q[:, :1]), (r, r, r, r))
+    windows = [(slice(None), slice(None), slice(dy, dy + height), slice(dx, dx + width))
+               for dy in range(m) for dx in range(m)]
+    logits = torch.cat([(q * kp[w]).sum(1, keepdim=True) for w in windows], dim=1)
+    valid = torch.cat([inside[w] for w in windows], dim=1) > 0
+    attn = logits.masked_fill(~valid, float("-inf")).softmax(dim=1)
+    return sum(attn[:, j:j + 1] * vp[w] for j, w in enumerate(windows))

@@ -18,6 +18,7 @@ from .errors import USER_ERRORS, user_message
 from .bench_cmd import bench_command
 from .cv_cmd import cv_command
 from .data_cmd import data_app
+from .export_cmd import export_command
 from .list_cmd import list_command
 from .study_cmd import study_app
 from .train_cmd import eval_command, predict_command, train_command
@@ -36,6 +37,7 @@ app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("predict")(predict_command)
 app.command("cv")(cv_command)
+app.command("export")(export_command)
 app.command("tune")(tune_command)
 app.add_typer(data_app, name="data")
 app.add_typer(study_app, name="study")

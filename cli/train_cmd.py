@@ -13,11 +13,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..engine import distributed
-from ..engine.checkpoint import load_checkpoint, model_from_checkpoint
 from ..engine.evaluation import evaluate_checkpoint
 from ..engine.train import TrainConfig, Trainer, resolve_device
 from . import options as o
-from .errors import CLIError, reports_errors
+from .errors import reports_errors
 
 console = Console(stderr=True)
 
@@ -95,43 +94,21 @@ def eval_command(
 
 @reports_errors
 def predict_command(
-    checkpoint: Annotated[str, typer.Argument(help="a best.pt / last.pt")],
+    checkpoint: Annotated[str, typer.Argument(help="a best.pt / last.pt, or an exported .onnx")],
     inputs: Annotated[list[str], typer.Argument(help="images, folders or TIFF stacks")],
     out: Annotated[str, typer.Option(help="output folder")] = "predictions",
     tile: Annotated[int, typer.Option(help="tile size")] = 256,
     overlap: Annotated[int, typer.Option(help="tile overlap in pixels")] = 32,
     overlay: Annotated[bool, typer.Option(help="also write colour overlay PNGs")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    runtime: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime on the CPU)")
+                       ] = "torch",
 ) -> None:
     """Label TIFFs (one per input, named after it) for images of any size."""
+    from ..engine.predict import predict_paths
 
-    from PIL import Image
-
-    from ..engine.predict import iter_inputs, overlay as make_overlay, predict_image, write_labels
-
-    if tile < 32:
-        raise CLIError(f"--tile {tile}: must be at least 32")
-    if not 0 <= overlap < tile:
-        raise CLIError(f"--overlap {overlap}: must be in [0, tile)")
-    ckpt = load_checkpoint(checkpoint)
-    dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
-    items = list(iter_inputs(inputs))
-    for path, pages, _ in items:  # check every input before writing anything
-        channels = 1 if pages[0].ndim == 2 else pages[0].shape[-1]
-        if channels != ckpt["in_channels"]:
-            raise CLIError(f"{path}: {channels} channel(s), the model expects {ckpt['in_channels']}")
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    norm = ckpt["norm"]
-    for path, pages, _ in items:
-        labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, device=dev)
-                  for p in pages]
-        write_labels(out_dir / f"{path.stem}.tif", labels)
-        if overlay:
-            for k, (p, lab) in enumerate(zip(pages, labels)):
-                suffix = f"_{k}" if len(pages) > 1 else ""
-                Image.fromarray(make_overlay(p, lab)).save(out_dir / f"{path.stem}{suffix}_overlay.png")
-        console.print(f"{path} → {out_dir / (path.stem + '.tif')} "
-                      f"({labels[0].shape[0]}×{labels[0].shape[1]}, {len(labels)} page(s))")
-
+    dev = resolve_device(device) if runtime == "torch" else "cpu"
+    predict_paths(checkpoint, inputs, out, tile, overlap, overlay, dev, runtime,
+                  on_image=lambda path, target, labels: console.print(
+                      f"{path} → {target} ({labels[0].shape[0]}×{labels[0].shape[1]}, "
+                      f"{len(labels)} page(s))"))

@@ -14,6 +14,15 @@ from .data import DataError
 FORMAT = "cellseg-checkpoint-1"
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename a finished temporary file over ``path``, with the permissions a new file gets
+    (mkstemp makes files readable by their owner only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,7 +30,7 @@ def save_atomic(obj, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1,4 +1,5 @@
-"""Tiled inference on images of any size, with overlap blending and padding."""
+"""Tiled inference on images of any size, with overlap blending and padding; PyTorch or ONNX
+Runtime (:class:`OnnxModel`); :func:`predict_paths` is what ``cellseg predict`` runs."""
 
 from __future__ import annotations
 
@@ -92,3 +93,83 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.nda
 
 def write_labels(path: Path, pages: list[np.ndarray]) -> None:
     tifffile.imwrite(path, np.stack(pages) if len(pages) > 1 else pages[0])
+
+
+class OnnxModel:
+    """An ONNX model exported by cellseg, run by ONNX Runtime on the CPU; called like the
+    PyTorch model (N, C, H, W) tensor → logits tensor."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options,
+                                                    providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.cpu().numpy()})[0])
+
+
+def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
+    """(model, metadata) for a checkpoint (PyTorch, or ONNX Runtime after an export to a
+    temporary file) or an exported .onnx file; metadata holds class names, norm, in_channels."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .export import export_checkpoint, read_metadata
+
+    if runtime not in ("torch", "onnx"):
+        raise DataError(f"--runtime {runtime!r}: expected torch or onnx")
+    source = Path(source)
+    if source.suffix == ".onnx":
+        if runtime != "onnx":
+            raise DataError(f"{source} is an ONNX model: use --runtime onnx")
+        return OnnxModel(source), read_metadata(source, "onnx")
+    ckpt = load_checkpoint(source)
+    meta = {k: ckpt[k] for k in ("spec", "class_names", "in_channels", "norm")}
+    if runtime == "torch":
+        return model_from_checkpoint(ckpt).to(device), meta
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_checkpoint(source, "onnx", Path(tmp) / "model.onnx")
+        return OnnxModel(onnx_path), meta
+
+
+def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
+                  overlap: int = 32, with_overlay: bool = False, device="cpu",
+                  runtime: str = "torch", on_image=None) -> list[Path]:
+    """Label TIFFs (one per input, named after it; stacks stay stacks) in ``out``, with colour
+    overlay PNGs if asked. Every input is read and checked before anything is written."""
+    from PIL import Image
+
+    if tile < 32:
+        raise DataError(f"--tile {tile}: must be at least 32")
+    if not 0 <= overlap < tile:
+        raise DataError(f"--overlap {overlap}: must be in [0, tile)")
+    model, meta = load_predictor(source, runtime, device)
+    items = list(iter_inputs(inputs))
+    for path, pages, _ in items:
+        channels = 1 if pages[0].ndim == 2 else pages[0].shape[-1]
+        if channels != meta["in_channels"]:
+            raise DataError(f"{path}: {channels} channel(s), the model expects "
+                            f"{meta['in_channels']}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    norm, written = meta["norm"], []
+    for path, pages, _ in items:
+        labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, device=device)
+                  for p in pages]
+        write_labels(out / f"{path.stem}.tif", labels)
+        written.append(out / f"{path.stem}.tif")
+        if with_overlay:
+            for k, (p, lab) in enumerate(zip(pages, labels)):
+                suffix = f"_{k}" if len(pages) > 1 else ""
+                Image.fromarray(overlay(p, lab)).save(out / f"{path.stem}{suffix}_overlay.png")
+        if on_image:
+            on_image(path, written[-1], labels)
+    return written

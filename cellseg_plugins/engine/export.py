@@ -1,0 +1,161 @@
+"""Models that leave cellseg: TorchScript, ONNX and BioImage Model Zoo packages.
+
+Every export is the checkpoint's model in eval mode, so training-only parts vanish (FREM
+returns its input, auxiliary heads and round-1 losses are not computed, dropout is off), and
+it is checked when written: the exported model's output must equal PyTorch's within
+:data:`TOLERANCE` on a random input, else nothing is left on disk. The model takes the
+normalised image ((x − mean) / std, x scaled to [0, 1]) and returns class logits; the
+normalisation, class names and spec travel with it (TorchScript extra file, ONNX metadata,
+the BioImage.IO preprocessing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..blocks import GlobalAttention
+from ..hooks import probe_size
+from ..registry import parse_spec
+from .checkpoint import load_checkpoint, model_from_checkpoint, publish
+from .data import DataError
+
+FORMATS = ("torchscript", "onnx", "bioimageio")
+SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "bioimageio": ".bioimageio.zip"}
+TOLERANCE = 1e-4
+META = "cellseg.json"
+
+
+class ExportError(DataError):
+    """An export that cannot be made or does not reproduce the model; one line."""
+
+
+def metadata(ckpt: dict) -> dict:
+    return {"spec": ckpt["spec"], "class_names": ckpt["class_names"],
+            "in_channels": ckpt["in_channels"], "norm": ckpt["norm"]}
+
+
+def example_input(model, ckpt: dict, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    size = probe_size(model)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, ckpt["in_channels"], size, size, generator=g)
+
+
+def write_torchscript(model, ckpt: dict, path: Path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example_input(model, ckpt), check_trace=False)
+    torch.jit.save(traced, str(path), _extra_files={META: json.dumps(metadata(ckpt))})
+
+
+def default_opset(model) -> int:
+    """23 where the model has global attention (ONNX then keeps it as one Attention node,
+    no (HW)² map in the graph), else 18."""
+    return 23 if any(isinstance(m, GlobalAttention) for m in model.modules()) else 18
+
+
+def write_onnx(model, ckpt: dict, path: Path, opset: int | None = None) -> None:
+    import onnx
+
+    fixed = any(getattr(m, "strict_img_size", False) for m in model.modules())
+    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if not fixed:  # any multiple of the arch's stride
+        stride = getattr(getattr(model, "encoder", None), "output_stride", 32)
+        dims[2] = stride * torch.export.Dim("h", min=1, max=4096 // stride)
+        dims[3] = stride * torch.export.Dim("w", min=1, max=4096 // stride)
+    with torch.no_grad():
+        program = torch.onnx.export(model, (example_input(model, ckpt),), dynamo=True,
+                                    opset_version=opset or default_opset(model),
+                                    input_names=["image"], output_names=["logits"],
+                                    dynamic_shapes={"x": dims}, verbose=False)
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {META: json.dumps(metadata(ckpt))})
+    onnx.save(proto, str(path))
+
+
+def run_exported(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
+    """Logits of an exported model (``torchscript`` or ``onnx``) for x (N, C, H, W) float32."""
+    if fmt == "torchscript":
+        with torch.no_grad():
+            return torch.jit.load(str(path))(torch.from_numpy(x)).numpy()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def verify(model, ckpt: dict, path: Path, fmt: str) -> float:
+    """Max |exported − PyTorch| on a fresh random input; ExportError above TOLERANCE."""
+    x = example_input(model, ckpt, batch=1, seed=1)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = run_exported(path, fmt, x.numpy())
+    error = float(np.abs(got - expected).max())
+    if not error <= TOLERANCE:
+        raise ExportError(f"the {fmt} export differs from the PyTorch model by {error:.2e} "
+                          f"(> {TOLERANCE}); nothing written")
+    return error
+
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None = None,
+                      opset: int | None = None, overwrite: bool = False,
+                      author: str | None = None, check: bool = True) -> Path:
+    """Export ``checkpoint`` as ``fmt`` (torchscript | onnx | bioimageio) to ``out``
+    (default: beside the checkpoint). Written to a temporary file, checked, then renamed;
+    ``check=False`` skips only the BioImage.IO model test (the weights are always checked)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if opset is not None and not 17 <= opset <= 23:
+        raise ExportError(f"--opset {opset}: expected 17 … 23")
+    needs = {"onnx": ("onnx", "onnxscript", "onnxruntime"),
+             "bioimageio": ("onnx", "onnxscript", "onnxruntime", "bioimageio.core")}
+    for module in needs.get(fmt, ()):
+        if importlib.util.find_spec(module) is None:
+            raise ExportError(f"--format {fmt} needs {module}: pip install 'cellseg[export]'")
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    out = Path(out) if out else checkpoint.with_name(checkpoint.stem + SUFFIX[fmt])
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; choose another --out or pass --overwrite")
+    if not out.parent.is_dir():
+        raise ExportError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    model = model_from_checkpoint(ckpt).eval()
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{out.name}", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        if fmt == "bioimageio":
+            from .bioimageio import write_package
+            write_package(model, ckpt, tmp, author, check)
+        else:
+            try:
+                (write_torchscript if fmt == "torchscript" else write_onnx)(
+                    model, ckpt, tmp, *([opset] if fmt == "onnx" else []))
+            except Exception as e:
+                plugins = ", ".join(t.name for t in parse_spec(ckpt["spec"]).plugins) or "none"
+                raise ExportError(f"{ckpt['spec']} (plugins: {plugins}) does not export to "
+                                  f"{fmt}: {' '.join(str(e).split())[:200]}") from None
+            verify(model, ckpt, tmp, fmt)
+        publish(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def read_metadata(path: Path, fmt: str) -> dict:
+    """The cellseg metadata stored in an exported TorchScript or ONNX file."""
+    if fmt == "torchscript":
+        files = {META: ""}
+        torch.jit.load(str(path), _extra_files=files)
+        return json.loads(files[META])
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if META not in props:
+        raise ExportError(f"{path} is not an ONNX model exported by cellseg")
+    return json.loads(props[META])

@@ -1,0 +1,121 @@
+"""Exports: every plugin to TorchScript and ONNX (checked against PyTorch), BioImage.IO
+packages that pass bioimageio.core's model test, ONNX Runtime prediction, bad input."""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import tifffile
+import torch
+
+import cellseg_plugins as cs
+from cellseg_plugins.cli.main import main
+from cellseg_plugins.engine.checkpoint import FORMAT
+from cellseg_plugins.engine.export import (ExportError, example_input, export_checkpoint,
+                                           read_metadata, run_exported)
+
+PLUGINS = ["frem", "lfa(m=3)", "attention_gate", "bottleneck_attention", "feedback_self",
+           "feedback_st", "feedback_convlstm", "bottleneck_supervision", "bottleneck_dropout",
+           "scse", "feedback_attention(connection='se')"]
+
+
+def checkpoint(tmp_path, spec, name="model.pt", classes=3):
+    torch.manual_seed(0)
+    model = cs.create_model(spec, classes=classes)
+    model.train()  # one forward in training mode: BatchNorm statistics that are not 0/1
+    with torch.no_grad():
+        model(torch.randn(2, 1, 64, 64))
+    ckpt = {"format": FORMAT, "spec": model.cellseg_spec, "in_channels": 1,
+            "class_names": [f"c{i}" for i in range(classes)],
+            "norm": {"mean": [0.5], "std": [0.2]}, "model": model.state_dict(),
+            "config": {"data": "synthetic"}}
+    torch.save(ckpt, tmp_path / name)
+    return tmp_path / name, model.eval()
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_every_plugin_exports_to_torchscript_and_onnx(tmp_path, plugin):
+    warnings.simplefilter("ignore")
+    path, model = checkpoint(tmp_path, f"classic_unet(width=4)+{plugin}")
+    ckpt = torch.load(path, weights_only=True)
+    for fmt in ("torchscript", "onnx"):
+        out = export_checkpoint(path, fmt)
+        x = torch.randn(1, 1, 96, 64)  # another size than the trace's
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(run_exported(out, fmt, x.numpy()) - expected).max() <= 1e-4
+        assert read_metadata(out, fmt)["class_names"] == ckpt["class_names"]
+
+
+def test_training_only_modules_vanish_from_the_export(tmp_path):
+    plain, _ = checkpoint(tmp_path, "classic_unet(width=4)", "plain.pt")
+    extra, _ = checkpoint(tmp_path, "classic_unet(width=4)+frem+bottleneck_supervision"
+                                    "+bottleneck_dropout", "extra.pt")
+    ops = [sorted(n.op_type for n in onnx.load(str(export_checkpoint(p, "onnx"))).graph.node)
+           for p in (plain, extra)]
+    assert ops[0] == ops[1]  # no scaling, no auxiliary head, no dropout
+
+
+def test_feedback_attention_keeps_attention_as_one_onnx_node(tmp_path):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)+feedback_self")
+    graph = onnx.load(str(export_checkpoint(path, "onnx"))).graph
+    assert "Attention" in {n.op_type for n in graph.node}
+
+
+def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    (tmp_path / "model.onnx").write_text("keep me")
+    cases = [(["export", str(path), "--format", "keras"], "--format 'keras': expected one of"),
+             (["export", str(path)], "model.onnx exists; choose another --out or pass --overwrite"),
+             (["export", str(tmp_path / "nope.pt")], "does not exist"),
+             (["export", str(path), "--out", str(tmp_path / "no" / "m.onnx")], "does not exist"),
+             (["export", str(path), "--opset", "12"], "--opset 12: expected 17 … 23")]
+    for argv, fragment in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and fragment in err and err.count("\n") == 1, err
+    assert (tmp_path / "model.onnx").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt"]
+
+
+def test_a_mismatching_export_is_refused_and_not_kept(tmp_path, monkeypatch):
+    import cellseg_plugins.engine.export as export
+
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    monkeypatch.setattr(export, "run_exported", lambda p, f, x: np.zeros((1, 3, 128, 128)))
+    with pytest.raises(ExportError, match="differs from the PyTorch model"):
+        export_checkpoint(path, "torchscript")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_bioimageio_package_passes_the_zoo_model_test(tmp_path):
+    from bioimageio.core import test_model
+    from bioimageio.spec import load_model_description
+
+    warnings.simplefilter("ignore")
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)+lfa(m=3)+frem")
+    package = export_checkpoint(path, "bioimageio", check=False)
+    summary = test_model(package)
+    assert summary.status == "passed", summary.format()
+    descr = load_model_description(package)
+    assert [str(c) for c in descr.outputs[0].axes[1].channel_names] == ["c0", "c1", "c2"]
+    norm = next(p for p in descr.inputs[0].preprocessing
+                if p.id == "fixed_zero_mean_unit_variance")
+    assert norm.kwargs.mean == pytest.approx(127.5) and norm.kwargs.std == pytest.approx(51.0)
+    assert any("Localized Feature Aggregation" in c.text for c in descr.cite)
+    assert descr.config.model_extra["cellseg"]["spec"].startswith("classic_unet")
+
+
+def test_predict_with_onnx_runtime_agrees_with_torch(tmp_path, capsys):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)+lfa(m=3)")
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, (np.random.default_rng(0).random((300, 200)) * 255).astype(np.uint8))
+    for runtime in ("torch", "onnx"):
+        with pytest.raises(SystemExit) as e:
+            main(["predict", str(path), str(image), "--out", str(tmp_path / runtime),
+                  "--runtime", runtime, "--tile", "128"])
+        assert e.value.code == 0, capsys.readouterr().err
+    a, b = (tifffile.imread(tmp_path / r / "image.tif") for r in ("torch", "onnx"))
+    assert a.shape == (300, 200) and (a == b).mean() >= 0.999
