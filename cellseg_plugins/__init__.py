@@ -13,6 +13,9 @@ from . import encoders as _encoders  # noqa: F401  (registers the plain encoders
 from . import archs as _archs  # noqa: F401  (registers every smp architecture)
 from . import classic_unet as _classic_unet  # noqa: F401  (registers the papers' U-Net)
 from . import plugins as _plugins  # noqa: F401  (registers every plugin)
+from .registry import load_third_party as _load_third_party
+
+_load_third_party()  # packages registered under the entry-point group "cellseg.plugins"
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,7 @@ mirrored decoder widths and the full-resolution top skip.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import os
@@ -54,8 +55,8 @@ def arch_params(name: str, cls: type) -> tuple[Param, ...]:
     for p in params_from_signature(cls.__init__, skip=HIDDEN):
         if p.name == "encoder_name":
             p = Param("encoder", p.annotation, p.default)
-        elif p.name == "encoder_weights":
-            p = Param(p.name, p.annotation, None)
+        elif p.name == "encoder_weights":  # smp's names, True for timm ('tu-') encoders, a file
+            p = Param(p.name, str | bool | None, None)
         out.append(p)
     return tuple(out) + TIMM_PARAMS.get(name, ())
 
@@ -79,26 +80,61 @@ def build_smp(cls: type, in_channels: int, classes: int, encoder: str = "resnet3
               encoder_weights: str | None = None, **params) -> nn.Module:
     """Build ``cls`` with smp; a local weights file is loaded into the encoder after building."""
     check_encoder(encoder)
-    local = encoder_weights if encoder_weights and (
+    local = encoder_weights if isinstance(encoder_weights, str) and (
         os.path.isfile(encoder_weights) or WEIGHT_FILE.match(encoder_weights)) else None
     hub = None if local else encoder_weights
     if params.get("img_size", 0) is None:
         del params["img_size"]
+    offline = hub is not None and not hub_reachable()
     try:
-        model = cls(encoder_name=encoder, encoder_weights=hub, in_channels=in_channels,
-                    classes=classes, **params)
+        with hub_offline(offline):
+            model = cls(encoder_name=encoder, encoder_weights=hub, in_channels=in_channels,
+                        classes=classes, **params)
     except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as e:
         raise PluginConfigError(" ".join(str(e).split())) from None
     except Exception as e:  # network / hub errors while fetching pretrained weights
         if hub is None:
             raise
+        why = ("offline: the hub is unreachable and the weights are not cached" if offline
+               else f"{type(e).__name__}; offline?")
         raise PluginConfigError(
-            f"could not fetch encoder_weights={hub!r} for encoder {encoder!r} "
-            f"({type(e).__name__}); offline? use encoder_weights=None or a local weights file"
+            f"could not fetch encoder_weights={hub!r} for encoder {encoder!r} ({why}); use "
+            f"encoder_weights=None, or a local file: encoder_weights='/path/to/{encoder}.pth'"
         ) from None
     if local:
         load_encoder_weights(model, local)
     return model
+
+
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the weights hub (HuggingFace, or $HF_ENDPOINT) answers a TCP connect in time."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool):
+    """While building: cached weights only, no retries, when the hub is unreachable."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def load_encoder_weights(model: nn.Module, path: str) -> None:

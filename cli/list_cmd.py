@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import sys
 from enum import Enum
 from typing import Annotated
 
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..registry import all_entries
+from ..registry import all_entries, third_party_errors
 from ..registry.spec import format_value
 from .errors import reports_errors
 
@@ -64,6 +65,9 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """List architectures, plugins (and with --kind encoder, encoders) with their parameters."""
+    for package, reason in third_party_errors().items():
+        print(f"warning: plugin package {package!r} failed to load ({reason}); skipped",
+              file=sys.stderr)
     rows = collect(pattern, kind)
     if as_json:
         print(json.dumps(rows, indent=2))

@@ -143,3 +143,34 @@ def list_archs(pattern: str = "*") -> list[str]:
 def list_plugins(pattern: str = "*") -> list[str]:
     """Sorted names of registered plugins matching an fnmatch ``pattern``."""
     return _list("plugin", pattern)
+
+
+# ---------------------------------------------------------------- third-party packages
+
+ENTRY_POINT_GROUP = "cellseg.plugins"
+_THIRD_PARTY_ERRORS: dict[str, str] = {}
+
+
+def load_third_party() -> dict[str, str]:
+    """Import every package registered under the entry-point group ``cellseg.plugins``.
+
+    An entry point names a module (importing it registers its plugins and archs with the
+    decorators) or a function (called with no arguments). A package that fails to load is
+    skipped; its one-line reason is returned (and kept for ``cellseg list`` to show).
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        package = ep.dist.name if ep.dist else ep.value
+        try:
+            loaded = ep.load()
+            if callable(loaded) and not inspect.ismodule(loaded):
+                loaded()
+        except Exception as e:  # a broken third-party package must not break cellseg
+            _THIRD_PARTY_ERRORS[package] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return dict(_THIRD_PARTY_ERRORS)
+
+
+def third_party_errors() -> dict[str, str]:
+    """Packages of the ``cellseg.plugins`` group that failed to load, with the reason."""
+    return dict(_THIRD_PARTY_ERRORS)

@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import ast
 import difflib
+import io
 import math
+import tokenize
 from dataclasses import dataclass
 from typing import Any
 
 from .registry import Entry, all_entries, get_entry
 
 LITERAL_TYPES = (int, float, str, bool, type(None))
+# Limits checked before anything is parsed (a spec is a short line, never a program).
+MAX_LENGTH = 2000  # characters
+MAX_TERMS = 32  # architecture + plugins
+MAX_DEPTH = 3  # bracket nesting: term(...), a list [...], a list inside it
+MAX_ITEMS = 64  # values in one list
+QUOTE = 60  # characters of the offending text an error message quotes
 
 
 class SpecError(ValueError):
@@ -26,7 +34,7 @@ class SpecError(ValueError):
     def __init__(self, message: str, column: int | None = None, term: str | None = None):
         where = []
         if term:
-            where.append(f"term {term!r}")
+            where.append(f"term {term if len(term) <= 24 else term[:23] + '…'!r}")
         if column is not None:
             where.append(f"column {column}")
         prefix = f"bad model spec ({', '.join(where)}): " if where else "bad model spec: "
@@ -93,6 +101,7 @@ def parse_spec(text: str, require_arch: bool = True) -> Spec:
         raise SpecError(f"expected a string, got {type(text).__name__}")
     if not text.strip():
         raise SpecError("empty spec; expected e.g. 'unet' or 'unet+lfa(m=7)'", column=1)
+    check_limits(text)
     try:
         tree = ast.parse("(" + text + "\n)", mode="eval")
     except SyntaxError as e:
@@ -104,7 +113,7 @@ def parse_spec(text: str, require_arch: bool = True) -> Spec:
         name, col, args, kwargs = _term_parts(node)
         entry = get_entry(name)
         if entry is None:
-            raise SpecError(f"unknown name {name!r}{_did_you_mean(name)}", col, name)
+            raise SpecError(f"unknown name {quote(name)}{_did_you_mean(name)}", col, name)
         if i == 0 and require_arch and entry.kind != "arch":
             raise SpecError(
                 f"a spec starts with an architecture, got plugin {name!r} "
@@ -120,6 +129,38 @@ def parse_spec(text: str, require_arch: bool = True) -> Spec:
         _check_combination(terms, entry, col)
     arch = terms[0] if get_entry(terms[0].name).kind == "arch" else None
     return Spec(arch, tuple(terms[1:] if arch else terms))
+
+
+def quote(text: str) -> str:
+    """``text`` for an error message: at most :data:`QUOTE` characters, repr-quoted."""
+    return repr(text if len(text) <= QUOTE else text[:QUOTE - 1] + "…")
+
+
+def check_limits(text: str) -> None:
+    """Refuse, before parsing, what is not a spec or is larger than the stated limits."""
+    if len(text) > MAX_LENGTH:
+        raise SpecError(f"the spec is {len(text)} characters long; the limit is {MAX_LENGTH}")
+    bad = next((i for i, ch in enumerate(text) if not ch.isprintable() and ch not in " \t"), None)
+    if bad is not None:
+        raise SpecError(f"character {text[bad]!r} is not allowed in a spec", bad + 1)
+    terms, depth = 1, 0
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            col = tok.start[1] + 1
+            if tok.type == tokenize.COMMENT:
+                raise SpecError(f"comments are not allowed in a spec: {quote(tok.string)}", col)
+            if tok.type == tokenize.OP and tok.string in "([{":
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise SpecError(f"brackets nest deeper than {MAX_DEPTH}", col)
+            elif tok.type == tokenize.OP and tok.string in ")]}":
+                depth -= 1
+            elif tok.type == tokenize.OP and tok.string == "+" and depth == 0:
+                terms += 1
+                if terms > MAX_TERMS:
+                    raise SpecError(f"more than {MAX_TERMS} terms", col)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return  # unbalanced brackets, open strings: the parser says where
 
 
 def _flatten(node) -> list:
@@ -139,9 +180,8 @@ def _term_parts(node):
         return node.id.lower(), _column(node), [], []
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         return node.func.id.lower(), _column(node), node.args, node.keywords
-    found = ast.unparse(node)
-    raise SpecError(f"expected name or name(key=value, ...) joined by '+', got {found!r}",
-                    _column(node))
+    raise SpecError(f"expected name or name(key=value, ...) joined by '+', got "
+                    f"{quote(ast.unparse(node))}", _column(node))
 
 
 def _literal_kwargs(entry: Entry, keywords) -> dict[str, Any]:
@@ -154,15 +194,18 @@ def _literal_kwargs(entry: Entry, keywords) -> dict[str, Any]:
             value = ast.literal_eval(kw.value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise SpecError(
-                f"{kw.arg}={ast.unparse(kw.value)}: only literal values are allowed "
-                "(numbers, strings, True/False/None, lists)", col, entry.name) from None
+                f"{quote(kw.arg + '=' + ast.unparse(kw.value))}: only literal values are "
+                "allowed (numbers, strings, True/False/None, lists)", col, entry.name) from None
         if not _is_plain_literal(value):
             raise SpecError(
-                f"{kw.arg}={ast.unparse(kw.value)}: only finite numbers, strings, "
+                f"{quote(kw.arg + '=' + ast.unparse(kw.value))}: only finite numbers, strings, "
                 "True/False/None and lists of these are allowed", col, entry.name)
+        if isinstance(value, (list, tuple)) and len(value) > MAX_ITEMS:
+            raise SpecError(f"{kw.arg}: a list of {len(value)} values; the limit is "
+                            f"{MAX_ITEMS}", col, entry.name)
         param = entry.param(kw.arg)
         if param is None:
-            raise SpecError(f"unknown parameter {kw.arg!r} ({_valid_names(entry)})",
+            raise SpecError(f"unknown parameter {quote(kw.arg)} ({_valid_names(entry, kw.arg)})",
                             col, entry.name)
         if param.name in out:
             raise SpecError(f"parameter {param.name!r} given twice", col, entry.name)
@@ -190,7 +233,8 @@ def _validated_term(entry: Entry, values: dict[str, Any], keywords, col) -> Term
                                 entry.name) from None
     for name in values:
         if entry.param(name) is None:
-            raise SpecError(f"unknown parameter {name!r} ({_valid_names(entry)})", col, entry.name)
+            raise SpecError(f"unknown parameter {quote(name)} ({_valid_names(entry, name)})", col,
+                            entry.name)
     missing = [p.name for p in entry.params if p.required and p.name not in values]
     if missing:
         raise SpecError(f"missing required parameter(s) {', '.join(missing)}", col, entry.name)
@@ -223,7 +267,14 @@ def _did_you_mean(name: str) -> str:
     return "; run 'cellseg list' to see all names"
 
 
-def _valid_names(entry: Entry) -> str:
+def _valid_names(entry: Entry, name: str | None = None) -> str:
+    """The parameters to choose from: all of them when they fit in a short line, else the
+    closest to ``name`` and where to see the rest."""
     if not entry.params:
         return f"{entry.name!r} takes no parameters"
-    return "valid: " + ", ".join(p.name for p in entry.params)
+    names = [p.name for p in entry.params]
+    if len(", ".join(names)) <= 80:
+        return "valid: " + ", ".join(names)
+    close = difflib.get_close_matches((name or "").lower(), names, n=2, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}'cellseg list {entry.name}' shows all {len(names)}"

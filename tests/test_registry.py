@@ -159,3 +159,23 @@ def test_deepcopy_keeps_hooks_local():
 def test_registry_json_is_serialisable():
     data = {e.name: e.to_json() for e in cs.registry.all_entries()}
     assert json.loads(json.dumps(data))["scse"]["supports"][0] == "classic_unet"
+
+
+def test_hub_weights_offline_fail_fast_in_one_line(monkeypatch, capsys):
+    """No network (simulated, so that a machine with one downloads nothing): one line, no
+    retries, and the way to pass a local file."""
+    import time
+
+    import cellseg_plugins.archs as archs
+    from cellseg_plugins.cli.main import main
+
+    monkeypatch.setattr(archs, "hub_reachable", lambda timeout=1.5: False)
+    for spec in ("unet(encoder='resnet18',encoder_weights='imagenet')",
+                 "unet(encoder='tu-resnet18',encoder_weights=True)"):
+        t0 = time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            main(["bench", spec])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "Retry" not in err
+        assert "encoder_weights='/path/to/" in err and "unreachable" in err
+        assert time.perf_counter() - t0 < 10
