@@ -42,6 +42,15 @@ SMP_ARCHS: dict[str, tuple[type, str]] = {
     "segformer": (smp.Segformer, "SegFormer decoder: all-MLP multi-scale fusion"),
     "dpt": (smp.DPT, "Dense Prediction Transformer: ViT encoder (timm) with reassemble/fusion decoder"),
 }
+# Input sides each arch takes with its default encoder (cellseg_plugins.input_rules finds them
+# for any built model; a test checks this table against it).
+ARCH_INPUT = {
+    "unet": "any size", "unetplusplus": "multiples of 32", "manet": "multiples of 32",
+    "linknet": "multiples of 32", "fpn": "multiples of 32", "pspnet": "multiples of 8",
+    "deeplabv3": "multiples of 8", "deeplabv3plus": "multiples of 16",
+    "pan": "multiples of 16, at least 128", "upernet": "multiples of 32",
+    "segformer": "multiples of 32", "dpt": "exactly the ViT's image size (img_size)",
+}
 
 HIDDEN = ("in_channels", "classes", "activation", "aux_params")
 # Parameters smp forwards to a timm encoder through **kwargs; None = timm's default.
@@ -200,4 +209,5 @@ def build_unet(in_channels: int, classes: int, **params) -> nn.Module:
 for _name, (_cls, _desc) in SMP_ARCHS.items():
     _factory = build_unet if _name == "unet" else functools.partial(build_smp, _cls)
     add_entry(Entry(name=_name, kind="arch", factory=_factory, description=_desc,
-                    params=arch_params(_name, _cls), extra={"model_class": _cls}))
+                    params=arch_params(_name, _cls),
+                    extra={"model_class": _cls, "input": ARCH_INPUT[_name]}))

@@ -13,6 +13,7 @@ from rich.table import Table
 from ..bench import BenchConfig, report, run_bench
 from ..engine.config import TrainConfig
 from ..engine.train import resolve_device
+from ..input_rules import input_rules
 from ..registry import create_model, parse_spec
 from .errors import CLIError, reports_errors
 
@@ -56,8 +57,12 @@ def bench_command(
         return
     dev = resolve_device(device).type
     specs = [str(parse_spec(spec))] + ([str(parse_spec(vs))] if vs else [])
-    for s in specs:  # build once here so that plugin errors are reported before any worker starts
-        create_model(s, in_channels=in_channels, classes=classes)
+    for s in specs:  # build once here: plugin and size errors before any worker starts
+        try:
+            input_rules(create_model(s, in_channels=in_channels, classes=classes)).check(
+                size, f"--size {size}")
+        except ValueError as e:
+            raise CLIError(f"{e} ({s})") from None
     cfg = BenchConfig(size, batch, in_channels, classes, dev, steps)
     if as_json:
         results = run_bench(specs, cfg)

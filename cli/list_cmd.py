@@ -73,12 +73,14 @@ def list_command(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"cellseg registry ({len(rows)} matching {pattern!r})", show_lines=True)
-    for col in ("name", "kind", "parameters", "description", "supports"):
+    for col in ("name", "kind", "parameters", "description", "supports / input"):
         table.add_column(col, overflow="fold")
     for r in rows.values():
         supports = r.get("supports", "")
         if isinstance(supports, list):
             supports = ", ".join(supports)
+        if "input" in r:
+            supports = f"input: {r['input']}"
         table.add_row(r["name"], r["kind"], "\n".join(format_param(p) for p in r["params"]),
                       r["description"], supports)
     Console().print(table)

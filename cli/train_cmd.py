@@ -74,10 +74,14 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     round: Annotated[int | None, typer.Option(
         help="two-round models: evaluate round 1 or 2 (default: the spec's)")] = None,
+    classes: Annotated[str | None, typer.Option(
+        help="sstem class map (must match training for the training data)")] = None,
+    class_map: Annotated[str | None, typer.Option(
+        help="mask grey levels, e.g. '0:bg,255:cell' (for other data: map its masks)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Per-class IoU, mIoU and pixel accuracy over all pixels of a split."""
-    result = evaluate_checkpoint(checkpoint, data, split, device, round)
+    result = evaluate_checkpoint(checkpoint, data, split, device, round, classes, class_map)
     crops, spec = result.pop("crops"), result.pop("spec")
     if as_json:
         print(json.dumps(result))

@@ -52,6 +52,7 @@ def apply_plugins(model: nn.Module, spec: str | Spec) -> nn.Module:
 
 
 def _apply(model: nn.Module, plugins: tuple[Term, ...]) -> nn.Module:
+    model.__dict__.pop("cellseg_input_rules", None)  # plugins may change what the model takes
     for term in plugins:
         try:
             model = get_entry(term.name).factory(model, **term.kwargs)

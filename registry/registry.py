@@ -52,6 +52,8 @@ class Entry:
             "description": self.description,
             "params": [p.to_json() for p in self.params],
         }
+        if "input" in self.extra:
+            out["input"] = self.extra["input"]
         if self.kind == "plugin":
             out["supports"] = sorted(self.supports) if self.supports is not None else "all"
             out["repeatable"] = self.repeatable
@@ -76,11 +78,13 @@ def add_entry(entry: Entry) -> Entry:
     return entry
 
 
-def register_arch(name: str, description: str | None = None, model_class: type | None = None):
+def register_arch(name: str, description: str | None = None, model_class: type | None = None,
+                  input: str | None = None):
     """Decorator: register ``factory(in_channels, classes, **params) -> nn.Module`` as an arch.
 
     ``model_class``: the class the factory builds, so that plugins applied to a model built
-    elsewhere (``apply_plugins``) know its architecture.
+    elsewhere (``apply_plugins``) know its architecture. ``input``: the input sides it takes
+    with its defaults, in words (``cellseg list`` shows it).
     """
 
     def deco(factory: Callable) -> Callable:
@@ -88,7 +92,7 @@ def register_arch(name: str, description: str | None = None, model_class: type |
             name=name.lower(), kind="arch", factory=factory,
             description=description or first_line(factory.__doc__),
             params=params_from_signature(factory, skip=ARCH_CONTEXT),
-            extra={"model_class": model_class} if model_class else {},
+            extra={k: v for k, v in (("model_class", model_class), ("input", input)) if v},
         ))
         return factory
 

@@ -12,6 +12,7 @@ from ..registry import SpecError, create_model
 from .data import DataError
 
 FORMAT = "cellseg-checkpoint-1"
+TMP_SUFFIX = ".partial"
 
 
 def publish(tmp: str | Path, path: str | Path) -> None:
@@ -23,17 +24,37 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``: a
+    reader (or a crash) sees the old file or the new one, never half of one. The temporary
+    file is removed if ``write`` fails (a full disk, ...)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save ``obj`` to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Delete temporary files a killed process left in ``folder``; returns them."""
+    stale = list(Path(folder).glob(f".*{TMP_SUFFIX}")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -8,6 +8,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from .checkpoint import write_text_atomic
 from .data import load_data
 from .evaluation import evaluate_checkpoint
 from .jobs import run_jobs
@@ -24,7 +25,7 @@ def train_and_test(cfg: TrainConfig) -> dict:
     rd = Path(cfg.out)
     Trainer(cfg, resume=(rd / "last.pt").exists()).run()
     result = evaluate_checkpoint(rd / "best.pt", split="test", device=cfg.device)
-    (rd / "test.json").write_text(json.dumps(result))
+    write_text_atomic(rd / "test.json", json.dumps(result))
     return result
 
 

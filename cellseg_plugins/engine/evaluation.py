@@ -7,31 +7,43 @@ import torch
 from ..registry import PluginConfigError
 from ..rounds import set_prediction_round
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import CropDataset, DataError, load_data
+from .data import CropDataset, DataError, load_data, parse_class_map
 from .metrics import scores
 from .train import evaluate, resolve_device
 
 
 def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
-                        device: str = "auto", round: int | None = None) -> dict:
+                        device: str = "auto", round: int | None = None,
+                        classes: str | None = None, class_map: str | None = None) -> dict:
     """{"miou", "iou": {class: IoU}, "pixel_accuracy", "crops", "spec"} over all pixels.
 
     With the checkpoint's own data, ``split`` picks its test or validation sources; with other
-    ``data``, every image of it is used. ``round`` (1 or 2) evaluates that round of a
-    two-round model (the FA paper's Table 4), default the one its spec predicts.
+    ``data``, every image of it is used. ``classes`` / ``class_map`` take the values training
+    took; given for the training data they must be the same, for other data they map its
+    masks to the model's classes. ``round`` (1 or 2) evaluates that round of a two-round
+    model (the FA paper's Table 4), default the one its spec predicts.
     """
     if split not in ("test", "val"):
         raise DataError(f"--split {split!r}: expected test or val")
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     target = data or cfg["data"]
-    sources = load_data(target, cfg["classes"] if target == "sstem" else None,
-                        cfg["class_map"] if target not in ("synthetic", "sstem") else None,
+    own = target == cfg["data"]
+    trained = {"classes": cfg["classes"] or ("sstem5" if cfg["data"] == "sstem" else None),
+               "class_map": cfg["class_map"]}
+    for name, given in (("classes", classes), ("class_map", class_map)):
+        if given is not None and own and _canonical(name, given) != _canonical(
+                name, trained[name]):
+            flag = "--" + name.replace("_", "-")
+            was = "none" if trained[name] is None else f"{flag} {trained[name]!r}"
+            raise DataError(f"{flag} {given!r}: the model was trained with {was}")
+    sources = load_data(target, (classes or trained["classes"]) if target == "sstem" else None,
+                        (class_map or (cfg["class_map"] if own else None))
+                        if target not in ("synthetic", "sstem") else class_map,
                         cfg["seed"])
     if list(sources.class_names) != ckpt["class_names"]:
         raise DataError(f"data classes {list(sources.class_names)} differ from the "
                         f"checkpoint's {ckpt['class_names']}")
-    own = data in (None, cfg["data"])
     indices = ckpt["split"][split] if own else list(range(len(sources.images)))
     dataset = CropDataset(sources, indices, cfg["crop"], ckpt["norm"]["mean"], ckpt["norm"]["std"])
     dev = resolve_device(device)
@@ -44,3 +56,10 @@ def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
     loader = torch.utils.data.DataLoader(dataset, batch_size=8)
     result = scores(evaluate(model, loader, len(ckpt["class_names"]), dev), ckpt["class_names"])
     return {**result, "crops": len(dataset), "spec": ckpt["spec"]}
+
+
+def _canonical(name: str, value: str | None):
+    """A --classes / --class-map value in a comparable form (class maps parsed)."""
+    if name == "class_map" and value is not None:
+        return parse_class_map(value)
+    return value

@@ -10,6 +10,7 @@ import tifffile
 import torch
 from torch.nn import functional as F
 
+from ..input_rules import InputRules, input_rules
 from .data import DataError, SUFFIXES, _to_unit, read_image
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -35,19 +36,20 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
 
 @torch.no_grad()
 def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap: int = 32,
-                  multiple: int = 32, device="cpu") -> np.ndarray:
+                  rules: InputRules | None = None, device="cpu") -> np.ndarray:
     """Label map (H, W) uint8 for one image (H, W[, C]) float in [0, 1].
 
     Tiles of ``tile`` px overlapping by ``overlap`` px; softmax probabilities are blended with
-    linear edge ramps. Images or tiles not divisible by ``multiple`` are reflect-padded.
+    linear edge ramps. The tile is grown to a side the model takes (``rules``, default:
+    multiples of 32) and the image padded to it (reflected, or replicated where it is small).
     """
     model.eval()
+    rules = rules or InputRules(32, 32)
     x = torch.from_numpy(image)
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
     x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
     _, h, w = x.shape
-    tile = min(tile, max(h, w))
-    tile = -(-tile // multiple) * multiple
+    tile = rules.fit(min(tile, max(h, w)))
     ph, pw = max(tile, h), max(tile, w)
     mode = "reflect" if ph - h < h and pw - w < w else "replicate"  # reflect needs pad < size
     x = F.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)
@@ -117,8 +119,10 @@ class OnnxModel:
 
 
 def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
-    """(model, metadata) for a checkpoint (PyTorch, or ONNX Runtime after an export to a
-    temporary file) or an exported .onnx file; metadata holds class names, norm, in_channels."""
+    """(model, metadata, input rules) for a checkpoint (PyTorch, or ONNX Runtime after an
+    export to a temporary file) or an exported .onnx file; metadata holds class names, norm,
+    in_channels and the spec."""
+    from ..registry import create_model
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .export import export_checkpoint, read_metadata
 
@@ -128,16 +132,20 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
     if source.suffix == ".onnx":
         if runtime != "onnx":
             raise DataError(f"{source} is an ONNX model: use --runtime onnx")
-        return OnnxModel(source), read_metadata(source, "onnx")
+        meta = read_metadata(source, "onnx")
+        rules = input_rules(create_model(meta["spec"], in_channels=meta["in_channels"],
+                                         classes=len(meta["class_names"])))
+        return OnnxModel(source), meta, rules
     ckpt = load_checkpoint(source)
     meta = {k: ckpt[k] for k in ("spec", "class_names", "in_channels", "norm")}
+    model = model_from_checkpoint(ckpt).to(device)
     if runtime == "torch":
-        return model_from_checkpoint(ckpt).to(device), meta
+        return model, meta, input_rules(model)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_checkpoint(source, "onnx", Path(tmp) / "model.onnx")
-        return OnnxModel(onnx_path), meta
+        return OnnxModel(onnx_path), meta, input_rules(model)
 
 
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
@@ -151,7 +159,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
         raise DataError(f"--tile {tile}: must be at least 32")
     if not 0 <= overlap < tile:
         raise DataError(f"--overlap {overlap}: must be in [0, tile)")
-    model, meta = load_predictor(source, runtime, device)
+    model, meta, rules = load_predictor(source, runtime, device)
     items = list(iter_inputs(inputs))
     for path, pages, _ in items:
         channels = 1 if pages[0].ndim == 2 else pages[0].shape[-1]
@@ -162,7 +170,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     out.mkdir(parents=True, exist_ok=True)
     norm, written = meta["norm"], []
     for path, pages, _ in items:
-        labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, device=device)
+        labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device)
                   for p in pages]
         write_labels(out / f"{path.stem}.tif", labels)
         written.append(out / f"{path.stem}.tif")

@@ -15,8 +15,10 @@ from torch import nn
 
 from ..registry import create_model, epoch_start, step_start, training_loss
 from . import distributed
-from .checkpoint import FORMAT, load_checkpoint, save_atomic
-from .config import TrainConfig
+from .checkpoint import (FORMAT, load_checkpoint, remove_stale, save_atomic, write_atomic,
+                         write_text_atomic)
+from ..input_rules import input_rules
+from .config import ConfigError, TrainConfig
 from .data import CropDataset, DataError, channel_stats, class_shares, fold_split, load_data
 from .device_data import DeviceCrops, fits_on_device
 from .metrics import confusion, scores
@@ -103,6 +105,7 @@ class Trainer:
                             "another --out")
         if resume and not (self.out / "last.pt").exists():
             raise DataError(f"--resume: no last.pt in {str(self.out)!r}")
+        remove_stale(self.out)  # half-written files of a killed run
         self.device = distributed.setup(resolve_device(cfg.device))
         cuda = self.device.type == "cuda"
         self.sources = load_data(cfg.data, cfg.classes, cfg.class_map, seed=cfg.seed)
@@ -120,6 +123,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.spec, in_channels=self.sources.in_channels,
                                   classes=n).to(self.device)
+        try:
+            input_rules(self.model).check(cfg.crop, f"--crop {cfg.crop}")
+        except ValueError as e:
+            raise ConfigError("crop", cfg.crop, str(e).split(": ", 1)[1]) from None
         self.channels_last = cuda if cfg.channels_last is None else cfg.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -226,7 +233,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         info = {**asdict(self.cfg), "versions": versions(), "split": self.split,
                 "class_names": list(self.class_names), "norm": {"mean": self.mean, "std": self.std}}
-        (self.out / "config.json").write_text(json.dumps(info, indent=2))
+        write_text_atomic(self.out / "config.json", json.dumps(info, indent=2))
 
     def train_epoch(self, on_step=None) -> float:
         """One epoch; returns the mean loss. ``on_step(i, n, loss)`` gets the loss as a device
@@ -281,23 +288,36 @@ class Trainer:
             if improved:
                 self.best = val["miou"]
             if distributed.is_main():
-                ckpt = self.checkpoint()
-                if improved:
-                    save_atomic(ckpt, self.out / "best.pt")
-                save_atomic(ckpt, self.out / "last.pt")
-                self.write_metrics(final=self.epoch == self.cfg.epochs)
+                self.save(improved)
             distributed.barrier()
             if on_epoch:
                 on_epoch(row)
         return self.history[-1] if self.history else {}
 
+    def save(self, improved: bool) -> None:
+        """best.pt (if improved), last.pt, metrics; each written atomically, so a kill or a
+        full disk leaves the last good files. A failed write stops training in one line."""
+        ckpt = self.checkpoint()
+        try:
+            if improved:
+                save_atomic(ckpt, self.out / "best.pt")
+            save_atomic(ckpt, self.out / "last.pt")
+            self.write_metrics(final=self.epoch == self.cfg.epochs)
+        except OSError as e:
+            raise TrainingError(f"could not write the epoch {self.epoch} files in "
+                                f"{str(self.out)!r} ({e.strerror or e}); the previous ones are "
+                                "intact: free space, then --resume") from None
+
     def write_metrics(self, final: bool = True) -> None:
         """metrics.csv every epoch; curves.png after the last epoch and at most every
         :data:`PLOT_EVERY_S` seconds before (drawing it costs as much as a small epoch)."""
-        with open(self.out / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
-            writer.writeheader()
-            writer.writerows(self.history)
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(self.history[0]))
+                writer.writeheader()
+                writer.writerows(self.history)
+
+        write_atomic(self.out / "metrics.csv", write)
         if final or time.monotonic() - self._plotted >= PLOT_EVERY_S:
             plot_curves(self.history, self.out / "curves.png")
             self._plotted = time.monotonic()
@@ -316,5 +336,5 @@ def plot_curves(history: list[dict], path: Path) -> None:
     b.plot(epochs, [r["val_miou"] for r in history], marker="o", color="tab:green")
     b.set(xlabel="epoch", ylabel="validation mIoU", title="validation mIoU", ylim=(0, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

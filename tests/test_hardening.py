@@ -1,0 +1,182 @@
+"""Bad sizes and options in one line; faults mid-write leave the last good files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cellseg_plugins as cs
+from cellseg_plugins.cli.main import main
+from cellseg_plugins.engine.checkpoint import load_checkpoint
+from cellseg_plugins.engine.train import TrainConfig, Trainer, TrainingError
+from cellseg_plugins.input_rules import input_rules
+from conftest import small_spec
+
+TINY = "classic_unet(width=4)"
+FAST = ["--crop", "64", "--batch-size", "32", "--device", "cpu"]
+
+
+def cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+# ---------------------------------------------------------------- input sizes
+
+
+@pytest.mark.parametrize("arch", [a for a in cs.list_archs()])
+def test_list_states_each_archs_input_rule(arch):
+    """The rule `cellseg list` shows is the one found by running the model."""
+    model = cs.create_model(small_spec(arch), classes=3)
+    rules = input_rules(model)
+    text = cs.registry.get_entry(arch).to_json()["input"]
+    if rules.fixed is not None:
+        assert text.startswith("exactly") and rules.fixed == 64
+    elif rules.multiple == 1:
+        assert text == "any size"
+    else:
+        expected = f"multiples of {rules.multiple}"
+        if rules.minimum > rules.multiple:
+            expected += f", at least {rules.minimum}"
+        assert text.replace("2^depth (16)", "16") == expected
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["bench", "fpn(encoder='resnet18')", "--size", "100"],
+     "--size 100: this model takes sides multiples of 32, at least 32 (e.g. 128)"),
+    (["bench", "pan(encoder='resnet18')", "--size", "64"],
+     "--size 64: this model takes sides multiples of 16, at least 128 (e.g. 128)"),
+    (["train", "fpn(encoder='resnet18')", "--crop", "100", "--device", "cpu"],
+     "--crop 100: this model takes sides multiples of 32"),
+])
+def test_sizes_a_model_refuses_are_one_line_before_any_work(capsys, tmp_path, argv, fragment):
+    code, _, err = cli(capsys, *argv, "--out" if argv[0] == "train" else "--steps",
+                       tmp_path / "run" if argv[0] == "train" else 1)
+    assert code == 2 and fragment in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_pads_what_the_model_cannot_take(tmp_path, capsys):
+    from cellseg_plugins.engine.predict import predict_image
+
+    model = cs.create_model("pan(encoder='resnet18')", classes=3)
+    image = np.random.default_rng(0).random((70, 50)).astype(np.float32)
+    labels = predict_image(model, image, [0.5], [0.2], tile=64, rules=input_rules(model))
+    assert labels.shape == (70, 50)
+
+
+# ---------------------------------------------------------------- eval mirrors training
+
+
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (tmp_path / "data" / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(
+            tmp_path / "data" / "images" / f"{i}.png")
+        mask = np.where(rng.random((64, 64)) > 0.5, 255, 0).astype(np.uint8)
+        Image.fromarray(mask).save(tmp_path / "data" / "masks" / f"{i}.png")
+    return tmp_path / "data"
+
+
+def test_eval_takes_the_training_data_options_and_checks_them(tmp_path, capsys):
+    data = folder(tmp_path)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", TINY, "--data", data, "--class-map", "0:bg,255:cell",
+                       "--folds", "3", "--epochs", "1", "--out", out, *FAST)
+    assert code == 0, err
+    code, stdout, err = cli(capsys, "eval", out / "best.pt", "--class-map", "0:bg, 255:cell",
+                            "--json")
+    assert code == 0 and set(json.loads(stdout)["iou"]) == {"bg", "cell"}
+    code, _, err = cli(capsys, "eval", out / "best.pt", "--class-map", "0:cell,255:bg")
+    assert code == 2 and err.count("\n") == 1
+    assert "--class-map '0:cell,255:bg': the model was trained with --class-map '0:bg,255:cell'" in err
+    code, _, err = cli(capsys, "eval", out / "best.pt", "--classes", "sstem4")
+    assert code == 2 and "--classes 'sstem4': the model was trained with none" in err
+
+
+# ---------------------------------------------------------------- faults mid-write
+
+
+def tiny(out, epochs=2):
+    return TrainConfig(spec=TINY, epochs=epochs, crop=64, batch_size=32, device="cpu",
+                       out=str(out))
+
+
+def test_a_full_disk_keeps_the_last_good_files(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    Trainer(tiny(out, epochs=1)).run()
+    good = load_checkpoint(out / "last.pt")
+    metrics = (out / "metrics.csv").read_text()
+
+    def full(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(TrainingError, match="No space left on device.*--resume"):
+        Trainer(tiny(out, epochs=2), resume=True).run()
+    monkeypatch.undo()
+    assert load_checkpoint(out / "last.pt")["epoch"] == good["epoch"] == 1
+    assert (out / "metrics.csv").read_text() == metrics
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    Trainer(tiny(out, epochs=2), resume=True).run()  # space again: the run finishes
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_truncated_checkpoints_and_corrupt_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(tiny(out, epochs=1)).run()
+    (out / "metrics.csv").write_text("epoch,train_loss\n1,garbage\n\x00\x00")
+    Trainer(tiny(out, epochs=2), resume=True).run()  # metrics rebuilt from the checkpoint
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,val_miou") and len(rows) == 3
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 3])
+    code, _, err = cli(capsys, "train", TINY, "--epochs", "3", "--resume", "--out", out, *FAST)
+    assert code == 2 and err.count("\n") == 1 and "last.pt' is unreadable" in err
+    best = (out / "best.pt").read_bytes()
+    (out / "best.pt").write_bytes(best[:100])
+    code, _, err = cli(capsys, "eval", out / "best.pt")
+    assert code == 2 and err.count("\n") == 1 and "best.pt' is unreadable" in err
+
+
+def test_sigkill_during_training_leaves_loadable_checkpoints_and_resumes(tmp_path):
+    out = tmp_path / "run"
+
+    def argv(epochs, *extra):
+        return [sys.executable, "-m", "cellseg_plugins.cli.main", "train", TINY, "--epochs",
+                str(epochs), "--out", str(out), *FAST, *extra]
+
+    proc = subprocess.Popen(argv(40), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    for delay in (0.13, 0.29, 0.41, 0.7):  # kill at a few moments of the epochs that follow
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert load_checkpoint(out / "last.pt")["epoch"] >= 1  # whatever the moment
+        assert load_checkpoint(out / "best.pt")["epoch"] >= 1
+        proc = subprocess.Popen(argv(40, "--resume"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epoch = load_checkpoint(out / "last.pt")["epoch"]
+    finish = subprocess.run(argv(epoch + 1, "--resume"), capture_output=True, text=True,
+                            timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    assert load_checkpoint(out / "last.pt")["epoch"] == epoch + 1
+    assert not [p for p in os.listdir(out) if p.endswith(".partial")]  # stale ones removed
