@@ -59,6 +59,8 @@ class TrainConfig:
                              ] = None
     cudnn_benchmark: Annotated[bool | None, Doc("cuDNN autotuning (default: on CUDA)")] = None
     compile: Annotated[bool, Doc("torch.compile the model")] = False
+    sync_bn: Annotated[bool | None, Doc("BatchNorm over all ranks under torchrun (default: on)")
+                       ] = None
     data_on_device: Annotated[bool | None, Doc(
         "hold the splits as tensors on the device, augment there (default: when they fit)")
     ] = None

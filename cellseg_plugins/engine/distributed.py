@@ -46,3 +46,89 @@ def barrier() -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its gradient is the sum of the ranks' gradients (every rank's loss
+    depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class DistributedBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the whole distributed batch, on any device and backend (gloo too).
+
+    torch's SyncBatchNorm takes GPU inputs only; this one all-reduces the per-channel sum,
+    sum of squares and count (a differentiable all-reduce, so gradients flow across ranks)
+    and normalises with the global statistics. (N, C, H, W) → same. Eval: running stats.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized():
+            return super().forward(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        local = torch.stack([x.double().sum(dims), (x.double() ** 2).sum(dims),
+                             torch.full((x.shape[1],), x.numel() / x.shape[1], dtype=torch.double,
+                                        device=x.device)])
+        total = _AllReduceSum.apply(local)
+        count = total[2]
+        mean = total[0] / count
+        var = total[1] / count - mean ** 2
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x - mean.to(x.dtype).view(shape)) / torch.sqrt(var.to(x.dtype).view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Every BatchNorm made global over the ranks: torch's SyncBatchNorm on CUDA, else
+    :class:`DistributedBatchNorm`. Weights and running statistics are kept."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d):
+                new = DistributedBatchNorm(child.num_features, child.eps, child.momentum,
+                                           child.affine, child.track_running_stats)
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new.to(child.weight.device if child.affine else device))
+    return model
+
+
+def unused_parameters(model: torch.nn.Module, in_channels: int, classes: int,
+                      side: int) -> list[str]:
+    """Names of the parameters a training step leaves without a gradient (on a copy of the
+    model, one batch of zeros): DDP needs ``find_unused_parameters`` only if there are any."""
+    import copy
+
+    from ..registry import training_loss
+
+    probe = copy.deepcopy(model).train()
+    device = next(probe.parameters()).device
+    x = torch.randn(2, in_channels, side, side, device=device)
+    y = torch.zeros(2, side, side, dtype=torch.long, device=device)
+    training_loss(probe, x, y, lambda a, b: torch.nn.functional.cross_entropy(a.float(), b)
+                  ).backward()
+    return [name for name, p in probe.named_parameters() if p.requires_grad and p.grad is None]

@@ -134,11 +134,15 @@ class Trainer:
             torch.backends.cudnn.benchmark = (True if cfg.cudnn_benchmark is None
                                               else cfg.cudnn_benchmark)
         self.precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+        if distributed.world_size() > 1 and cfg.sync_bn is not False:
+            self.model = distributed.sync_batchnorm(self.model, self.device)
         self.net = torch.compile(self.model) if cfg.compile else self.model
         if distributed.world_size() > 1:
+            unused = distributed.unused_parameters(self.model, self.sources.in_channels, n,
+                                                   input_rules(self.model).fit(cfg.crop))
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if cuda else None,
-                find_unused_parameters=True)
+                find_unused_parameters=bool(unused))
         params = self.model.parameters()
         self.optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
