@@ -17,7 +17,7 @@ from .registry import load_third_party as _load_third_party
 
 _load_third_party()  # packages registered under the entry-point group "cellseg.plugins"
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PluginConfigError", "PluginModule", "Range", "Spec", "SpecError", "apply_plugins",

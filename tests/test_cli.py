@@ -44,6 +44,7 @@ def test_cli_usage_errors_are_one_line(capsys, argv, fragment):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script_bad_spec_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "cellseg_plugins.cli.main", "bench", "unet+scsee",
                            "--steps", "1"], capture_output=True, text=True)

@@ -179,6 +179,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a["history"][-1]["val_miou"] == b["history"][-1]["val_miou"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     full = tmp_path / "full"
     Trainer(tiny_config(full, epochs=3)).run()
@@ -245,6 +246,7 @@ def test_data_info(capsys):
     assert code == 0 and "20 images" in out and "intracellular" in out
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
@@ -274,6 +276,7 @@ def test_cv_grid_summary_and_resume(tmp_path, capsys):
     assert code == 0 and (out / "fold0_seed0" / "last.pt").stat().st_mtime == stamp
 
 
+@pytest.mark.slow
 def test_cv_jobs_2_gives_the_summary_of_jobs_1(tmp_path, capsys):
     argv = ["cv", TINY, "--folds", "3", "--seeds", "1", "--epochs", "1", "--threads", "1", *FAST]
     code, _, err = cli(capsys, *argv, "--jobs", "1", "--out", tmp_path / "one")
@@ -284,6 +287,7 @@ def test_cv_jobs_2_gives_the_summary_of_jobs_1(tmp_path, capsys):
         tmp_path / "two" / "summary.csv").read_text()
 
 
+@pytest.mark.slow
 def test_cv_reports_a_failed_run_and_finishes_the_others(tmp_path, capsys):
     bad = tmp_path / "bad" / "fold1_seed0"
     bad.mkdir(parents=True)

@@ -1,3 +1,4 @@
+import pytest
 import re
 import runpy
 import subprocess
@@ -26,6 +27,7 @@ def test_readme_plugin_example_runs():
         _ENTRIES.pop("bottleneck_noise", None)
 
 
+@pytest.mark.slow
 def test_wrap_smp_model_example_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "wrap_smp_model.py")],
                           capture_output=True, text=True, timeout=300)
@@ -33,6 +35,7 @@ def test_wrap_smp_model_example_runs():
     assert "output: (2, 5, 128, 128)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_from_python_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_from_python.py"),
                            str(tmp_path / "run")], capture_output=True, text=True, timeout=600)

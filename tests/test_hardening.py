@@ -152,6 +152,7 @@ def test_truncated_checkpoints_and_corrupt_metrics(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "best.pt' is unreadable" in err
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_leaves_loadable_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "run"
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def install(site, name, module_text, value=None):
     """A package as pip leaves it in a target folder: the module and its dist-info."""
@@ -22,6 +24,7 @@ def cellseg(site, *argv):
                           capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_an_installed_package_adds_its_plugin_and_a_broken_one_is_one_line(tmp_path):
     install(tmp_path, "cellseg_double", """
         import cellseg_plugins as cs

@@ -35,6 +35,7 @@ def test_study_runs_resumes_and_prints_a_buildable_spec(tmp_path, capsys):
     assert sorted(p.name for p in out.glob("trial*")) == ["trial0000", "trial0001", "trial0002"]
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     args = [sys.executable, "-m", "cellseg_plugins.cli.main", "tune", SPEC, "--search",
