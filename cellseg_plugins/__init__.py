@@ -1,26 +1,32 @@
 """cellseg: published cell-segmentation methods as plugins for any smp encoder-decoder.
 
     import cellseg_plugins as cs
-    model = cs.create_model("unet+lfa(m=7)+frem(B=8,X=250)", in_channels=1, classes=5)
+    model = cs.create_model("classic_unet+lfa(m=7)+frem(B=8,X=250)", in_channels=1, classes=5)
+
+Names load on first use: the built-in architectures and plugins (and third-party packages of
+the entry-point group ``cellseg.plugins``) are registered the first time the registry is
+consulted, so importing the package (and ``cellseg --help``) loads no torch.
 """
 
-from .registry import (
-    PluginConfigError, PluginModule, Range, Spec, SpecError, apply_plugins, auxiliary_loss,
-    create_model, epoch_start, list_archs, list_plugins, parse_spec, register_arch,
-    register_plugin, step_start, training_loss,
-)
-from . import encoders as _encoders  # noqa: F401  (registers the plain encoders in smp)
-from . import archs as _archs  # noqa: F401  (registers every smp architecture)
-from . import classic_unet as _classic_unet  # noqa: F401  (registers the papers' U-Net)
-from . import plugins as _plugins  # noqa: F401  (registers every plugin)
-from .registry import load_third_party as _load_third_party
-
-_load_third_party()  # packages registered under the entry-point group "cellseg.plugins"
+import importlib
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "PluginConfigError", "PluginModule", "Range", "Spec", "SpecError", "apply_plugins",
-    "auxiliary_loss", "create_model", "epoch_start", "list_archs", "list_plugins", "parse_spec",
-    "register_arch", "register_plugin", "step_start", "training_loss", "__version__",
-]
+_API = ("PluginConfigError", "PluginModule", "Range", "Spec", "SpecError", "apply_plugins",
+        "auxiliary_loss", "create_model", "epoch_start", "list_archs", "list_plugins",
+        "parse_spec", "register_arch", "register_plugin", "step_start", "training_loss")
+_MODULES = ("registry", "hooks", "rounds", "blocks", "engine", "plugins", "archs",
+            "classic_unet", "encoders", "input_rules", "errors", "cli")
+
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(".registry", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -10,12 +10,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ..bench import BenchConfig, report, run_bench
 from ..engine.config import TrainConfig
-from ..engine.train import resolve_device
-from ..input_rules import input_rules
-from ..registry import create_model, parse_spec
-from .errors import CLIError, reports_errors
+from .errors import CLIError
 
 
 def _positive(name: str, value: int) -> None:
@@ -23,7 +19,6 @@ def _positive(name: str, value: int) -> None:
         raise CLIError(f"{name} {value}: must be at least 1")
 
 
-@reports_errors
 def bench_command(
     spec: Annotated[str, typer.Argument(help="model spec, e.g. 'unet+lfa(m=7)'")],
     vs: Annotated[str | None, typer.Option(help="a second spec to compare against")] = None,
@@ -47,6 +42,11 @@ def bench_command(
 
     With --epoch: time whole training epochs (validation and checkpoints included) of the
     engine against a bare PyTorch loop over the same model, crops, batch and optimiser."""
+    from ..bench import BenchConfig, report, run_bench
+    from ..engine.train import resolve_device
+    from ..input_rules import input_rules
+    from ..registry import create_model, parse_spec
+
     for name, value in (("--size", size), ("--batch", batch), ("--in-channels", in_channels),
                         ("--classes", classes), ("--steps", steps), ("--epochs", epochs)):
         _positive(name, value)

@@ -10,13 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..engine.cv import run_cv
-from ..engine.train import TrainConfig
+from ..engine.config import TrainConfig
 from . import options as o
-from .errors import reports_errors
 
 
-@reports_errors
 @o.with_train_options(skip=("fold", "folds", "seed"))
 def cv_command(
     spec: o.Spec,
@@ -29,6 +26,8 @@ def cv_command(
     out: o.Out = "runs/cv",
 ) -> None:
     """Train and test every fold × seed (finished runs are skipped); write summary.csv/.md."""
+    from ..engine.cv import run_cv
+
     o.check_jobs(jobs, threads)
     console = Console(stderr=True)
     summary = run_cv(cfg, folds, seeds, Path(out), jobs=jobs, threads=threads,

@@ -9,20 +9,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..engine.data import class_shares, fetch_sstem, load_data
-from .errors import CLIError, reports_errors
+from .errors import CLIError
 
 data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True)
 
 
 @data_app.command("fetch")
-@reports_errors
 def fetch_command(
     name: Annotated[str, typer.Argument(help="data set name: sstem")],
     root: Annotated[str | None, typer.Option(help="data root (default $CELLSEG_DATA or cache)")] = None,
     from_: Annotated[str | None, typer.Option("--from", help="a local copy (folder) or base URL")] = None,
 ) -> None:
     """Download a data set (or import a local copy), verifying every file's SHA-256."""
+    from ..engine.data import fetch_sstem
+
     if name != "sstem":
         raise CLIError(f"unknown data set {name!r}; available: sstem")
     target = fetch_sstem(Path(root) if root else None, from_)
@@ -30,13 +30,14 @@ def fetch_command(
 
 
 @data_app.command("info")
-@reports_errors
 def info_command(
     data: Annotated[str, typer.Argument(help="synthetic, sstem or a folder")],
     classes: Annotated[str | None, typer.Option(help="sstem5 or sstem4")] = None,
     class_map: Annotated[str | None, typer.Option(help="e.g. '0:bg,255:cell'")] = None,
 ) -> None:
     """Images, sizes, classes and pixel shares of a data set."""
+    from ..engine.data import class_shares, load_data
+
     sources = load_data(data, classes, class_map)
     sizes = sorted({tuple(m.shape) for m in sources.masks})
     console = Console()

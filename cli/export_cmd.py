@@ -7,10 +7,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .errors import reports_errors
 
 
-@reports_errors
 def export_command(
     checkpoint: Annotated[str, typer.Argument(help="a best.pt / last.pt")],
     format: Annotated[str, typer.Option(help="torchscript, onnx or bioimageio")] = "onnx",

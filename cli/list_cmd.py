@@ -12,9 +12,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..registry import all_entries, third_party_errors
-from ..registry.spec import format_value
-from .errors import reports_errors
 
 
 class Kind(str, Enum):
@@ -38,6 +35,8 @@ def encoder_rows() -> list[dict]:
 
 
 def collect(pattern: str, kind: Kind | None) -> dict[str, dict]:
+    from ..registry import all_entries
+
     rows = []
     if kind in (None, Kind.arch, Kind.plugin):
         rows += [e.to_json() for e in all_entries(kind.value if kind else None)]
@@ -47,6 +46,8 @@ def collect(pattern: str, kind: Kind | None) -> dict[str, dict]:
 
 
 def format_param(p: dict) -> str:
+    from ..registry.spec import format_value
+
     text = f"{p['name']}: {p['type']}"
     if not p["required"]:
         default = p["default"]
@@ -58,13 +59,14 @@ def format_param(p: dict) -> str:
     return text
 
 
-@reports_errors
 def list_command(
     pattern: Annotated[str, typer.Argument(help="fnmatch pattern, e.g. '*net*'")] = "*",
     kind: Annotated[Kind | None, typer.Option("--kind", help="only this kind")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """List architectures, plugins (and with --kind encoder, encoders) with their parameters."""
+    from ..registry import third_party_errors
+
     for package, reason in third_party_errors().items():
         print(f"warning: plugin package {package!r} failed to load ({reason}); skipped",
               file=sys.stderr)

@@ -8,16 +8,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..engine.study import load_study, report, run_study
 from . import options as o
-from .errors import reports_errors
 
 study_app = typer.Typer(help="Run a study file (rows × folds × seeds) and report its table.",
                         no_args_is_help=True)
 
 
 @study_app.command("run")
-@reports_errors
 def study_run(
     file: Annotated[str, typer.Argument(help="a study file, e.g. studies/sstem5.toml")],
     scale: Annotated[str | None, typer.Option(help="a [scale.NAME] table of the file")] = None,
@@ -30,6 +27,8 @@ def study_run(
                                               help="write the table when done")] = True,
 ) -> None:
     """Train and test every row × fold × seed not finished yet; finished runs are kept."""
+    from ..engine.study import load_study, report, run_study
+
     o.check_jobs(jobs, threads)
     study = load_study(file, scale)
     folder = Path(out or f"runs/study/{study.name}-{study.scale}")
@@ -44,12 +43,13 @@ def study_run(
 
 
 @study_app.command("report")
-@reports_errors
 def study_report(
     folder: Annotated[str, typer.Argument(help="a study's output folder")],
     out: Annotated[str | None, typer.Option(help="where to write the table (default: FOLDER)")
                    ] = None,
 ) -> None:
     """Write table.md, table.csv and gains.png from the finished runs (no training)."""
+    from ..engine.study import report
+
     report(Path(folder), Path(out) if out else None)
     print((Path(out or folder) / "table.md").read_text())

@@ -12,16 +12,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..engine import distributed
-from ..engine.evaluation import evaluate_checkpoint
-from ..engine.train import TrainConfig, Trainer, resolve_device
+from ..engine.config import TrainConfig
 from . import options as o
-from .errors import reports_errors
 
 console = Console(stderr=True)
 
 
-@reports_errors
 @o.with_train_options()
 def train_command(
     spec: o.Spec,
@@ -30,6 +26,9 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
 ) -> None:
     """Train SPEC; writes best.pt, last.pt, metrics.csv, curves.png, config.json into --out."""
+    from ..engine import distributed
+    from ..engine.train import Trainer
+
     trainer = Trainer(cfg, resume=resume)
     try:
         if distributed.is_main():
@@ -40,7 +39,9 @@ def train_command(
         distributed.teardown()
 
 
-def _train_with_progress(trainer: Trainer, cfg: TrainConfig) -> None:
+def _train_with_progress(trainer, cfg: TrainConfig) -> None:
+    from ..engine import distributed
+
     console.print(f"[bold]{cfg.spec}[/] on {cfg.data} fold {cfg.fold}/{cfg.folds}: "
                   f"{len(trainer.train_set)} train / {len(trainer.val_set)} val crops, "
                   f"device {trainer.device}, {distributed.world_size()} process(es)")
@@ -66,7 +67,6 @@ def _train_with_progress(trainer: Trainer, cfg: TrainConfig) -> None:
     console.print(f"best validation mIoU {trainer.best:.4f}; wrote {Path(cfg.out) / 'best.pt'}")
 
 
-@reports_errors
 def eval_command(
     checkpoint: Annotated[str, typer.Argument(help="a best.pt / last.pt")],
     data: Annotated[str | None, typer.Option(help="default: the checkpoint's training data")] = None,
@@ -81,6 +81,8 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Per-class IoU, mIoU and pixel accuracy over all pixels of a split."""
+    from ..engine.evaluation import evaluate_checkpoint
+
     result = evaluate_checkpoint(checkpoint, data, split, device, round, classes, class_map)
     crops, spec = result.pop("crops"), result.pop("spec")
     if as_json:
@@ -96,7 +98,6 @@ def eval_command(
     Console().print(table)
 
 
-@reports_errors
 def predict_command(
     checkpoint: Annotated[str, typer.Argument(help="a best.pt / last.pt, or an exported .onnx")],
     inputs: Annotated[list[str], typer.Argument(help="images, folders or TIFF stacks")],
@@ -109,6 +110,7 @@ def predict_command(
                        ] = "torch",
 ) -> None:
     """Label TIFFs (one per input, named after it) for images of any size."""
+    from ..engine.train import resolve_device
     from ..engine.predict import predict_paths
 
     dev = resolve_device(device) if runtime == "torch" else "cpu"

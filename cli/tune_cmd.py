@@ -10,13 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..engine.train import TrainConfig
-from ..engine.tune import run_study, summary
+from ..engine.config import TrainConfig
 from . import options as o
-from .errors import reports_errors
 
 
-@reports_errors
 @o.with_train_options()
 def tune_command(
     spec: o.Spec,
@@ -33,6 +30,8 @@ def tune_command(
     out: o.Out = "runs/tune",
 ) -> None:
     """Search parameters by validation mIoU with a seeded TPE sampler; print the best spec."""
+    from ..engine.tune import run_study, summary
+
     console = Console(stderr=True)
     study = run_study(spec, search, trials, cfg, Path(out), storage, prune,
                       on_trial=lambda s, t: console.print(

@@ -1,20 +1,34 @@
 """Registry layer: name → factory tables, the spec grammar, model construction, plugin protocol.
 
-Installed as ``cellseg_plugins.registry``; knows nothing of concrete plugins.
+Installed as ``cellseg_plugins.registry``; knows nothing of concrete plugins. Names are
+imported on first use (so that ``cellseg --help`` loads no torch).
 """
 
-from .factory import PluginConfigError, apply_plugins, arch_of, create_model
-from .protocol import (AuxOutput, PluginModule, auxiliary_loss, epoch_start, step_start,
-                       training_loss)
-from .registry import (Entry, all_entries, get_entry, list_archs, list_plugins, load_third_party,
-                       register_arch, register_plugin, third_party_errors)
-from .schema import Param, Range
-from .spec import Spec, SpecError, Term, parse_spec
+import importlib
 
-__all__ = [
-    "AuxOutput", "Entry", "Param", "PluginConfigError", "PluginModule", "Range", "Spec",
-    "SpecError", "Term", "all_entries", "apply_plugins", "arch_of", "auxiliary_loss",
-    "create_model", "epoch_start", "get_entry", "list_archs", "list_plugins", "load_third_party",
-    "parse_spec", "register_arch", "register_plugin", "step_start", "third_party_errors",
-    "training_loss",
-]
+_WHERE = {
+    "apply_plugins": "factory", "arch_of": "factory", "create_model": "factory",
+    "AuxOutput": "protocol", "PluginModule": "protocol", "auxiliary_loss": "protocol",
+    "epoch_start": "protocol", "step_start": "protocol", "training_loss": "protocol",
+    "Entry": "registry", "all_entries": "registry", "get_entry": "registry",
+    "list_archs": "registry", "list_plugins": "registry", "load_third_party": "registry",
+    "register_arch": "registry", "register_plugin": "registry", "third_party_errors": "registry",
+    "unregister": "registry",
+    "Param": "schema", "Range": "schema",
+    "Spec": "spec", "Term": "spec", "parse_spec": "spec",
+}
+_ERRORS = ("PluginConfigError", "SpecError")
+
+__all__ = sorted([*_WHERE, *_ERRORS])
+
+
+def __getattr__(name: str):
+    if name in _ERRORS:
+        module = importlib.import_module("..errors", __name__)
+    elif name in _WHERE:
+        module = importlib.import_module(f".{_WHERE[name]}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value

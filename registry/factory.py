@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import PluginConfigError
+
 from .protocol import model_built
 from .registry import all_entries, get_entry
 from .spec import Spec, SpecError, Term, parse_spec
-
-
-class PluginConfigError(ValueError):
-    """Raised by a plugin factory when its parameters do not fit the model (one line)."""
 
 
 def create_model(spec: str | Spec, in_channels: int = 1, classes: int = 5, **overrides) -> nn.Module:

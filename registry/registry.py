@@ -63,6 +63,23 @@ class Entry:
 
 
 _ENTRIES: dict[str, Entry] = {}
+_BUILTINS = ("cellseg_plugins.encoders", "cellseg_plugins.archs", "cellseg_plugins.classic_unet",
+             "cellseg_plugins.plugins")
+_loaded = False
+
+
+def _entries() -> dict[str, Entry]:
+    """The table, with the built-in archs and plugins (and third-party packages) registered
+    the first time it is consulted."""
+    global _loaded
+    if not _loaded:
+        import importlib
+
+        _loaded = True
+        for module in _BUILTINS:
+            importlib.import_module(module)
+        load_third_party()
+    return _ENTRIES
 
 
 def first_line(doc: str | None) -> str:
@@ -127,12 +144,20 @@ def register_plugin(
 
 
 def get_entry(name: str) -> Entry | None:
-    return _ENTRIES.get(name.lower())
+    return _entries().get(name.lower())
 
 
 def all_entries(kind: Kind | None = None) -> list[Entry]:
-    return sorted((e for e in _ENTRIES.values() if kind is None or e.kind == kind),
+    return sorted((e for e in _entries().values() if kind is None or e.kind == kind),
                   key=lambda e: e.name)
+
+
+def unregister(name: str) -> Entry:
+    """Remove a registered architecture or plugin (tests, or replacing a plugin); returns it."""
+    entry = _entries().pop(name.lower(), None)
+    if entry is None:
+        raise KeyError(f"{name!r} is not registered")
+    return entry
 
 
 def _list(kind: Kind, pattern: str) -> list[str]:

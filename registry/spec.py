@@ -17,6 +17,7 @@ import tokenize
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import SpecError
 from .registry import Entry, all_entries, get_entry
 
 LITERAL_TYPES = (int, float, str, bool, type(None))
@@ -26,21 +27,6 @@ MAX_TERMS = 32  # architecture + plugins
 MAX_DEPTH = 3  # bracket nesting: term(...), a list [...], a list inside it
 MAX_ITEMS = 64  # values in one list
 QUOTE = 60  # characters of the offending text an error message quotes
-
-
-class SpecError(ValueError):
-    """A bad spec string. ``str(err)`` is one line naming the term and the column (1-based)."""
-
-    def __init__(self, message: str, column: int | None = None, term: str | None = None):
-        where = []
-        if term:
-            where.append(f"term {term if len(term) <= 24 else term[:23] + '…'!r}")
-        if column is not None:
-            where.append(f"column {column}")
-        prefix = f"bad model spec ({', '.join(where)}): " if where else "bad model spec: "
-        super().__init__(prefix + message)
-        self.column = column
-        self.term = term
 
 
 @dataclass(frozen=True)

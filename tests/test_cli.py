@@ -67,3 +67,16 @@ def test_train_rejects_bad_specs_in_one_line(capsys, tmp_path, spec, fragment):
     code, _, err = run(capsys, "train", spec, "--out", str(tmp_path / "run"))
     assert code == 2 and fragment in err and err.count("\n") == 1 and "column" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["study", "run", "--help"]])
+def test_help_imports_no_torch(argv):
+    """The CLI defers heavy imports to the commands that need them (``cellseg --help`` is
+    instant)."""
+    code = ("import sys\nfrom cellseg_plugins.cli.main import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'segmentation_models_pytorch', 'numpy')"
+            " if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr

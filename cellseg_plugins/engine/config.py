@@ -12,9 +12,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Annotated, Literal
 
-from ..registry import Range
-from ..registry.schema import check_value
-from .data import DataError
+from ..errors import ConfigError
+from ..registry.schema import Range, check_value
 
 
 @dataclass(frozen=True)
@@ -22,19 +21,6 @@ class Doc:
     """Help text of a configuration field."""
 
     text: str
-
-
-class ConfigError(DataError):
-    """A configuration field with a bad value; ``str()`` names the field, ``flag()`` the option."""
-
-    def __init__(self, name: str, value, reason: str):
-        self.name, self.value, self.reason = name, value, reason
-        super().__init__(f"{name}={value!r}: {reason}")
-
-    def flag(self) -> str:
-        """The message with the command-line option in place of the field."""
-        value = repr(self.value) if isinstance(self.value, str) else self.value
-        return f"--{self.name.replace('_', '-')} {value}: {self.reason}"
 
 
 @dataclass

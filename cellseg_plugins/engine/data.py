@@ -20,12 +20,9 @@ import tifffile
 import torch
 from PIL import Image
 
+from ..errors import DataError
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import synthetic_dataset
-
-
-class DataError(ValueError):
-    """A bad data set, file or option; the message is one line naming the file and the value."""
 
 
 SSTEM_URL = "https://raw.githubusercontent.com/unidesigner/groundtruth-drosophila-vnc/master"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from .data import DataError
+from ..errors import DataError
 
 SPLIT = "5 folds by section: 12/4/4 sections = 192/64/64 crops of 256²"
 

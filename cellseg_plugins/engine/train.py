@@ -18,7 +18,8 @@ from . import distributed
 from .checkpoint import (FORMAT, load_checkpoint, remove_stale, save_atomic, write_atomic,
                          write_text_atomic)
 from ..input_rules import input_rules
-from .config import ConfigError, TrainConfig
+from ..errors import ConfigError, TrainingError
+from .config import TrainConfig
 from .data import CropDataset, DataError, channel_stats, class_shares, fold_split, load_data
 from .device_data import DeviceCrops, fits_on_device
 from .metrics import confusion, scores
@@ -26,10 +27,6 @@ from .metrics import confusion, scores
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "evaluate", "resolve_device"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PLOT_EVERY_S = 30.0  # curves.png is redrawn at most this often (and after the last epoch)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged loss, ...); one line."""
 
 
 def make_criterion(name: str, weights: torch.Tensor | None):
