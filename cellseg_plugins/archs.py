@@ -14,6 +14,7 @@ import difflib
 import functools
 import os
 import re
+from dataclasses import dataclass
 
 import segmentation_models_pytorch as smp
 import timm
@@ -24,32 +25,52 @@ from segmentation_models_pytorch.encoders import encoders as smp_encoders
 from torch import nn
 
 from .encoders import PLAIN_ENCODERS, is_plain
-from .registry import Entry, Param, PluginConfigError
-from .registry.registry import add_entry
+from .registry import Param, PluginConfigError, register_arch
 from .registry.schema import params_from_signature
 
-SMP_ARCHS: dict[str, tuple[type, str]] = {
-    "unet": (smp.Unet, "U-Net: decoder blocks concatenate upsampled features with encoder skips"),
-    "unetplusplus": (smp.UnetPlusPlus, "U-Net++: nested dense skip pathways"),
-    "manet": (smp.MAnet, "MA-Net: multi-scale attention (position + multi-scale fusion blocks)"),
-    "linknet": (smp.Linknet, "LinkNet: light decoder, skips fused by addition"),
-    "fpn": (smp.FPN, "Feature Pyramid Network decoder (output at 1/4, upsampled)"),
-    "pspnet": (smp.PSPNet, "PSPNet: pyramid pooling on the deepest feature, no skips"),
-    "deeplabv3": (smp.DeepLabV3, "DeepLabV3: atrous spatial pyramid pooling, no skips"),
-    "deeplabv3plus": (smp.DeepLabV3Plus, "DeepLabV3+: ASPP plus one high-resolution skip"),
-    "pan": (smp.PAN, "Pyramid Attention Network: feature pyramid attention + global attention upsample"),
-    "upernet": (smp.UPerNet, "UPerNet: pyramid pooling + FPN lateral fusion"),
-    "segformer": (smp.Segformer, "SegFormer decoder: all-MLP multi-scale fusion"),
-    "dpt": (smp.DPT, "Dense Prediction Transformer: ViT encoder (timm) with reassemble/fusion decoder"),
-}
-# Input sides each arch takes with its default encoder (cellseg_plugins.input_rules finds them
-# for any built model; a test checks this table against it).
-ARCH_INPUT = {
-    "unet": "any size", "unetplusplus": "multiples of 32", "manet": "multiples of 32",
-    "linknet": "multiples of 32", "fpn": "multiples of 32", "pspnet": "multiples of 8",
-    "deeplabv3": "multiples of 8", "deeplabv3plus": "multiples of 16",
-    "pan": "multiples of 16, at least 128", "upernet": "multiples of 32",
-    "segformer": "multiples of 32", "dpt": "exactly the ViT's image size (img_size)",
+@dataclass(frozen=True)
+class ArchInfo:
+    """One architecture, everything cellseg knows of it in one row.
+
+    ``input``: the input sides it takes with its default encoder (cellseg_plugins.input_rules
+    finds them for any built model; a test checks this table against it). ``skips``: encoder
+    skips meet the decoder at blocks :mod:`.hooks` can reach (skip plugins). ``feature_list``:
+    the encoder returns a list of features (bottleneck and stage plugins).
+    """
+
+    model_class: type
+    description: str
+    input: str
+    skips: bool = True
+    feature_list: bool = True
+
+
+SMP_ARCHS: dict[str, ArchInfo] = {
+    "unet": ArchInfo(smp.Unet, "U-Net: decoder blocks concatenate upsampled features with "
+                     "encoder skips", "any size"),
+    "unetplusplus": ArchInfo(smp.UnetPlusPlus, "U-Net++: nested dense skip pathways",
+                             "multiples of 32"),
+    "manet": ArchInfo(smp.MAnet, "MA-Net: multi-scale attention (position + multi-scale fusion "
+                      "blocks)", "multiples of 32"),
+    "linknet": ArchInfo(smp.Linknet, "LinkNet: light decoder, skips fused by addition",
+                        "multiples of 32"),
+    "fpn": ArchInfo(smp.FPN, "Feature Pyramid Network decoder (output at 1/4, upsampled)",
+                    "multiples of 32"),
+    "pspnet": ArchInfo(smp.PSPNet, "PSPNet: pyramid pooling on the deepest feature, no skips",
+                       "multiples of 8", skips=False),
+    "deeplabv3": ArchInfo(smp.DeepLabV3, "DeepLabV3: atrous spatial pyramid pooling, no skips",
+                          "multiples of 8", skips=False),
+    "deeplabv3plus": ArchInfo(smp.DeepLabV3Plus, "DeepLabV3+: ASPP plus one high-resolution "
+                              "skip", "multiples of 16"),
+    "pan": ArchInfo(smp.PAN, "Pyramid Attention Network: feature pyramid attention + global "
+                    "attention upsample", "multiples of 16, at least 128"),
+    "upernet": ArchInfo(smp.UPerNet, "UPerNet: pyramid pooling + FPN lateral fusion",
+                        "multiples of 32"),
+    "segformer": ArchInfo(smp.Segformer, "SegFormer decoder: all-MLP multi-scale fusion",
+                          "multiples of 32", skips=False),
+    "dpt": ArchInfo(smp.DPT, "Dense Prediction Transformer: ViT encoder (timm) with "
+                    "reassemble/fusion decoder", "exactly the ViT's image size (img_size)",
+                    skips=False, feature_list=False),
 }
 
 HIDDEN = ("in_channels", "classes", "activation", "aux_params")
@@ -206,8 +227,8 @@ def build_unet(in_channels: int, classes: int, **params) -> nn.Module:
     return model
 
 
-for _name, (_cls, _desc) in SMP_ARCHS.items():
-    _factory = build_unet if _name == "unet" else functools.partial(build_smp, _cls)
-    add_entry(Entry(name=_name, kind="arch", factory=_factory, description=_desc,
-                    params=arch_params(_name, _cls),
-                    extra={"model_class": _cls, "input": ARCH_INPUT[_name]}))
+for _name, _info in SMP_ARCHS.items():
+    register_arch(_name, _info.description, _info.model_class, _info.input,
+                  params=arch_params(_name, _info.model_class), skips=_info.skips,
+                  feature_list=_info.feature_list)(
+        build_unet if _name == "unet" else functools.partial(build_smp, _info.model_class))

@@ -102,7 +102,8 @@ class ClassicUnet(SegmentationModel):
         smp_init.initialize_head(self.segmentation_head)
 
 
-@register_arch("classic_unet", model_class=ClassicUnet, input="multiples of 2^depth (16)")
+@register_arch("classic_unet", model_class=ClassicUnet, input="multiples of 2^depth (16)",
+               skips=True, feature_list=True)
 def classic_unet(in_channels: int, classes: int,
                  width: Annotated[int, Range(1, 256)] = 8,
                  depth: Annotated[int, Range(1, 5)] = 4,

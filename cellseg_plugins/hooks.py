@@ -9,7 +9,9 @@
   every decoder-output transform, whatever order plugins were applied in;
 - places inside the network: :func:`first_conv` (the convolution that sees the input),
   :func:`encoder_stage` (the module computing encoder feature i), :func:`decoder_block`
-  (the k-th decoder block from the output), :func:`set_child` (swap a submodule).
+  (the k-th decoder block from the output), :func:`set_child` (swap a submodule),
+  :func:`transform_output` (change what one of them returns), :func:`transform_encoder_input`
+  (change what the encoder receives: an added stem).
 
 Hooks are bound methods of small adapter modules that live inside the model, so
 ``copy.deepcopy`` and pickling keep them pointing at the copied modules.
@@ -49,10 +51,18 @@ SKIP_CALLS = (
     (GAUBlock, "y", "x"),
     (FPNLateralBlock, "state_feature", "lateral_feature"),
 )
-SKIP_ARCHS = ("classic_unet", "unet", "unetplusplus", "manet", "linknet", "fpn", "pan",
-              "deeplabv3plus", "upernet")
-FEATURE_LIST_ARCHS = ("classic_unet", "unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet",
-                      "deeplabv3", "deeplabv3plus", "pan", "upernet", "segformer")
+
+
+def has_skips(arch) -> bool:
+    """``supports`` predicate of skip plugins: the arch's table row says its skips are
+    reachable (archs.SMP_ARCHS, or ``register_arch(..., skips=True)``)."""
+    return bool(arch.extra.get("skips"))
+
+
+def has_feature_list(arch) -> bool:
+    """``supports`` predicate of bottleneck / stage plugins: the encoder returns a feature
+    list."""
+    return bool(arch.extra.get("feature_list"))
 
 
 def unique_child_name(parent: nn.Module, name: str) -> str:
@@ -290,7 +300,8 @@ def transform_skips(model: nn.Module, name: str,
     if not sites:
         raise PluginConfigError(
             f"{type(model).__name__} has no encoder→decoder skip connections; "
-            f"skip plugins support: {', '.join(SKIP_ARCHS)}")
+            "a skip plugin needs an arch whose encoder skips meet the decoder "
+            "('cellseg list lfa' shows them)")
     used = []
     for site in sites:
         transform = make(site)
@@ -352,3 +363,23 @@ def decoder_block(model: nn.Module, k: int) -> nn.Module | None:
     if not isinstance(blocks, nn.ModuleList) or len(blocks) < k:
         return None
     return blocks[-k]
+
+
+def transform_output(module: nn.Module, hook: Callable):
+    """After ``module`` (a stage, a decoder block, a convolution block), ``hook(module, inputs,
+    output)`` may return a new output (None keeps it). ``hook`` should be a bound method of a
+    module inside the model, so that deepcopy rebinds it to the copy."""
+    return module.register_forward_hook(hook)
+
+
+class EncoderInputTransform(nn.Module):
+    """Base of modules that change what the encoder receives: ``forward(image) → input``."""
+
+    def encoder_pre_hook(self, encoder, inputs):
+        return (self(inputs[0]),) + tuple(inputs[1:])
+
+
+def transform_encoder_input(model: nn.Module, name: str, module: EncoderInputTransform) -> None:
+    """Run ``module`` on the model's input before the encoder; it lives at ``model.<name>``."""
+    model.add_module(name, module)
+    model.encoder.register_forward_pre_hook(module.encoder_pre_hook)

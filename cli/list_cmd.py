@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 
-
 class Kind(str, Enum):
     arch = "arch"
     plugin = "plugin"
@@ -67,10 +66,10 @@ def list_command(
     """List architectures, plugins (and with --kind encoder, encoders) with their parameters."""
     from ..registry import third_party_errors
 
+    rows = collect(pattern, kind)  # loads the registry, third-party packages included
     for package, reason in third_party_errors().items():
         print(f"warning: plugin package {package!r} failed to load ({reason}); skipped",
               file=sys.stderr)
-    rows = collect(pattern, kind)
     if as_json:
         print(json.dumps(rows, indent=2))
         return

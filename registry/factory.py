@@ -45,7 +45,7 @@ def apply_plugins(model: nn.Module, spec: str | Spec) -> nn.Module:
         if entry.supports is not None and not entry.supports_arch(arch or ""):
             what = f"arch {arch!r}" if arch else f"a {type(model).__name__}"
             raise SpecError(f"plugin {term.name!r} does not support {what}; it supports: "
-                            f"{', '.join(sorted(entry.supports))}", term=term.name)
+                            f"{', '.join(entry.supported_archs())}", term=term.name)
     return _apply(model, parsed.plugins)
 
 

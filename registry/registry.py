@@ -19,7 +19,9 @@ ARCH_CONTEXT = ("in_channels", "classes")
 class Entry:
     """A registered architecture or plugin.
 
-    ``supports`` (plugins only) lists the architectures the plugin bolts onto; ``None`` means all.
+    ``supports`` (plugins only) names the architectures the plugin bolts onto: a tuple of
+    names, a predicate over arch entries (``lambda arch: arch.extra["skips"]``, so that archs
+    registered later are covered too), or ``None`` for all.
     ``repeatable`` says whether the plugin may appear twice in one spec; plugins sharing an
     ``exclusive`` group (e.g. "rounds") may not be combined.
     """
@@ -29,7 +31,7 @@ class Entry:
     factory: Callable
     description: str
     params: tuple[Param, ...]
-    supports: tuple[str, ...] | None = None
+    supports: tuple[str, ...] | Callable[["Entry"], bool] | None = None
     repeatable: bool = False
     exclusive: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
@@ -43,7 +45,16 @@ class Entry:
         return lowered[0] if len(lowered) == 1 else None
 
     def supports_arch(self, arch: str) -> bool:
-        return self.supports is None or arch in self.supports
+        if self.supports is None:
+            return True
+        if callable(self.supports):
+            entry = get_entry(arch)
+            return entry is not None and entry.kind == "arch" and bool(self.supports(entry))
+        return arch in self.supports
+
+    def supported_archs(self) -> list[str]:
+        """Names of the registered architectures this plugin supports."""
+        return [e.name for e in all_entries("arch") if self.supports_arch(e.name)]
 
     def to_json(self) -> dict:
         out = {
@@ -55,7 +66,7 @@ class Entry:
         if "input" in self.extra:
             out["input"] = self.extra["input"]
         if self.kind == "plugin":
-            out["supports"] = sorted(self.supports) if self.supports is not None else "all"
+            out["supports"] = self.supported_archs() if self.supports is not None else "all"
             out["repeatable"] = self.repeatable
             if self.exclusive:
                 out["exclusive"] = self.exclusive
@@ -96,20 +107,24 @@ def add_entry(entry: Entry) -> Entry:
 
 
 def register_arch(name: str, description: str | None = None, model_class: type | None = None,
-                  input: str | None = None):
+                  input: str | None = None, params: tuple[Param, ...] | None = None, **facts):
     """Decorator: register ``factory(in_channels, classes, **params) -> nn.Module`` as an arch.
 
     ``model_class``: the class the factory builds, so that plugins applied to a model built
     elsewhere (``apply_plugins``) know its architecture. ``input``: the input sides it takes
-    with its defaults, in words (``cellseg list`` shows it).
+    with its defaults, in words (``cellseg list`` shows it). ``params``: the parameter schema,
+    if not the factory's signature. ``facts`` (``skips=True``, ``feature_list=True``, ...)
+    are what plugins' ``supports`` predicates ask.
     """
 
     def deco(factory: Callable) -> Callable:
+        extra = {"model_class": model_class, "input": input, **facts}
         add_entry(Entry(
             name=name.lower(), kind="arch", factory=factory,
             description=description or first_line(factory.__doc__),
-            params=params_from_signature(factory, skip=ARCH_CONTEXT),
-            extra={k: v for k, v in (("model_class", model_class), ("input", input)) if v},
+            params=params if params is not None else params_from_signature(factory,
+                                                                           skip=ARCH_CONTEXT),
+            extra={k: v for k, v in extra.items() if v is not None},
         ))
         return factory
 
@@ -118,7 +133,7 @@ def register_arch(name: str, description: str | None = None, model_class: type |
 
 def register_plugin(
     name: str,
-    supports: Iterable[str] | None = None,
+    supports: Iterable[str] | Callable[[Entry], bool] | None = None,
     repeatable: bool = False,
     description: str | None = None,
     exclusive: str | None = None,
@@ -135,7 +150,8 @@ def register_plugin(
             name=name.lower(), kind="plugin", factory=factory,
             description=description or first_line(factory.__doc__),
             params=params_from_signature(factory, skip=(first,)),
-            supports=tuple(s.lower() for s in supports) if supports is not None else None,
+            supports=(supports if supports is None or callable(supports)
+                      else tuple(s.lower() for s in supports)),
             repeatable=repeatable, exclusive=exclusive,
         ))
         return factory
@@ -202,4 +218,5 @@ def load_third_party() -> dict[str, str]:
 
 def third_party_errors() -> dict[str, str]:
     """Packages of the ``cellseg.plugins`` group that failed to load, with the reason."""
+    _entries()  # the group is loaded with the registry
     return dict(_THIRD_PARTY_ERRORS)

@@ -234,7 +234,7 @@ def _check_combination(terms: list[Term], entry: Entry, col: int) -> None:
     if arch is not None and not entry.supports_arch(arch):
         raise SpecError(
             f"plugin {entry.name!r} does not support arch {arch!r}; "
-            f"it supports: {', '.join(sorted(entry.supports))}", col, entry.name)
+            f"it supports: {', '.join(entry.supported_archs())}", col, entry.name)
     if not entry.repeatable and sum(t.name == entry.name for t in terms) > 1:
         raise SpecError(f"plugin {entry.name!r} may appear only once", col, entry.name)
     if entry.exclusive:

@@ -6,7 +6,7 @@ import sys
 
 from conftest import ROOT
 
-from cellseg_plugins.registry.registry import _ENTRIES
+import cellseg_plugins as cs
 
 
 def readme_plugin_block() -> str:
@@ -22,9 +22,10 @@ def test_readme_example_is_the_example_file():
 def test_readme_plugin_example_runs():
     try:
         runpy.run_path(str(ROOT / "examples" / "custom_plugin.py"), run_name="__main__")
-        assert "bottleneck_noise" in _ENTRIES
+        assert "bottleneck_noise" in cs.list_plugins()
     finally:
-        _ENTRIES.pop("bottleneck_noise", None)
+        if "bottleneck_noise" in cs.list_plugins():
+            cs.registry.unregister("bottleneck_noise")
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import torch
 
 import cellseg_plugins as cs
 from cellseg_plugins.registry import get_entry
-from cellseg_plugins.registry.registry import _ENTRIES
 from conftest import MIN_SIZE, small_spec
 
 SMP_ARCHS = ["deeplabv3", "deeplabv3plus", "dpt", "fpn", "linknet", "manet", "pan", "pspnet",
@@ -49,7 +48,7 @@ def test_register_plugin_decorator_and_removal():
         with pytest.raises(ValueError, match="already registered"):
             cs.register_plugin("test_scale")(test_scale)
     finally:
-        del _ENTRIES["test_scale"]
+        cs.registry.unregister("test_scale")
 
 
 @pytest.mark.parametrize("arch", SMP_ARCHS)

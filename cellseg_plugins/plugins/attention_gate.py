@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..hooks import SKIP_ARCHS, transform_skips
+from ..hooks import has_skips, transform_skips
 from ..registry import register_plugin
 
 
@@ -29,7 +29,7 @@ class AttentionGate(nn.Module):
         return skip * self.psi(F.relu(self.w_x(skip) + self.w_g(gate)))
 
 
-@register_plugin("attention_gate", supports=SKIP_ARCHS)
+@register_plugin("attention_gate", supports=has_skips)
 def attention_gate(model: nn.Module) -> nn.Module:
     """Attention U-Net: an additive attention gate on every encoder skip."""
     transform_skips(model, "attention_gate",

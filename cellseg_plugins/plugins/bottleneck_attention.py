@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..blocks import GlobalAttention
-from ..hooks import FEATURE_LIST_ARCHS, encoder_channels, transform_encoder_features
+from ..hooks import has_feature_list, encoder_channels, transform_encoder_features
 from ..registry import register_plugin
 
 
@@ -32,7 +32,7 @@ class SelfAttention2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-@register_plugin("bottleneck_attention", supports=FEATURE_LIST_ARCHS)
+@register_plugin("bottleneck_attention", supports=has_feature_list)
 def bottleneck_attention(model: nn.Module) -> nn.Module:
     """Global self-attention (SAGAN) on the deepest encoder feature.
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import torch
 from torch import nn
 
-from ..hooks import FEATURE_LIST_ARCHS, classes_of, encoder_channels, transform_encoder_features
+from ..hooks import has_feature_list, classes_of, encoder_channels, transform_encoder_features
 from ..registry import PluginConfigError, PluginModule, Range, register_plugin
 from .frem import channel_count
 
@@ -32,7 +32,7 @@ class BottleneckSupervision(PluginModule):
         return x
 
 
-@register_plugin("bottleneck_supervision", supports=FEATURE_LIST_ARCHS)
+@register_plugin("bottleneck_supervision", supports=has_feature_list)
 def bottleneck_supervision(model: nn.Module,
                            lam: Annotated[float, Range(0, 1)] = 0.2781,
                            form: Literal["convex", "add"] = "convex") -> nn.Module:
@@ -50,7 +50,7 @@ def bottleneck_supervision(model: nn.Module,
     return model
 
 
-@register_plugin("bottleneck_dropout", supports=FEATURE_LIST_ARCHS)
+@register_plugin("bottleneck_dropout", supports=has_feature_list)
 def bottleneck_dropout(model: nn.Module,
                        B: Annotated[int | float, Range(0, lo_open=True)] = 8,
                        p: Annotated[float, Range(0, 0.99)] | None = None) -> nn.Module:

@@ -13,8 +13,9 @@ from torch.nn import functional as F
 
 from ..blocks import GlobalAttention, SqueezeExcitation, conv_like
 from ..encoders import DoubleConv
-from ..hooks import (decoder_out_channels, encoder_stage, first_conv, in_channels_of, set_child,
-                     tap_head_input)
+from ..hooks import (EncoderInputTransform, decoder_out_channels, encoder_stage, first_conv,
+                     in_channels_of, set_child, tap_head_input, transform_encoder_input,
+                     transform_output)
 from ..registry import Range, register_plugin
 from ..rounds import Feedback, RoundState, install_rounds
 
@@ -114,15 +115,16 @@ class FeedbackAttention(Feedback):
         return f + self.scale * self.combine(f, o)
 
 
-class FeedbackStem(nn.Module):
-    """Two 3×3 conv blocks at full resolution, for encoders without such a first feature."""
+class FeedbackStem(EncoderInputTransform):
+    """Two 3×3 conv blocks at full resolution, for encoders without such a first feature;
+    (N, C_in, H, W) → (N, C, H, W), what the encoder then receives."""
 
     def __init__(self, in_channels: int, channels: int):
         super().__init__()
         self.convs = DoubleConv(in_channels, channels)
 
-    def feed_encoder(self, encoder, inputs):
-        return (self.convs(inputs[0]),)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
 
 
 def f_site(model: nn.Module, at: str, o_channels: int) -> tuple[nn.Module, int]:
@@ -130,10 +132,10 @@ def f_site(model: nn.Module, at: str, o_channels: int) -> tuple[nn.Module, int]:
     stem = encoder_stage(model, 0)
     if stem is None:  # the encoder's feature 0 is the image: add the two convs in front of it
         in_channels, first = in_channels_of(model), first_conv(model)
-        model.feedback_stem = FeedbackStem(in_channels, o_channels)
+        stem = FeedbackStem(in_channels, o_channels)
         set_child(model.encoder, first, conv_like(first, in_channels=o_channels))
-        model.encoder.register_forward_pre_hook(model.feedback_stem.feed_encoder)
-        stem = model.feedback_stem.convs
+        transform_encoder_input(model, "feedback_stem", stem)
+        stem = stem.convs
     # DoubleConv = (conv, BN, ReLU, conv, BN, ReLU[, SE]): after conv 1 is index 2, else all
     return (stem[2] if at == "conv1" else stem), stem[0].out_channels
 
@@ -145,7 +147,7 @@ def build_feedback_attention(model, connection, lam, at, kv_stride, chunk, predi
     feedback = FeedbackAttention(state, f_channels, o_channels, connection, kv_stride, chunk)
     install_rounds(model, feedback, state, lam, predict)
     tap_head_input(model, feedback.keep_output)
-    site.register_forward_hook(feedback.feed)
+    transform_output(site, feedback.feed)
     return model
 
 

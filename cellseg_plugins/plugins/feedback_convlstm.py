@@ -14,10 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..blocks import conv_like
-from ..hooks import (FEATURE_LIST_ARCHS, classes_of, decoder_block, decoder_out_channels,
+from ..hooks import (has_feature_list, classes_of, decoder_block, decoder_out_channels,
                      encoder_channels, encoder_stage, first_conv, in_channels_of,
                      output_channels, set_child, transform_decoder_output,
-                     transform_encoder_features)
+                     transform_encoder_features, transform_output)
 from ..registry import PluginConfigError, Range, register_plugin
 from ..rounds import Feedback, RoundState, RoundSwitch, install_rounds
 
@@ -195,7 +195,7 @@ def add_cell(model: nn.Module, name: str, cell_type: str, state: RoundState) -> 
     if name == "d1":
         transform_decoder_output(model, "convlstm_d1", place)
     elif block is not None:  # the stage's own output continues down the encoder / decoder
-        block.register_forward_hook(place.module_hook)
+        transform_output(block, place.module_hook)
     else:  # an encoder whose stages are not modules we know: transform the returned feature
         transform_encoder_features(model, f"convlstm_{name}", {index: place})
     return place
@@ -225,7 +225,7 @@ def default_places(model: nn.Module) -> list[str]:
     return [p for p in PLACES if p != "d2" or decoder_block(model, 2) is not None]
 
 
-@register_plugin("feedback_convlstm", supports=FEATURE_LIST_ARCHS, exclusive="rounds")
+@register_plugin("feedback_convlstm", supports=has_feature_list, exclusive="rounds")
 def feedback_convlstm(
     model: nn.Module,
     lam: Annotated[float, Range(0, None)] = 0.5,

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import torch
 from torch import nn
 
-from ..hooks import FEATURE_LIST_ARCHS, encoder_channels, transform_encoder_features
+from ..hooks import has_feature_list, encoder_channels, transform_encoder_features
 from ..registry import PluginConfigError, PluginModule, Range, register_plugin
 
 
@@ -67,7 +67,7 @@ def channel_count(B: int | float, channels: int, what: str) -> int:
     return count
 
 
-@register_plugin("frem", supports=FEATURE_LIST_ARCHS)
+@register_plugin("frem", supports=has_feature_list)
 def frem(
     model: nn.Module,
     B: Annotated[int | float, Range(0, lo_open=True)] = 8,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..hooks import SKIP_ARCHS, transform_skips
+from ..hooks import has_skips, transform_skips
 from ..local_attention import local_attention
 from ..registry import PluginConfigError, Range, register_plugin
 
@@ -50,7 +50,7 @@ class LocalFeatureAggregation(nn.Module):
         return y
 
 
-@register_plugin("lfa", supports=SKIP_ARCHS)
+@register_plugin("lfa", supports=has_skips)
 def lfa(
     model: nn.Module,
     m: Annotated[int, Range(1, 31)] = 7,

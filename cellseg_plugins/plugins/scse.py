@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..blocks import channel_gate
-from ..hooks import (FEATURE_LIST_ARCHS, decoder_out_channels, encoder_channels, transform_decoder_output,
+from ..hooks import (has_feature_list, decoder_out_channels, encoder_channels, transform_decoder_output,
                      transform_encoder_features)
 from ..registry import Range, register_plugin
 
@@ -27,7 +27,7 @@ class SCSE(nn.Module):
         return x * self.cse(x) + x * self.sse(x)
 
 
-@register_plugin("scse", supports=FEATURE_LIST_ARCHS)
+@register_plugin("scse", supports=has_feature_list)
 def scse(model: nn.Module, reduction: Annotated[int, Range(1, 1024)] = 16,
          where: Literal["encoder", "decoder", "both"] = "both") -> nn.Module:
     """Squeeze-and-excitation (scSE) on every encoder stage and/or the decoder output.
