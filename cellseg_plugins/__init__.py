@@ -15,15 +15,18 @@ __version__ = "0.2.0"
 _API = ("PluginConfigError", "PluginModule", "Range", "Spec", "SpecError", "apply_plugins",
         "auxiliary_loss", "create_model", "epoch_start", "list_archs", "list_plugins",
         "parse_spec", "register_arch", "register_plugin", "step_start", "training_loss")
+_ERRORS = ("CellsegError", "ConfigError", "DataError", "TrainingError")
 _MODULES = ("registry", "hooks", "rounds", "blocks", "engine", "plugins", "archs",
             "classic_unet", "encoders", "input_rules", "errors", "cli")
 
-__all__ = [*_API, "__version__"]
+__all__ = [*_API, *_ERRORS, "__version__"]
 
 
 def __getattr__(name: str):
     if name in _API:
         value = getattr(importlib.import_module(".registry", __name__), name)
+    elif name in _ERRORS:
+        value = getattr(importlib.import_module(".errors", __name__), name)
     elif name in _MODULES:
         value = importlib.import_module(f".{name}", __name__)
     else:

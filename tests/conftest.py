@@ -14,6 +14,35 @@ SSTEM = SHARED / "data" / "sstem"
 SMALL_ENCODER = {"segformer": "mit_b0", "dpt": "tu-vit_tiny_patch16_224"}
 # PAN's feature pyramid attention needs at least 128 px; everything else runs at 64.
 MIN_SIZE = {"pan": 128}
+# Arguments that keep a plugin small in the grids; every registered plugin is in the grids.
+SMALL_ARGS = {"lfa": "(m=3)", "feedback_attention": "(connection='conv')"}
+# The engine tests' model and options: a tiny U-Net, 64² crops, one batch per epoch.
+TINY = "unet(encoder='plain4')"
+FAST = ["--crop", "64", "--batch-size", "32", "--device", "cpu"]
+
+
+def cli(capsys, *argv):
+    """Run ``cellseg ARGV`` in this process: (exit code, stdout, stderr)."""
+    from cellseg_plugins.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def tiny_config(out, epochs=2, spec=TINY, **kw):
+    from cellseg_plugins.engine.train import TrainConfig
+
+    return TrainConfig(spec=spec, epochs=epochs, crop=64, batch_size=32, device="cpu",
+                       out=str(out), **kw)
+
+
+def grid_plugins() -> list[str]:
+    """Every registered plugin as a spec term (with SMALL_ARGS), so new plugins join the grids."""
+    import cellseg_plugins as cs
+
+    return [name + SMALL_ARGS.get(name, "") for name in cs.list_plugins()]
 
 
 def small_spec(arch: str) -> str:
@@ -22,6 +51,25 @@ def small_spec(arch: str) -> str:
     enc = SMALL_ENCODER.get(arch, "resnet18")
     extra = ",img_size=64" if arch == "dpt" else ""
     return f"{arch}(encoder='{enc}'{extra})"
+
+
+def checkpoint(tmp_path, spec, name="model.pt", classes=3):
+    """A checkpoint as training writes it, of a model with BatchNorm statistics that are not
+    0/1 (one forward in training mode); returns (path, the model in eval mode)."""
+    import cellseg_plugins as cs
+    from cellseg_plugins.engine.checkpoint import FORMAT
+
+    torch.manual_seed(0)
+    model = cs.create_model(spec, classes=classes)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 1, 64, 64))
+    ckpt = {"format": FORMAT, "spec": model.cellseg_spec, "in_channels": 1,
+            "class_names": [f"c{i}" for i in range(classes)],
+            "norm": {"mean": [0.5], "std": [0.2]}, "model": model.state_dict(),
+            "config": {"data": "synthetic"}}
+    torch.save(ckpt, tmp_path / name)
+    return tmp_path / name, model.eval()
 
 
 @pytest.fixture

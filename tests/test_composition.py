@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import cellseg_plugins as cs
+from conftest import grid_plugins
 
-PLUGINS = ["frem", "lfa(m=3)", "attention_gate", "bottleneck_attention", "bottleneck_supervision",
-           "bottleneck_dropout", "scse", "feedback_self", "feedback_st", "feedback_convlstm",
-           "feedback_attention(connection='conv')"]
+PLUGINS = grid_plugins()
 
 
 @pytest.mark.parametrize("first, second", list(itertools.permutations(PLUGINS, 2)))

@@ -9,29 +9,14 @@ import pytest
 import tifffile
 import torch
 
-import cellseg_plugins as cs
 from cellseg_plugins.cli.main import main
-from cellseg_plugins.engine.checkpoint import FORMAT
-from cellseg_plugins.engine.export import (ExportError, example_input, export_checkpoint,
+from conftest import checkpoint
+from cellseg_plugins.engine.export import (ExportError, export_checkpoint,
                                            read_metadata, run_exported)
 
 PLUGINS = ["frem", "lfa(m=3)", "attention_gate", "bottleneck_attention", "feedback_self",
            "feedback_st", "feedback_convlstm", "bottleneck_supervision", "bottleneck_dropout",
            "scse", "feedback_attention(connection='se')"]
-
-
-def checkpoint(tmp_path, spec, name="model.pt", classes=3):
-    torch.manual_seed(0)
-    model = cs.create_model(spec, classes=classes)
-    model.train()  # one forward in training mode: BatchNorm statistics that are not 0/1
-    with torch.no_grad():
-        model(torch.randn(2, 1, 64, 64))
-    ckpt = {"format": FORMAT, "spec": model.cellseg_spec, "in_channels": 1,
-            "class_names": [f"c{i}" for i in range(classes)],
-            "norm": {"mean": [0.5], "std": [0.2]}, "model": model.state_dict(),
-            "config": {"data": "synthetic"}}
-    torch.save(ckpt, tmp_path / name)
-    return tmp_path / name, model.eval()
 
 
 @pytest.mark.parametrize("plugin", PLUGINS)

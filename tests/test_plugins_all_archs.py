@@ -5,11 +5,9 @@ import torch
 
 import cellseg_plugins as cs
 from cellseg_plugins.registry import get_entry
-from conftest import MIN_SIZE, small_spec
+from conftest import MIN_SIZE, grid_plugins, small_spec
 
-PLUGINS = ["frem", "lfa(m=3)", "attention_gate", "bottleneck_attention", "feedback_self",
-           "feedback_st", "feedback_convlstm",
-           "bottleneck_supervision", "bottleneck_dropout", "scse"]
+PLUGINS = grid_plugins()
 
 
 @pytest.mark.parametrize("plugin", PLUGINS)

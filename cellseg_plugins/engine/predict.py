@@ -10,6 +10,7 @@ import tifffile
 import torch
 from torch.nn import functional as F
 
+from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .data import DataError, SUFFIXES, _to_unit, read_image
 
@@ -34,36 +35,44 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
     return sorted(set(starts))
 
 
+def tile_grid(h: int, w: int, tile: int, overlap: int, rules: InputRules | None = None):
+    """(tile side, padded H, padded W, tile rows, tile columns) for an H×W image: the tile is
+    grown to a side the model takes (``rules``, default multiples of 32)."""
+    tile = (rules or InputRules(32, 32)).fit(min(tile, max(h, w)))
+    ph, pw = max(tile, h), max(tile, w)
+    step = max(1, tile - overlap)
+    return tile, ph, pw, _starts(ph, tile, step), _starts(pw, tile, step)
+
+
 @torch.no_grad()
 def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap: int = 32,
-                  rules: InputRules | None = None, device="cpu") -> np.ndarray:
+                  rules: InputRules | None = None, device="cpu", on_tile=None) -> np.ndarray:
     """Label map (H, W) uint8 for one image (H, W[, C]) float in [0, 1].
 
-    Tiles of ``tile`` px overlapping by ``overlap`` px; softmax probabilities are blended with
-    linear edge ramps. The tile is grown to a side the model takes (``rules``, default:
-    multiples of 32) and the image padded to it (reflected, or replicated where it is small).
+    Tiles of ``tile`` px overlapping by ``overlap`` px (:func:`tile_grid`); softmax
+    probabilities are blended with linear edge ramps. The image is padded to the tile
+    (reflected, or replicated where it is small). ``on_tile()`` is called after each tile.
     """
     model.eval()
-    rules = rules or InputRules(32, 32)
     x = torch.from_numpy(image)
     x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
     x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
     _, h, w = x.shape
-    tile = rules.fit(min(tile, max(h, w)))
-    ph, pw = max(tile, h), max(tile, w)
+    tile, ph, pw, rows, cols = tile_grid(h, w, tile, overlap, rules)
     mode = "reflect" if ph - h < h and pw - w < w else "replicate"  # reflect needs pad < size
     x = F.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)
-    step = max(1, tile - overlap)
     weight = _ramp(tile, min(overlap, tile // 2))
     probs, norm = None, torch.zeros(ph, pw)
-    for y0 in _starts(ph, tile, step):
-        for x0 in _starts(pw, tile, step):
+    for y0 in rows:
+        for x0 in cols:
             patch = x[:, :, y0:y0 + tile, x0:x0 + tile].to(device)
             p = model(patch).softmax(1)[0].cpu()
             if probs is None:
                 probs = torch.zeros(p.shape[0], ph, pw)
             probs[:, y0:y0 + tile, x0:x0 + tile] += p * weight
             norm[y0:y0 + tile, x0:x0 + tile] += weight
+            if on_tile:
+                on_tile()
     return (probs / norm).argmax(0)[:h, :w].numpy().astype(np.uint8)
 
 
@@ -86,6 +95,50 @@ def iter_inputs(inputs: list[str]):
         yield p, ([_to_unit(page) for page in a] if stack else [_to_unit(a)]), stack
 
 
+def check_tiling(tile: int, overlap: int) -> None:
+    """Raise ConfigError unless tile >= 32 and 0 <= overlap < tile."""
+    if tile < 32:
+        raise ConfigError("tile", tile, "must be at least 32")
+    if not 0 <= overlap < tile:
+        raise ConfigError("overlap", overlap, "must be in [0, tile)")
+
+
+def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: int = 32,
+                  device="cpu", progress=None) -> np.ndarray:
+    """Label array for an image array of any rank: (..., H, W), or (..., H, W, C) when ``rgb``.
+
+    ``predictor`` is :func:`load_predictor`'s (model, metadata, input rules). Leading axes
+    (stack, time, z) are planes segmented one by one; each plane is scaled to [0, 1] as
+    ``cellseg predict`` scales a file (uint8/uint16 by their range, floats by min/max).
+    ``progress(done, total)`` is called after each tile. Returns uint8 labels (..., H, W);
+    this is what the napari widget runs.
+    """
+    check_tiling(tile, overlap)
+    model, meta, rules = predictor
+    data = np.asarray(data)
+    plane_ndim = 3 if rgb else 2
+    if data.ndim < plane_ndim or 0 in data.shape:
+        raise DataError(f"image of shape {data.shape}: expected (..., H, W)"
+                        f"{', C' if rgb else ''}")
+    channels = min(data.shape[-1], 3) if rgb else 1  # RGBA loses alpha, as in files
+    if channels != meta["in_channels"]:
+        raise DataError(f"image of shape {data.shape}: {channels} channel(s), the model "
+                        f"expects {meta['in_channels']}")
+    lead, (h, w) = data.shape[:-plane_ndim], data.shape[-plane_ndim:][:2]
+    planes = data.reshape(-1, *data.shape[-plane_ndim:])
+    _, _, _, rows, cols = tile_grid(h, w, tile, overlap, rules)
+    total, done = len(planes) * len(rows) * len(cols), [0]
+
+    def on_tile():
+        done[0] += 1
+        progress(done[0], total)
+
+    norm = meta["norm"]
+    labels = [predict_image(model, _to_unit(plane), norm["mean"], norm["std"], tile, overlap,
+                            rules, device, on_tile if progress else None) for plane in planes]
+    return np.stack(labels).reshape(*lead, h, w)
+
+
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     grey = image if image.ndim == 2 else image.mean(-1)
     rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1).astype(np.float32)
@@ -93,8 +146,22 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.nda
     return ((1 - alpha) * rgb + alpha * colours).astype(np.uint8)
 
 
-def write_labels(path: Path, pages: list[np.ndarray]) -> None:
-    tifffile.imwrite(path, np.stack(pages) if len(pages) > 1 else pages[0])
+def write_labels(path: Path, pages: list[np.ndarray], meta: dict | None = None) -> None:
+    """Label TIFF (a stack for several pages) carrying the model's class names and spec in
+    its metadata (``read_labels`` and the napari reader use them)."""
+    info = meta and {"cellseg": {"class_names": list(meta["class_names"]), "spec": meta["spec"]}}
+    tifffile.imwrite(path, np.stack(pages) if len(pages) > 1 else pages[0], metadata=info)
+
+
+def labels_info(path: str | Path) -> dict | None:
+    """{class_names, spec} of a label TIFF written by ``cellseg predict``; None for any other
+    file (only the TIFF's header is read)."""
+    try:
+        with tifffile.TiffFile(path) as f:
+            info = (f.shaped_metadata or ({},))[0].get("cellseg")
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return None
+    return info if isinstance(info, dict) and "class_names" in info else None
 
 
 class OnnxModel:
@@ -155,10 +222,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     overlay PNGs if asked. Every input is read and checked before anything is written."""
     from PIL import Image
 
-    if tile < 32:
-        raise DataError(f"--tile {tile}: must be at least 32")
-    if not 0 <= overlap < tile:
-        raise DataError(f"--overlap {overlap}: must be in [0, tile)")
+    check_tiling(tile, overlap)
     model, meta, rules = load_predictor(source, runtime, device)
     items = list(iter_inputs(inputs))
     for path, pages, _ in items:
@@ -172,7 +236,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     for path, pages, _ in items:
         labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device)
                   for p in pages]
-        write_labels(out / f"{path.stem}.tif", labels)
+        write_labels(out / f"{path.stem}.tif", labels, meta)
         written.append(out / f"{path.stem}.tif")
         if with_overlay:
             for k, (p, lab) in enumerate(zip(pages, labels)):

@@ -1,0 +1,108 @@
+"""napari plugin (manifest ``napari.yaml``, entry point ``napari.manifest``): a dock widget
+that segments an image layer with a cellseg checkpoint (.pt) or an exported model (.onnx) and
+adds the classes as a labels layer, and a reader that opens ``cellseg predict``'s label TIFFs
+as labels layers with their class names.
+
+napari builds the widget from :func:`segment`'s signature (magicgui resolves the annotations
+at run time: no ``from __future__ import annotations`` here); nothing here imports napari at
+import time, so the functions are also plain Python: pass any object with the image layer's
+``data``, ``name``, ``rgb``, ``scale`` and ``translate``.
+"""
+
+import sys
+from contextlib import nullcontext
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+from .errors import DataError
+
+# Loading Triton's LLVM after napari has drawn with Mesa's software OpenGL (llvmpipe: VMs,
+# remote desktops) crashes the process. Tiled inference never uses Triton, so in a process
+# where torch is not loaded yet (napari opening this plugin), torch is told it is absent.
+if "torch" not in sys.modules:
+    sys.modules.setdefault("triton", None)
+
+if TYPE_CHECKING:  # napari is optional: pip install "cellseg[napari]"
+    import napari
+
+
+@lru_cache(maxsize=2)
+def _predictor(path: str, mtime: float, runtime: str, device: str):
+    from .engine.predict import load_predictor
+
+    return load_predictor(path, runtime, device)
+
+
+def _progress_bar():
+    """napari's progress bar (shown in the viewer's activity dock), or nothing without napari."""
+    try:
+        from napari.utils import progress
+    except ImportError:
+        return nullcontext()
+    return progress(desc="cellseg: segmenting tiles")
+
+
+def _labels_kwargs(name: str, info: dict) -> dict:
+    """Labels layer arguments: one feature row per label value (row k = class k), so napari
+    shows the class name of the label under the cursor; the spec in the metadata."""
+    return {"name": name, "features": {"class": list(info["class_names"])},
+            "metadata": {"class_names": list(info["class_names"]), "spec": info["spec"]}}
+
+
+def segment(
+    image: "napari.layers.Image",
+    model: Annotated[Path, {"label": "model (.pt or .onnx)", "filter": "*.pt *.onnx"}] = Path(),
+    tile: Annotated[int, {"min": 32, "max": 4096, "step": 32}] = 256,
+    overlap: Annotated[int, {"min": 0, "max": 512}] = 32,
+    runtime: Annotated[str, {"choices": ["torch", "onnx"]}] = "torch",
+    device: str = "cpu",
+) -> "napari.types.LayerDataTuple":
+    """Segment the image layer (every plane of a stack) with a cellseg model, tile by tile.
+
+    Returns a labels layer tuple ``(labels (..., H, W) uint8, kwargs, "labels")`` named after
+    the image, on the image's scale and translation, with the class names as features. The
+    model is loaded once and kept while its file is unchanged.
+    """
+    from .engine.predict import predict_array
+
+    if image is None:
+        raise DataError("no image layer selected")
+    path = Path(model)
+    if not path.is_file() or path.suffix not in (".pt", ".onnx"):
+        raise DataError(f"model {str(path)!r}: choose a cellseg checkpoint (.pt) or an "
+                        "exported .onnx file")
+    if path.suffix == ".onnx":
+        runtime = "onnx"
+    predictor = _predictor(str(path.resolve()), path.stat().st_mtime, runtime, device)
+    with _progress_bar() as bar:
+        def advance(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(1)
+
+        labels = predict_array(predictor, image.data, rgb=bool(image.rgb), tile=tile,
+                               overlap=overlap, device=device, progress=advance)
+    kwargs = _labels_kwargs(f"{image.name} cellseg", predictor[1])
+    kwargs.update(scale=tuple(image.scale), translate=tuple(image.translate))
+    kwargs["metadata"]["model"] = str(path)
+    return labels, kwargs, "labels"
+
+
+def get_reader(path):
+    """napari reader hook: a reader for label TIFFs written by ``cellseg predict`` (they carry
+    the class names), None for other files so that napari tries its other readers."""
+    from .engine.predict import labels_info
+
+    if not isinstance(path, (str, Path)) or not str(path).lower().endswith((".tif", ".tiff")):
+        return None
+    return read_prediction if labels_info(path) else None
+
+
+def read_prediction(path) -> list:
+    """[(labels, kwargs, "labels")] for a ``cellseg predict`` label TIFF."""
+    import tifffile
+
+    from .engine.predict import labels_info
+
+    return [(tifffile.imread(path), _labels_kwargs(Path(path).stem, labels_info(path)), "labels")]

@@ -1,0 +1,143 @@
+"""The napari plugin: a manifest npe2 accepts; a widget that labels a layer as ``cellseg
+predict`` labels the same image (planes of stacks, scale, class names, progress, bad input);
+a reader for prediction TIFFs; and the widget docked in a real viewer (under Xvfb)."""
+
+import importlib
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt loads: no window needed
+
+import numpy as np
+import pytest
+import tifffile
+from npe2 import PluginManifest
+
+import cellseg_plugins as cs
+from cellseg_plugins.engine.export import export_checkpoint
+from cellseg_plugins.engine.predict import predict_paths
+from cellseg_plugins.napari_widget import get_reader, segment
+from conftest import checkpoint
+
+MANIFEST = Path(cs.__file__).parent / "napari.yaml"
+
+
+def layer(data, rgb=False, name="em"):
+    ndim = data.ndim - (1 if rgb else 0)
+    return SimpleNamespace(data=data, name=name, rgb=rgb, scale=(2.0,) * ndim,
+                           translate=(5.0,) * ndim)
+
+
+def test_the_manifest_is_valid_and_names_the_widget_and_the_reader():
+    manifest = PluginManifest.from_file(MANIFEST)
+    assert manifest.name == "cellseg"  # npe2 requires the distribution's name
+    commands = {c.id: c.python_name for c in manifest.contributions.commands}
+    (widget,) = manifest.contributions.widgets
+    (reader,) = manifest.contributions.readers
+    assert widget.autogenerate
+    for command_id, function in [(widget.command, segment), (reader.command, get_reader)]:
+        module, attr = commands[command_id].split(":")
+        assert getattr(importlib.import_module(module), attr) is function
+    installed = PluginManifest.from_distribution("cellseg")  # the napari.manifest entry point
+    assert {c.id for c in installed.contributions.commands} == set(commands)
+
+
+def test_segment_labels_a_layer_as_cellseg_predict_labels_the_file(tmp_path):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)+lfa(m=3)")
+    image = np.random.default_rng(0).integers(0, 256, (70, 90), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "em.tif", image)
+    (written,) = predict_paths(path, [str(tmp_path / "em.tif")], tmp_path / "pred", tile=64)
+    labels, kwargs, kind = segment(layer(image), model=path, tile=64)
+    assert kind == "labels" and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, tifffile.imread(written))
+    assert kwargs["name"] == "em cellseg" and kwargs["scale"] == (2.0, 2.0)
+    assert kwargs["translate"] == (5.0, 5.0)
+    assert kwargs["features"] == {"class": ["c0", "c1", "c2"]}  # row k names label k
+
+    stack = np.stack([image, image[::-1]])  # a (planes, H, W) layer: each plane on its own
+    planes, kwargs, _ = segment(layer(stack), model=path, tile=64)
+    assert planes.shape == (2, 70, 90) and kwargs["scale"] == (2.0,) * 3
+    np.testing.assert_array_equal(planes[0], labels)
+    np.testing.assert_array_equal(planes[1], segment(layer(image[::-1]), model=path, tile=64)[0])
+
+
+def test_predict_array_reports_every_tile_of_every_plane(tmp_path):
+    from cellseg_plugins.engine.predict import load_predictor, predict_array
+
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    calls = []
+    labels = predict_array(load_predictor(path), np.zeros((3, 100, 64), np.uint8), tile=64,
+                           overlap=16, progress=lambda done, total: calls.append((done, total)))
+    # rows start at 0, 36 (=100-64) → 2 tiles a plane, 3 planes
+    assert labels.shape == (3, 100, 64) and calls == [(k, 6) for k in range(1, 7)]
+
+
+def test_an_onnx_model_labels_the_layer_like_its_checkpoint(tmp_path):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    onnx_path = export_checkpoint(path, "onnx")
+    image = np.random.default_rng(1).random((64, 96)).astype(np.float32)
+    torch_labels = segment(layer(image), model=path)[0]
+    onnx_labels = segment(layer(image), model=onnx_path, runtime="torch")[0]  # .onnx wins
+    assert (onnx_labels == torch_labels).mean() > 0.999
+
+
+def test_the_reader_opens_predictions_only(tmp_path):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    tifffile.imwrite(tmp_path / "em.tif", np.zeros((2, 64, 64), np.uint8))
+    (written,) = predict_paths(path, [str(tmp_path / "em.tif")], tmp_path / "pred", tile=64)
+    assert get_reader(str(tmp_path / "em.tif")) is None  # a plain image: other readers' turn
+    assert get_reader(str(tmp_path / "missing.tif")) is None
+    ((data, kwargs, kind),) = get_reader(str(written))(str(written))
+    np.testing.assert_array_equal(data, tifffile.imread(written))
+    assert kind == "labels" and data.shape == (2, 64, 64)
+    assert kwargs["features"] == {"class": ["c0", "c1", "c2"]}
+    assert kwargs["metadata"]["spec"] == "classic_unet(width=4)"
+
+
+def test_bad_input_is_one_line_naming_the_value(tmp_path):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    grey = np.zeros((64, 64), np.uint8)
+    cases = [
+        (dict(image=layer(grey), model=tmp_path / "none.pt"), "none.pt"),
+        (dict(image=layer(grey), model=Path()), "choose a cellseg checkpoint"),
+        (dict(image=layer(np.zeros((64, 64, 3), np.uint8), rgb=True), model=path),
+         "3 channel(s), the model expects 1"),
+        (dict(image=layer(grey), model=path, tile=16), "tile=16: must be at least 32"),
+        (dict(image=None, model=path), "no image layer"),
+    ]
+    for kwargs, text in cases:
+        with pytest.raises(cs.CellsegError) as err:
+            segment(**kwargs)
+        assert text in str(err.value) and "\n" not in str(err.value)
+
+
+def test_magicgui_builds_the_widget_from_the_signature(qtbot, tmp_path):
+    napari = pytest.importorskip("napari")
+    from magicgui import magicgui
+
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    widget = magicgui(segment)
+    assert widget.runtime.choices == ("torch", "onnx") and widget.tile.value == 256
+    image = napari.layers.Image(np.zeros((64, 64), np.uint8), name="em")
+    labels, kwargs, _ = widget(image=image, model=path, tile=64)
+    assert labels.shape == (64, 64) and kwargs["name"] == "em cellseg"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="a napari canvas needs OpenGL: "
+                    "install Xvfb (pytest-xvfb starts it)")
+def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, tmp_path):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((2, 64, 80)).astype(np.float32), name="em")
+    _, widget = viewer.window.add_plugin_dock_widget("cellseg", "Segment (cellseg)")
+    widget.model.value, widget.tile.value = path, 64
+    widget()
+    labels = viewer.layers["em cellseg"]
+    assert type(labels).__name__ == "Labels" and labels.data.shape == (2, 64, 80)
+    assert list(labels.features["class"]) == ["c0", "c1", "c2"]
+    tifffile.imwrite(tmp_path / "section.tif", np.zeros((64, 64), np.uint8))
+    (written,) = predict_paths(path, [str(tmp_path / "section.tif")], tmp_path / "pred", tile=64)
+    (opened,) = viewer.open(written, plugin="cellseg")
+    assert type(opened).__name__ == "Labels" and opened.name == "section"
