@@ -4,18 +4,11 @@ import sys
 
 import pytest
 
-from cellseg_plugins.cli.main import main
-
-
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
+from conftest import cli
 
 
 def test_list_json_has_every_entry(capsys):
-    code, out, _ = run(capsys, "list", "--json")
+    code, out, _ = cli(capsys, "list", "--json")
     data = json.loads(out)
     assert code == 0
     assert {"unet", "fpn", "scse"} <= set(data)
@@ -24,12 +17,12 @@ def test_list_json_has_every_entry(capsys):
 
 
 def test_list_pattern_and_kind(capsys):
-    code, out, _ = run(capsys, "list", "*net*", "--json")
+    code, out, _ = cli(capsys, "list", "*net*", "--json")
     assert code == 0 and sorted(json.loads(out)) == [
         "classic_unet", "linknet", "manet", "pspnet", "unet", "unetplusplus", "upernet"]
-    code, out, _ = run(capsys, "list", "plain*", "--kind", "encoder", "--json")
+    code, out, _ = cli(capsys, "list", "plain*", "--kind", "encoder", "--json")
     assert "plain8" in json.loads(out)
-    code, out, _ = run(capsys, "list", "--kind", "plugin")
+    code, out, _ = cli(capsys, "list", "--kind", "plugin")
     assert code == 0 and "scse" in out and "unet " not in out
 
 
@@ -38,7 +31,7 @@ def test_list_pattern_and_kind(capsys):
     (["list", "--bogus"], "No such option"),
 ])
 def test_cli_usage_errors_are_one_line(capsys, argv, fragment):
-    code, out, err = run(capsys, *argv)
+    code, out, err = cli(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error:") and fragment in err
     assert "Traceback" not in err
@@ -64,7 +57,7 @@ def test_console_script_bad_spec_has_no_traceback():
     ("unet+feedback_self+feedback_st", "cannot be combined"),
 ])
 def test_train_rejects_bad_specs_in_one_line(capsys, tmp_path, spec, fragment):
-    code, _, err = run(capsys, "train", spec, "--out", str(tmp_path / "run"))
+    code, _, err = cli(capsys, "train", spec, "--out", str(tmp_path / "run"))
     assert code == 2 and fragment in err and err.count("\n") == 1 and "column" in err
     assert not (tmp_path / "run").exists()
 
@@ -80,3 +73,19 @@ def test_help_imports_no_torch(argv):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "unet", "--optimizer", "lbfgs"], "--optimizer 'lbfgs': expected one of adam, sgd"),
+    (["train", "unet", "--data", "/nonexistent"], "--data '/nonexistent': not 'synthetic', 'sstem'"),
+    (["train", "unet+lfa(m=4)"], "m=4: the window size must be odd"),
+    (["train", "unet", "--epochs", "0"], "--epochs 0: must be ≥ 1"),
+    (["eval", "/nonexistent.pt"], "checkpoint '/nonexistent.pt' does not exist"),
+    (["data", "fetch", "mnist"], "unknown data set 'mnist'"),
+    (["train", "unet", "--classes", "sstem4"], "--classes 'sstem4' applies to --data sstem only"),
+    (["train", "unet", "--class-map", "0:a,1:b"], "--class-map applies to image folders"),
+])
+def test_cli_bad_input(capsys, tmp_path, argv, fragment):
+    code, _, err = cli(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] == "train" else []))
+    assert code == 2 and fragment in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

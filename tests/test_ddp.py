@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cellseg_plugins.engine.checkpoint import load_checkpoint
+from conftest import TINY
 
 # One epoch of 48 crops of 128²: two steps (32 + 16 crops, or 2 × (16 + 8)). Float reductions
 # run in another order with another batch size, so the runs drift apart by float noise that
@@ -53,3 +54,18 @@ def test_ddp_needs_no_unused_parameter_search_for_the_plugins(plugin):
     assert unused_parameters(model, 1, 3, 32) == []
     model.spare = torch.nn.Conv2d(1, 1, 1)  # a module the forward never calls
     assert unused_parameters(model, 1, 3, 32) == ["spare.weight", "spare.bias"]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "cellseg_plugins.cli.main", "train", TINY, "--epochs", "1", "--out", str(out),
+         "--crop", "64", "--batch-size", "16", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and 0 <= ckpt["history"][0]["val_miou"] <= 1
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # rank 0 wrote once

@@ -13,21 +13,12 @@ import torch
 from PIL import Image
 
 import cellseg_plugins as cs
-from cellseg_plugins.cli.main import main
 from cellseg_plugins.engine.checkpoint import load_checkpoint
-from cellseg_plugins.engine.train import TrainConfig, Trainer, TrainingError
+from cellseg_plugins.engine.train import Trainer, TrainingError
 from cellseg_plugins.input_rules import input_rules
-from conftest import small_spec
+from conftest import FAST, cli, small_spec, tiny_config
 
 TINY = "classic_unet(width=4)"
-FAST = ["--crop", "64", "--batch-size", "32", "--device", "cpu"]
-
-
-def cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 # ---------------------------------------------------------------- input sizes
@@ -109,8 +100,7 @@ def test_eval_takes_the_training_data_options_and_checks_them(tmp_path, capsys):
 
 
 def tiny(out, epochs=2):
-    return TrainConfig(spec=TINY, epochs=epochs, crop=64, batch_size=32, device="cpu",
-                       out=str(out))
+    return tiny_config(out, epochs, spec=TINY)
 
 
 def test_a_full_disk_keeps_the_last_good_files(tmp_path, monkeypatch):

@@ -159,3 +159,27 @@ def test_row_training_options_sit_between_study_and_scale():
     assert "U-Net + Feedback Attention (self)" not in {r.name for r in cpu.rows}
     assert paper.row("U-Net + SE + FREM").spec.startswith("classic_unet(width=32,se=True)")
     assert cpu.row("U-Net + SE + FREM").spec.startswith("classic_unet(width=8,se=True)")
+
+
+def test_rows_runs_only_the_matching_rows_and_a_bad_pattern_is_one_line(tmp_path, capsys):
+    path = write(tmp_path, TINY)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["study", "run", str(path), "--out", str(out), "--rows", "+ FREM"])
+    err = capsys.readouterr().err
+    assert e.value.code == 0 and "1 of 2 rows × 3 folds × 1 seed(s), 3 run(s) to do" in err, err
+    assert not (out / "base").exists() and len(list((out / "frem").glob("*/test.json"))) == 3
+    assert [r["name"] for r in json.loads((out / "study.json").read_text())["rows"]] == [
+        "base", "+ frem"]  # the record keeps every row: the other rows can follow later
+    with pytest.raises(SystemExit) as e:
+        main(["study", "run", str(path), "--out", str(tmp_path / "no"), "--rows", "lfa*"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "--rows 'lfa*': matches no row; the rows are 'base', '+ frem'" in err
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["study", "run", str(write(tmp_path, TINY.replace("folds = 3", "folds = 2"))),
+              "--out", str(tmp_path / "two")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--folds 2: need at least 3" in err and err.count("\n") == 1
+    assert not (tmp_path / "two").exists()  # refused before anything is written

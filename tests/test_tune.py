@@ -5,18 +5,11 @@ import sys
 import pytest
 
 import cellseg_plugins as cs
-from cellseg_plugins.cli.main import main
+from conftest import cli
 
 SPEC = "unet(encoder='plain4')+frem"
 FAST = ["--epochs", "1", "--crop", "64", "--batch-size", "32", "--device", "cpu"]
 SEARCH = ["--search", "frem.B=int:1:16", "--search", "frem.X=float:1:1000:log"]
-
-
-def cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 def test_study_runs_resumes_and_prints_a_buildable_spec(tmp_path, capsys):

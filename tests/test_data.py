@@ -1,0 +1,120 @@
+"""Data: the synthetic set, folds by source image, the ssTEM protocol and fetch, user folders."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cellseg_plugins.engine.data import (CropDataset, DataError, fetch_sstem, fold_split,
+                                         load_data, load_folder, parse_class_map)
+from cellseg_plugins.engine.synthetic import synthetic_image
+from conftest import cli
+
+
+def test_synthetic_data_is_deterministic_and_has_all_classes():
+    a, b = synthetic_image(7), synthetic_image(7)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], synthetic_image(8)[0])
+    sources = load_data("synthetic")
+    counts = sum(np.bincount(m.ravel(), minlength=5) for m in sources.masks)
+    assert len(sources.images) == 20 and (counts > 0).all()
+
+
+def test_folds_split_by_source_image():
+    split = fold_split(20, 5, 0)
+    assert split["test"] == [0, 1, 2, 3] and split["val"] == [4, 5, 6, 7]
+    assert split["train"] == list(range(8, 20))
+    for k in range(5):
+        s = fold_split(20, 5, k)
+        assert not set(s["test"]) & set(s["val"]) and not set(s["train"]) & set(s["test"] + s["val"])
+    with pytest.raises(DataError, match="--fold 5: expected 0 … 4"):
+        fold_split(20, 5, 5)
+
+
+def test_sstem_protocol_192_64_64(tmp_path, sstem_root):
+    fetch_sstem(tmp_path, str(sstem_root))
+    os.environ["CELLSEG_DATA"] = str(tmp_path)
+    try:
+        sources = load_data("sstem", "sstem5")
+    finally:
+        del os.environ["CELLSEG_DATA"]
+    split = fold_split(len(sources.images), 5, 0)
+    sizes = [len(CropDataset(sources, split[s], 256, [0.5], [0.2])) for s in ("train", "val", "test")]
+    assert sizes == [192, 64, 64]
+    assert sources.class_names[0] == "membrane" and max(int(m.max()) for m in sources.masks) == 4
+
+
+def test_fetch_refuses_a_corrupt_copy_and_leaves_nothing(tmp_path, sstem_root):
+    bad = tmp_path / "bad"
+    shutil.copytree(sstem_root, bad)
+    (bad / "stack1" / "raw" / "05.tif").write_bytes(b"corrupt")
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match="05.tif: SHA-256 mismatch"):
+        fetch_sstem(root, str(bad))
+    assert not root.exists()
+
+
+def test_fetch_download_code_with_a_file_url(tmp_path, sstem_root):
+    target = fetch_sstem(tmp_path, sstem_root.resolve().as_uri())
+    assert (target / "stack1" / "raw" / "19.tif").is_file()
+
+
+def make_folder(root: Path, n=3, size=40, values=(0, 128, 255)):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / "images" / f"c{i}.png")
+        Image.fromarray(rng.choice(values, (size, size)).astype(np.uint8)).save(root / "masks" / f"c{i}.png")
+
+
+def test_user_folder_with_class_map(tmp_path):
+    make_folder(tmp_path)
+    sources = load_folder(tmp_path, "0:background,128:nucleus,255:membrane")
+    assert sources.class_names == ("background", "nucleus", "membrane")
+    assert {int(v) for m in sources.masks for v in np.unique(m)} == {0, 1, 2}
+
+
+def test_user_folder_tiff_stack(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "raw" / "s.tif", np.zeros((3, 32, 32), np.uint16), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels" / "s.tif", np.ones((3, 32, 32), np.uint8), photometric="minisblack")
+    sources = load_folder(tmp_path)
+    assert len(sources.images) == 3 and sources.class_names == ("class0", "class1")
+
+
+@pytest.mark.parametrize("breakage, fragment", [
+    ("missing_mask", "c1.png: no mask with stem 'c1'"),
+    ("size", "differs from mask size"),
+    ("unreadable", "c2.png: unreadable image"),
+    ("unmapped", "mask value 255 is not in the class map"),
+])
+def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
+    make_folder(tmp_path)
+    class_map = "0:bg,128:a,255:b"
+    if breakage == "missing_mask":
+        (tmp_path / "masks" / "c1.png").unlink()
+    elif breakage == "size":
+        Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "masks" / "c0.png")
+    elif breakage == "unreadable":
+        (tmp_path / "images" / "c2.png").write_bytes(b"not a png")
+    else:
+        class_map = "0:bg,128:a"
+    with pytest.raises(DataError) as err:
+        load_folder(tmp_path, class_map)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_class_map_syntax_error():
+    with pytest.raises(DataError, match="expected VALUE:NAME"):
+        parse_class_map("0:bg,x")
+
+
+def test_data_info(capsys):
+    code, out, _ = cli(capsys, "data", "info", "synthetic")
+    assert code == 0 and "20 images" in out and "intracellular" in out

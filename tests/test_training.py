@@ -1,0 +1,89 @@
+"""Training: run files, eval and predict of a run, metrics, resume, NaN losses."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cellseg_plugins.engine.checkpoint import load_checkpoint
+from cellseg_plugins.engine.metrics import confusion, scores
+from cellseg_plugins.engine.train import Trainer, TrainingError
+from conftest import FAST, TINY, cli, tiny_config
+
+
+def test_iou_from_accumulated_confusion():
+    pred = torch.tensor([[0, 0, 1, 1]])
+    target = torch.tensor([[0, 1, 1, 1]])
+    s = scores(confusion(pred, target, 2), ("a", "b"))
+    assert s["iou"] == {"a": pytest.approx(0.5), "b": pytest.approx(2 / 3)}
+    assert s["pixel_accuracy"] == pytest.approx(0.75)
+
+
+def test_train_writes_run_files_and_eval_predict(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", TINY + "+frem(B=4)", "--epochs", "2", "--out", out, *FAST)
+    assert code == 0, err
+    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "config.json"):
+        assert (out / name).is_file()
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["spec"] == "unet(encoder='plain4')+frem(B=4)" and "torch" in config["versions"]
+    code, stdout, _ = cli(capsys, "eval", out / "best.pt", "--json")
+    result = json.loads(stdout)
+    assert code == 0 and 0 <= result["miou"] <= 1 and set(result["iou"]) == {
+        "membrane", "mitochondria", "synapse", "extracellular", "intracellular"}
+    image = tmp_path / "big.tif"
+    tifffile.imwrite(image, (np.random.default_rng(0).random((300, 200)) * 255).astype(np.uint8))
+    code, _, err = cli(capsys, "predict", out / "best.pt", image, "--out", tmp_path / "pred",
+                       "--tile", "128", "--overlay")
+    assert code == 0, err
+    labels = tifffile.imread(tmp_path / "pred" / "big.tif")
+    assert labels.shape == (300, 200) and labels.max() < 5
+    assert (tmp_path / "pred" / "big_overlay.png").is_file()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    torch.manual_seed(0)
+    Trainer(tiny_config(tmp_path / "full", epochs=2)).run()
+    Trainer(tiny_config(tmp_path / "cut", epochs=1)).run()
+    Trainer(tiny_config(tmp_path / "cut", epochs=2), resume=True).run()
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["history"][-1]["val_miou"] == b["history"][-1]["val_miou"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    full = tmp_path / "full"
+    Trainer(tiny_config(full, epochs=3)).run()
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "cellseg_plugins.cli.main", "train", TINY, "--epochs", "3",
+            "--out", str(killed), *FAST]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert load_checkpoint(killed / "last.pt")["epoch"] < 3  # killed mid-way
+    subprocess.run(args + ["--resume"], check=True, capture_output=True)
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, epochs=3))
+    trainer.cfg.epochs = 1
+    trainer.run()
+    trainer.cfg.epochs = 3
+    trainer.criterion = lambda logits, y: logits.sum() * float("nan")
+    with pytest.raises(TrainingError, match="loss became nan at epoch 2"):
+        trainer.run()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
