@@ -23,6 +23,8 @@ def study_run(
         help="CPU threads per run (default: the cores split between the jobs)")] = None,
     out: Annotated[str | None, typer.Option(
         help="output folder (default: runs/study/<file>-<scale>)")] = None,
+    rows: Annotated[list[str] | None, typer.Option(
+        "--rows", help="run only the rows whose names match (shell pattern, repeatable)")] = None,
     then_report: Annotated[bool, typer.Option("--report/--no-report",
                                               help="write the table when done")] = True,
 ) -> None:
@@ -33,10 +35,15 @@ def study_run(
     study = load_study(file, scale)
     folder = Path(out or f"runs/study/{study.name}-{study.scale}")
     console = Console(stderr=True)
-    console.print(f"[bold]{study.title}[/] at scale {study.scale}: {len(study.rows)} rows × "
-                  f"{study.folds} folds × {study.seeds} seed(s) → {folder}")
-    run_study(study, folder, jobs, threads, on_run=lambda row, f, s, r: console.print(
-        f"{row} fold {f} seed {s}: test mIoU {r['miou']:.4f}"))
+
+    def start(selected, pending):
+        console.print(f"[bold]{study.title}[/] at scale {study.scale}: {len(selected)} of "
+                      f"{len(study.rows)} rows × {study.folds} folds × {study.seeds} seed(s), "
+                      f"{pending} run(s) to do → {folder}")
+
+    run_study(study, folder, jobs, threads, rows=rows, on_start=start,
+              on_run=lambda row, f, s, r: console.print(
+                  f"{row} fold {f} seed {s}: test mIoU {r['miou']:.4f}"))
     if then_report:
         report(folder)
         console.print(f"wrote {folder / 'table.md'}, table.csv and gains.png")

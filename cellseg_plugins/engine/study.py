@@ -16,6 +16,7 @@ checkpoints), and from ``report``: ``table.md``, ``table.csv``, ``gains.png``.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import math
 import platform
@@ -28,7 +29,7 @@ from pathlib import Path
 from ..registry import SpecError, parse_spec
 from .config import TrainConfig, option_fields
 from .cv import run_dir, train_and_test
-from .data import DataError, load_data
+from .data import DataError, fold_split, load_data
 from .jobs import run_jobs
 from .presets import apply_preset
 from .train import TrainingError
@@ -192,25 +193,42 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def select_rows(study: Study, patterns: list[str] | None) -> list[Row]:
+    """The rows whose names match one of the shell patterns (case-insensitive); all if None."""
+    if not patterns:
+        return study.rows
+    names = [r.name for r in study.rows]
+    for pattern in patterns:
+        if not fnmatch.filter([n.lower() for n in names], pattern.lower()):
+            raise StudyError(f"--rows {pattern!r}: matches no row; the rows are "
+                             + ", ".join(repr(n) for n in names))
+    return [r for r in study.rows
+            if any(fnmatch.fnmatch(r.name.lower(), p.lower()) for p in patterns)]
+
+
 def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None,
-              on_run=None) -> None:
-    """Train and test every row × fold × seed not finished yet (``jobs`` at a time). A run
-    that fails is reported ('row fold f seed s: error', TrainingError) after the others."""
-    load_data(study.config.data, study.config.classes, study.config.class_map)
+              on_run=None, rows: list[str] | None = None, on_start=None) -> None:
+    """Train and test every row × fold × seed not finished yet (``jobs`` at a time), or only
+    the rows matching ``rows`` (shell patterns; study.json keeps every row). A run that fails
+    is reported ('row fold f seed s: error', TrainingError) after the others. ``on_start(rows,
+    pending)`` is called once the study is checked, before anything is written."""
+    selected = select_rows(study, rows)
+    sources = load_data(study.config.data, study.config.classes, study.config.class_map)
+    fold_split(len(sources.images), study.folds, 0)  # a bad fold count fails before any run
+    pending = [(row, f, s) for row in selected for f in range(study.folds)
+               for s in range(study.seeds)
+               if not (run_dir(out / row.slug, f, s) / "test.json").exists()]
+    if on_start:
+        on_start(selected, len(pending))
     out.mkdir(parents=True, exist_ok=True)
     record = out / "study.json"  # the command and machine of the first run are kept
     first = json.loads(record.read_text()) if record.is_file() else {
         "command": " ".join(["cellseg", *sys.argv[1:]]), "machine": machine()}
     record.write_text(json.dumps({**study.to_json(), "command": first["command"],
                                   "machine": first["machine"]}, indent=2))
-    pending = []
-    for row in study.rows:
-        for f in range(study.folds):
-            for s in range(study.seeds):
-                rd = run_dir(out / row.slug, f, s)
-                if not (rd / "test.json").exists():
-                    pending.append((replace(study.config, spec=row.spec, fold=f, seed=s,
-                                            out=str(rd), **row.train),))
+    pending = [(replace(study.config, spec=row.spec, fold=f, seed=s,
+                        out=str(run_dir(out / row.slug, f, s)), **row.train),)
+               for row, f, s in pending]
     failed = []
     for (cfg,), ok, value in run_jobs(train_and_test, pending, jobs, threads):
         row = next(r.name for r in study.rows if Path(cfg.out).parent.name == r.slug)
