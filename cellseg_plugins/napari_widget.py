@@ -1,7 +1,7 @@
 """napari plugin (manifest ``napari.yaml``, entry point ``napari.manifest``): a dock widget
-that segments an image layer with a cellseg checkpoint (.pt) or an exported model (.onnx) and
-adds the classes as a labels layer, and a reader that opens ``cellseg predict``'s label TIFFs
-as labels layers with their class names.
+that segments an image layer with a cellseg checkpoint (.pt), an exported model (.onnx) or an
+exported BioImage Model Zoo package (.zip) and adds the classes as a labels layer, and a
+reader that opens ``cellseg predict``'s label TIFFs as labels layers with their class names.
 
 napari builds the widget from :func:`segment`'s signature (magicgui resolves the annotations
 at run time: no ``from __future__ import annotations`` here); nothing here imports napari at
@@ -52,7 +52,8 @@ def _labels_kwargs(name: str, info: dict) -> dict:
 
 def segment(
     image: "napari.layers.Image",
-    model: Annotated[Path, {"label": "model (.pt or .onnx)", "filter": "*.pt *.onnx"}] = Path(),
+    model: Annotated[Path, {"label": "model (.pt, .onnx or .zip)",
+                            "filter": "*.pt *.onnx *.zip"}] = Path(),
     tile: Annotated[int, {"min": 32, "max": 4096, "step": 32}] = 256,
     overlap: Annotated[int, {"min": 0, "max": 512}] = 32,
     runtime: Annotated[str, {"choices": ["torch", "onnx"]}] = "torch",
@@ -69,10 +70,10 @@ def segment(
     if image is None:
         raise DataError("no image layer selected")
     path = Path(model)
-    if not path.is_file() or path.suffix not in (".pt", ".onnx"):
-        raise DataError(f"model {str(path)!r}: choose a cellseg checkpoint (.pt) or an "
-                        "exported .onnx file")
-    if path.suffix == ".onnx":
+    if not path.is_file() or path.suffix not in (".pt", ".onnx", ".zip"):
+        raise DataError(f"model {str(path)!r}: choose a cellseg checkpoint (.pt), an exported "
+                        ".onnx file or an exported BioImage Model Zoo package (.zip)")
+    if path.suffix in (".onnx", ".zip"):
         runtime = "onnx"
     predictor = _predictor(str(path.resolve()), path.stat().st_mtime, runtime, device)
     with _progress_bar() as bar:

@@ -99,7 +99,8 @@ def eval_command(
 
 
 def predict_command(
-    checkpoint: Annotated[str, typer.Argument(help="a best.pt / last.pt, or an exported .onnx")],
+    checkpoint: Annotated[str, typer.Argument(
+        help="a best.pt / last.pt, an exported .onnx or a BioImage Model Zoo .zip")],
     inputs: Annotated[list[str], typer.Argument(help="images, folders or TIFF stacks")],
     out: Annotated[str, typer.Option(help="output folder")] = "predictions",
     tile: Annotated[int, typer.Option(help="tile size")] = 256,

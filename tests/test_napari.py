@@ -73,13 +73,15 @@ def test_predict_array_reports_every_tile_of_every_plane(tmp_path):
     assert labels.shape == (3, 100, 64) and calls == [(k, 6) for k in range(1, 7)]
 
 
-def test_an_onnx_model_labels_the_layer_like_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "bioimageio"])
+def test_an_exported_model_labels_the_layer_like_its_checkpoint(tmp_path, fmt):
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
-    onnx_path = export_checkpoint(path, "onnx")
+    exported = export_checkpoint(path, fmt, check=False)  # the Zoo's test: tests/test_export.py
     image = np.random.default_rng(1).random((64, 96)).astype(np.float32)
-    torch_labels = segment(layer(image), model=path)[0]
-    onnx_labels = segment(layer(image), model=onnx_path, runtime="torch")[0]  # .onnx wins
-    assert (onnx_labels == torch_labels).mean() > 0.999
+    torch_labels, torch_kwargs, _ = segment(layer(image), model=path)
+    labels, kwargs, _ = segment(layer(image), model=exported, runtime="torch")  # ONNX wins
+    assert (labels == torch_labels).mean() > 0.999
+    assert kwargs["features"] == torch_kwargs["features"] == {"class": ["c0", "c1", "c2"]}
 
 
 def test_the_reader_opens_predictions_only(tmp_path):
@@ -98,6 +100,8 @@ def test_the_reader_opens_predictions_only(tmp_path):
 def test_bad_input_is_one_line_naming_the_value(tmp_path):
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     grey = np.zeros((64, 64), np.uint8)
+    not_a_package = tmp_path / "photos.zip"
+    not_a_package.write_bytes(b"PK")
     cases = [
         (dict(image=layer(grey), model=tmp_path / "none.pt"), "none.pt"),
         (dict(image=layer(grey), model=Path()), "choose a cellseg checkpoint"),
@@ -105,6 +109,7 @@ def test_bad_input_is_one_line_naming_the_value(tmp_path):
          "3 channel(s), the model expects 1"),
         (dict(image=layer(grey), model=path, tile=16), "tile=16: must be at least 32"),
         (dict(image=None, model=path), "no image layer"),
+        (dict(image=layer(grey), model=not_a_package), "not a BioImage Model Zoo package"),
     ]
     for kwargs, text in cases:
         with pytest.raises(cs.CellsegError) as err:

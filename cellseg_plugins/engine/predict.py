@@ -3,6 +3,9 @@ Runtime (:class:`OnnxModel`); :func:`predict_paths` is what ``cellseg predict`` 
 
 from __future__ import annotations
 
+import tempfile
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -166,11 +169,14 @@ def labels_info(path: str | Path) -> dict | None:
 
 class OnnxModel:
     """An ONNX model exported by cellseg, run by ONNX Runtime on the CPU; called like the
-    PyTorch model (N, C, H, W) tensor → logits tensor."""
+    PyTorch model (N, C, H, W) tensor → logits tensor. ``probabilities``: the model returns
+    class probabilities (a BioImage Model Zoo package's weights); their logarithm is returned,
+    whose softmax gives them back."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, probabilities=False):
         import onnxruntime
 
+        self.probabilities = probabilities
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -182,12 +188,31 @@ class OnnxModel:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input: x.cpu().numpy()})[0])
+        out = torch.from_numpy(self.session.run(None, {self.input: x.cpu().numpy()})[0])
+        return out.clamp_min(1e-30).log() if self.probabilities else out
+
+
+@contextmanager
+def _onnx_file(source: Path):
+    """The ONNX file of an exported .onnx model, or of a cellseg BioImage Model Zoo package
+    (its weights.onnx, extracted to a temporary folder for as long as the context lasts)."""
+    if source.suffix == ".onnx":
+        yield source
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            with zipfile.ZipFile(source) as package:
+                package.extract("weights.onnx", tmp)
+        except (zipfile.BadZipFile, KeyError, OSError):
+            raise DataError(f"{source}: not a BioImage Model Zoo package exported by cellseg "
+                            "(no weights.onnx in it)") from None
+        yield Path(tmp) / "weights.onnx"
 
 
 def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
     """(model, metadata, input rules) for a checkpoint (PyTorch, or ONNX Runtime after an
-    export to a temporary file) or an exported .onnx file; metadata holds class names, norm,
+    export to a temporary file), an exported .onnx file or a BioImage Model Zoo package
+    (.zip) exported by cellseg (its ONNX weights); metadata holds class names, norm,
     in_channels and the spec."""
     from ..registry import create_model
     from .checkpoint import load_checkpoint, model_from_checkpoint
@@ -196,20 +221,21 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
     if runtime not in ("torch", "onnx"):
         raise DataError(f"--runtime {runtime!r}: expected torch or onnx")
     source = Path(source)
-    if source.suffix == ".onnx":
+    if source.suffix in (".onnx", ".zip"):
         if runtime != "onnx":
-            raise DataError(f"{source} is an ONNX model: use --runtime onnx")
-        meta = read_metadata(source, "onnx")
+            kind = "an ONNX model" if source.suffix == ".onnx" else "a BioImage Model Zoo package"
+            raise DataError(f"{source} is {kind}: use --runtime onnx")
+        with _onnx_file(source) as path:
+            meta = read_metadata(path, "onnx")
+            model = OnnxModel(path, probabilities=source.suffix == ".zip")
         rules = input_rules(create_model(meta["spec"], in_channels=meta["in_channels"],
                                          classes=len(meta["class_names"])))
-        return OnnxModel(source), meta, rules
+        return model, meta, rules
     ckpt = load_checkpoint(source)
     meta = {k: ckpt[k] for k in ("spec", "class_names", "in_channels", "norm")}
     model = model_from_checkpoint(ckpt).to(device)
     if runtime == "torch":
         return model, meta, input_rules(model)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_checkpoint(source, "onnx", Path(tmp) / "model.onnx")
         return OnnxModel(onnx_path), meta, input_rules(model)
