@@ -42,7 +42,7 @@ def bench_command(
 
     With --epoch: time whole training epochs (validation and checkpoints included) of the
     engine against a bare PyTorch loop over the same model, crops, batch and optimiser."""
-    from ..bench import BenchConfig, report, run_bench
+    from ..engine.bench import BenchConfig, report, run_bench
     from ..engine.train import resolve_device
     from ..input_rules import input_rules
     from ..registry import create_model, parse_spec

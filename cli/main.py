@@ -18,10 +18,12 @@ from .errors import USER_ERRORS, user_message
 from .bench_cmd import bench_command
 from .cv_cmd import cv_command
 from .data_cmd import data_app
+from .eval_cmd import eval_command
 from .export_cmd import export_command
 from .list_cmd import list_command
+from .predict_cmd import predict_command
 from .study_cmd import study_app
-from .train_cmd import eval_command, predict_command, train_command
+from .train_cmd import train_command
 from .tune_cmd import tune_command
 
 app = typer.Typer(

@@ -23,7 +23,7 @@ def test_bench_json_with_ratio(capsys):
 def test_count_flops_of_a_convolution_is_two_per_multiply_add():
     import torch
 
-    from cellseg_plugins.bench import count_flops
+    from cellseg_plugins.engine.bench import count_flops
 
     conv, x = torch.nn.Conv2d(3, 5, 3, padding=1), torch.randn(2, 3, 8, 8)
     assert count_flops(lambda: conv(x)) == 2 * (2 * 8 * 8) * 5 * (3 * 3 * 3)
@@ -44,7 +44,7 @@ def test_bench_bad_input(capsys, argv, fragment):
 def test_count_flops_of_attention_on_cpu():
     import torch
 
-    from cellseg_plugins.bench import count_flops
+    from cellseg_plugins.engine.bench import count_flops
     from cellseg_plugins.full_attention import fused_attention
 
     q, k, v = torch.randn(2, 30, 8), torch.randn(2, 20, 8), torch.randn(2, 20, 8)

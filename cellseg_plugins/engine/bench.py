@@ -38,7 +38,7 @@ def _sync(device: str) -> None:
 
 def worker(spec: str, cfg: BenchConfig) -> None:
     """Serve 'train' / 'eval' / 'done' commands on stdin; answer one JSON line each."""
-    from . import create_model, step_start, training_loss
+    from .. import create_model, step_start, training_loss
 
     torch.manual_seed(0)
     device = cfg.device
@@ -119,7 +119,7 @@ class Worker:
     def __init__(self, spec: str, cfg: BenchConfig):
         args = json.dumps({"spec": spec, "cfg": cfg.__dict__})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cellseg_plugins.bench", args],
+            [sys.executable, "-m", "cellseg_plugins.engine.bench", args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONWARNINGS": "ignore"})
         self.info = self._read()
@@ -150,7 +150,7 @@ def summarise(samples: list[float]) -> dict:
 
 def run_bench(specs: list[str], cfg: BenchConfig, progress=None) -> list[dict]:
     """Benchmark each spec (canonical strings) in its own worker, steps interleaved."""
-    from . import create_model
+    from .. import create_model
 
     results = []
     for spec in specs:

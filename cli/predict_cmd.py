@@ -1,0 +1,33 @@
+"""``cellseg predict``: label TIFFs for images of any size (engine.predict.predict_paths)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def predict_command(
+    checkpoint: Annotated[str, typer.Argument(
+        help="a best.pt / last.pt, an exported .onnx or a BioImage Model Zoo .zip")],
+    inputs: Annotated[list[str], typer.Argument(help="images, folders or TIFF stacks")],
+    out: Annotated[str, typer.Option(help="output folder")] = "predictions",
+    tile: Annotated[int, typer.Option(help="tile size")] = 256,
+    overlap: Annotated[int, typer.Option(help="tile overlap in pixels")] = 32,
+    overlay: Annotated[bool, typer.Option(help="also write colour overlay PNGs")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    runtime: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime on the CPU)")
+                       ] = "torch",
+) -> None:
+    """Label TIFFs (one per input, named after it) for images of any size."""
+    from ..engine.train import resolve_device
+    from ..engine.predict import predict_paths
+
+    dev = resolve_device(device) if runtime == "torch" else "cpu"
+    predict_paths(checkpoint, inputs, out, tile, overlap, overlay, dev, runtime,
+                  on_image=lambda path, target, labels: console.print(
+                      f"{path} → {target} ({labels[0].shape[0]}×{labels[0].shape[1]}, "
+                      f"{len(labels)} page(s))"))
