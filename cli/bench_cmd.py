@@ -115,4 +115,5 @@ def _epoch_bench(cfg: TrainConfig, epochs: int, as_json: bool) -> None:
     table.add_row("engine", f"{rep['engine_epoch_s']:.2f}", f"{rep['engine_images_per_s']:.1f}")
     table.add_row("bare", f"{rep['bare_epoch_s']:.2f}", f"{rep['bare_images_per_s']:.1f}")
     table.add_row("ratio", f"{rep['ratio']:.3f}×", "")
+    table.add_row("engine files", f"{rep['engine_files_s']:.2f}", "")
     Console().print(table)

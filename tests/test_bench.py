@@ -51,3 +51,24 @@ def test_count_flops_of_attention_on_cpu():
     assert count_flops(lambda: fused_attention(q, k, v)) == 2 * (2 * 2 * 30 * 20 * 8)  # qkᵀ, ·v
     q.requires_grad_()
     assert count_flops(lambda: fused_attention(q, k, v).sum().backward()) > 2 * (2 * 2 * 30 * 20 * 8)
+
+
+def test_epoch_bench_times_each_engine_epoch_of_one_run_against_a_bare_epoch():
+    from dataclasses import replace
+
+    from cellseg_plugins.engine.epoch_bench import run_epoch_bench
+    from cellseg_plugins.engine.train import Trainer
+    from conftest import tiny_config
+
+    runs, saves = [], []
+    run, save = Trainer.run, Trainer.save
+    Trainer.run = lambda self, *a, **k: runs.append(1) or run(self, *a, **k)
+    Trainer.save = lambda self, improved: saves.append(self.epoch) or save(self, improved)
+    try:
+        rep = run_epoch_bench(replace(tiny_config("unused"), batch_size=8), epochs=2)
+    finally:
+        Trainer.run, Trainer.save = run, save
+    assert runs == [1] and saves == [1, 2, 3]  # one run, as cellseg train: files every epoch
+    assert len(rep["engine_epochs_s"]) == len(rep["bare_epochs_s"]) == 2
+    assert 0 < rep["engine_files_s"] < rep["engine_epoch_s"]
+    assert rep["ratio"] == rep["engine_epoch_s"] / rep["bare_epoch_s"]

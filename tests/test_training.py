@@ -87,3 +87,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match="loss became nan at epoch 2"):
         trainer.run()
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+def test_checkpoint_every_holds_the_best_epoch_in_memory_until_a_write(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, epochs=3, checkpoint_every=3600))
+    mious = iter([0.5, 0.7, 0.6])  # the best epoch is the second
+    scores = {"pixel_accuracy": 0.9, "iou": {}}
+    trainer.validate = lambda: {**scores, "miou": next(mious)}
+    seen, weights = [], {}
+
+    def on_epoch(row):
+        seen.append((tmp_path / "last.pt").exists() or (tmp_path / "best.pt").exists())
+        weights[row["epoch"]] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    trainer.run(on_epoch=on_epoch)
+    assert seen == [False, False, True]  # nothing written before the last epoch
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["epoch"] == 2 and last["epoch"] == 3 and best["best_miou"] == 0.7
+    assert all(torch.equal(best["model"][k], weights[2][k]) for k in weights[2])
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in weights[3])
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 4  # every epoch

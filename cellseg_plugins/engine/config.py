@@ -50,6 +50,9 @@ class TrainConfig:
     data_on_device: Annotated[bool | None, Doc(
         "hold the splits as tensors on the device, augment there (default: when they fit)")
     ] = None
+    checkpoint_every: Annotated[float | None, Range(0), Doc(
+        "seconds between checkpoint writes, the best epoch held in memory meanwhile; always "
+        "after the last epoch (default: 60 on CUDA, 0 = every epoch on the CPU)")] = None
     seed: Annotated[int, Range(0), Doc("random seed")] = 0
     fold: Annotated[int, Range(0), Doc("test fold index")] = 0
     folds: Annotated[int, Doc("number of folds (split by source image)")] = 5

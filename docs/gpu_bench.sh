@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/performance.md, in one run (about 7 minutes on an H200):
+#   CELLSEG_DATA=DIR bash docs/gpu_bench.sh [OUT]     (DIR holds sstem: cellseg data fetch sstem)
+# Each command's JSON goes to OUT/log.txt after a '### name: command' line; a command that
+# fails or passes its time limit is logged and the next one runs. BUDGET (seconds, default
+# 420) stops starting new commands once it is spent; PARTS (default "epoch train check
+# plugins") picks the parts to run.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-${OUT:-gpu-results}}
+mkdir -p "$out"
+log="$out/log.txt"
+budget=${BUDGET:-420}
+parts=" ${PARTS:-epoch train check plugins} "
+want() { [[ $parts == *" $1 "* ]]; }
+step() {  # step NAME LIMIT_S ARGS...: one cellseg command, logged
+    local name=$1 limit=$2
+    shift 2
+    if (( SECONDS > budget )); then echo "### $name: skipped (budget spent)" >> "$log"; return; fi
+    echo "### $name: cellseg $* (t=${SECONDS}s)" >> "$log"
+    timeout "$limit" python3 -m cellseg_plugins.cli.main "$@" >> "$log" 2> "$out/err.txt"
+    local rc=$?
+    [ $rc -eq 0 ] || { echo "rc=$rc"; tail -n 3 "$out/err.txt"; } >> "$log"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, segmentation_models_pytorch as smp; print('torch', torch.__version__, 'smp', smp.__version__, torch.cuda.get_device_name())"
+} >> "$log" 2>&1
+
+# The engine against a bare loop; device-resident data against the DataLoader; precisions.
+E=(--epoch --data sstem --batch 8 --device cuda --json)
+if want epoch; then
+step epoch_w8_resident 120 bench "classic_unet" "${E[@]}"
+step epoch_w8_loader 120 bench "classic_unet" "${E[@]}" --no-data-on-device
+step epoch_w64_resident 120 bench "classic_unet(width=64)" "${E[@]}"
+step epoch_w64_fp32 120 bench "classic_unet(width=64)" "${E[@]}" --precision fp32
+fi
+
+# cellseg train, eval and predict end to end on the GPU: the LFA paper's U-Net, 30 epochs.
+if want train; then
+run="$out/run"
+step train 150 train "classic_unet(width=64)" --preset lfa --data sstem --epochs 30 --device cuda --out "$run"
+tail -n 2 "$run/metrics.csv" >> "$log" 2>&1
+step eval 60 eval "$run/best.pt" --device cuda --json
+step predict 60 predict "$run/best.pt" "$CELLSEG_DATA/sstem/stack1/raw/00.tif" --device cuda --out "$out/pred"
+rm -rf "$run/"*.pt "$out/pred"
+fi
+
+# Every plugin's CUDA path against its CPU path (fp32), and bf16 finiteness.
+if want check && (( SECONDS <= budget )); then
+    echo "### gpu_check: python3 docs/gpu_check.py (t=${SECONDS}s)" >> "$log"
+    timeout 120 python3 "$here/gpu_check.py" >> "$log" 2>> "$out/err.txt" || echo "rc=$?" >> "$log"
+fi
+
+# Plugin step costs at 256², batch 8, on the papers' U-Nets (bf16 autocast is cuda's default).
+S=(--size 256 --batch 8 --device cuda --json)
+if want plugins; then
+step lfa 90 bench "classic_unet(width=64)+lfa(m=7)" --vs "classic_unet(width=64)" "${S[@]}"
+step feedback_self 90 bench "classic_unet+feedback_self" --vs classic_unet "${S[@]}"
+step feedback_convlstm 90 bench "classic_unet+feedback_convlstm" --vs classic_unet "${S[@]}"
+step frem 90 bench "classic_unet(width=32,se=True)+frem(B=0.015625,X=250)" --vs "classic_unet(width=32,se=True)" "${S[@]}"
+fi
+echo "### done (t=${SECONDS}s)" >> "$log"
