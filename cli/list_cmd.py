@@ -33,15 +33,25 @@ def encoder_rows() -> list[dict]:
     return rows
 
 
-def collect(pattern: str, kind: Kind | None) -> dict[str, dict]:
-    from ..registry import all_entries
+def registry_rows() -> tuple[list[dict], dict[str, str]]:
+    """Every registered arch and plugin as list entries, and the third-party packages that
+    failed to load (loading the registry imports torch, smp and timm)."""
+    from ..registry import all_entries, third_party_errors
 
-    rows = []
+    return [e.to_json() for e in all_entries()], third_party_errors()
+
+
+def collect(pattern: str, kind: Kind | None) -> tuple[dict[str, dict], dict[str, str]]:
+    """The entries matching ``pattern`` (and ``kind``), and third-party load errors."""
+    from .list_cache import cached_listing
+
+    rows, errors = [], {}
     if kind in (None, Kind.arch, Kind.plugin):
-        rows += [e.to_json() for e in all_entries(kind.value if kind else None)]
+        entries, errors = cached_listing(registry_rows)
+        rows += [r for r in entries if kind is None or r["kind"] == kind.value]
     if kind is Kind.encoder:
         rows += encoder_rows()
-    return {r["name"]: r for r in rows if fnmatch.fnmatch(r["name"], pattern.lower())}
+    return {r["name"]: r for r in rows if fnmatch.fnmatch(r["name"], pattern.lower())}, errors
 
 
 def format_param(p: dict) -> str:
@@ -64,10 +74,8 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
     """List architectures, plugins (and with --kind encoder, encoders) with their parameters."""
-    from ..registry import third_party_errors
-
-    rows = collect(pattern, kind)  # loads the registry, third-party packages included
-    for package, reason in third_party_errors().items():
+    rows, errors = collect(pattern, kind)
+    for package, reason in errors.items():
         print(f"warning: plugin package {package!r} failed to load ({reason}); skipped",
               file=sys.stderr)
     if as_json:

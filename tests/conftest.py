@@ -21,6 +21,12 @@ TINY = "unet(encoder='plain4')"
 FAST = ["--crop", "64", "--batch-size", "32", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _listing_cache(tmp_path_factory):
+    """`cellseg list` run in subprocesses caches its listing here, not in ~/.cache."""
+    os.environ["CELLSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("cellseg-cache"))
+
+
 def cli(capsys, *argv):
     """Run ``cellseg ARGV`` in this process: (exit code, stdout, stderr)."""
     from cellseg_plugins.cli.main import main
