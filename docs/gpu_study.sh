@@ -4,7 +4,9 @@
 #   CELLSEG_DATA=DIR bash docs/gpu_study.sh OUT [STUDY ...]    (default: sstem5 sstem4 smp)
 # A study cut off by the budget keeps its finished runs (cellseg study run resumes). Their
 # small files (test.json, metrics.csv, config.json, study.json; no checkpoints) are packed
-# into OUT/results.tgz, the log into OUT/study.log.
+# into OUT/results.tgz, the log into OUT/study.log. cellseg must be installed (a wheel; on a
+# machine without it: pip install --no-deps --target DIR cellseg-*.whl and PYTHONPATH=DIR);
+# python3 -P keeps the checkout's source folders from shadowing the installed package.
 set -u
 out=$1
 shift
