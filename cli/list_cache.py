@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 DEPENDENCIES = ("torch", "segmentation_models_pytorch", "timm")
+KEEP = 8  # listings kept in the cache dir, newest first
 
 
 def cache_dir() -> Path:
@@ -99,15 +100,17 @@ def cached_listing(build: Callable[[], tuple[list[dict], dict[str, str]]]
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    """Write atomically and drop listings of older keys; a failure only costs the speed."""
+    """Write atomically and keep the KEEP newest listings (several environments may share
+    the cache dir); a failure only costs the speed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({"rows": rows}))
         tmp.replace(path)
-        for old in path.parent.glob("registry-*.json"):
-            if old != path:
-                old.unlink(missing_ok=True)
+        listings = sorted(path.parent.glob("registry-*.json"),
+                          key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in listings[KEEP:]:
+            old.unlink(missing_ok=True)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

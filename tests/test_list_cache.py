@@ -30,14 +30,19 @@ class Builder:
         return ROWS, self.errors
 
 
-def test_built_once_then_read(fresh):
+def test_built_once_then_read_and_the_newest_listings_kept(fresh):
     build = Builder()
-    (fresh).mkdir()
-    (fresh / "registry-oldkey.json").write_text("{}")
+    fresh.mkdir()
+    for i in range(list_cache.KEEP):  # other environments' listings, oldest first
+        old = fresh / f"registry-old{i}.json"
+        old.write_text("{}")
+        os.utime(old, ns=(10**9 * (i + 1),) * 2)
     assert list_cache.cached_listing(build) == (ROWS, {})
     assert list_cache.cached_listing(build) == (ROWS, {})
     assert build.calls == 1
-    assert [p.name for p in fresh.iterdir()] == [f"registry-{list_cache.cache_key()}.json"]
+    kept = sorted(p.name for p in fresh.iterdir())
+    assert len(kept) == list_cache.KEEP and "registry-old0.json" not in kept
+    assert f"registry-{list_cache.cache_key()}.json" in kept
 
 
 def test_a_damaged_cache_is_built_again(fresh):
