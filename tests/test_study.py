@@ -2,6 +2,8 @@
 
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,16 +163,21 @@ def test_row_training_options_sit_between_study_and_scale():
     assert cpu.row("U-Net + SE + FREM").spec.startswith("classic_unet(width=8,se=True)")
 
 
-def test_rows_runs_only_the_matching_rows_and_a_bad_pattern_is_one_line(tmp_path, capsys):
+def test_rows_runs_only_the_matching_rows_and_a_bad_pattern_is_one_line(tmp_path, capsys,
+                                                                         monkeypatch):
     path = write(tmp_path, TINY)
     out = tmp_path / "out"
+    argv = ["study", "run", str(path), "--out", str(out), "--rows", "+ FREM"]
+    monkeypatch.setattr(sys, "argv", ["cellseg", *argv])
     with pytest.raises(SystemExit) as e:
-        main(["study", "run", str(path), "--out", str(out), "--rows", "+ FREM"])
+        main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 0 and "1 of 2 rows × 3 folds × 1 seed(s), 3 run(s) to do" in err, err
     assert not (out / "base").exists() and len(list((out / "frem").glob("*/test.json"))) == 3
     assert [r["name"] for r in json.loads((out / "study.json").read_text())["rows"]] == [
         "base", "+ frem"]  # the record keeps every row: the other rows can follow later
+    command = json.loads((out / "study.json").read_text())["command"]
+    assert shlex.split(command) == ["cellseg", *argv]  # quoted: it can be run again as is
     with pytest.raises(SystemExit) as e:
         main(["study", "run", str(path), "--out", str(tmp_path / "no"), "--rows", "lfa*"])
     err = capsys.readouterr().err

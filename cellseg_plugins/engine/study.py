@@ -21,6 +21,7 @@ import json
 import math
 import platform
 import re
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass, field, replace
@@ -223,7 +224,7 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
     out.mkdir(parents=True, exist_ok=True)
     record = out / "study.json"  # the command and machine of the first run are kept
     first = json.loads(record.read_text()) if record.is_file() else {
-        "command": " ".join(["cellseg", *sys.argv[1:]]), "machine": machine()}
+        "command": shlex.join(["cellseg", *sys.argv[1:]]), "machine": machine()}
     record.write_text(json.dumps({**study.to_json(), "command": first["command"],
                                   "machine": first["machine"]}, indent=2))
     pending = [(replace(study.config, spec=row.spec, fold=f, seed=s,
