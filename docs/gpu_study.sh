@@ -8,7 +8,7 @@
 # machine without it: pip install --no-deps --target DIR cellseg-*.whl and PYTHONPATH=DIR);
 # python3 -P keeps the checkout's source folders from shadowing the installed package.
 set -u
-out=$1
+out=${1:?usage: CELLSEG_DATA=DIR bash docs/gpu_study.sh OUT [STUDY ...]}
 shift
 studies=("$@")
 [ $# -eq 0 ] && studies=(sstem5 sstem4 smp)
