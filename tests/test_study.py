@@ -144,6 +144,9 @@ def test_study_run_then_report_end_to_end(tmp_path, capsys):
     assert e.value.code == 0, capsys.readouterr().err
     assert sorted(p.name for p in (out / "frem").iterdir()) == [
         "fold0_seed0", "fold1_seed0", "fold2_seed0"]
+    done = sorted(out.glob("*/fold*/test.json"), key=lambda p: p.stat().st_mtime_ns)
+    assert [f"{p.parts[-3]}/{p.parts[-2]}" for p in done] == [  # fold by fold: paired early
+        f"{row}/fold{f}_seed0" for f in range(3) for row in ("base", "frem")]
     table = (out / "table.md").read_text()
     stamp = (out / "base" / "fold0_seed0" / "test.json").stat().st_mtime
     with pytest.raises(SystemExit) as e:  # everything finished: rebuilt from stored runs only

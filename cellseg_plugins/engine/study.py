@@ -209,15 +209,16 @@ def select_rows(study: Study, patterns: list[str] | None) -> list[Row]:
 
 def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None,
               on_run=None, rows: list[str] | None = None, on_start=None) -> None:
-    """Train and test every row × fold × seed not finished yet (``jobs`` at a time), or only
-    the rows matching ``rows`` (shell patterns; study.json keeps every row). A run that fails
-    is reported ('row fold f seed s: error', TrainingError) after the others. ``on_start(rows,
-    pending)`` is called once the study is checked, before anything is written."""
+    """Train and test every row × fold × seed not finished yet (``jobs`` at a time; every
+    row's fold 0 seed 0 first, then fold 1, …), or only the rows matching ``rows`` (shell
+    patterns; study.json keeps every row). A run that fails is reported ('row fold f seed
+    s: error', TrainingError) after the others. ``on_start(rows, pending)`` is called once
+    the study is checked, before anything is written."""
     selected = select_rows(study, rows)
     sources = load_data(study.config.data, study.config.classes, study.config.class_map)
     fold_split(len(sources.images), study.folds, 0)  # a bad fold count fails before any run
-    pending = [(row, f, s) for row in selected for f in range(study.folds)
-               for s in range(study.seeds)
+    pending = [(row, f, s) for s in range(study.seeds) for f in range(study.folds)
+               for row in selected  # fold by fold: a study stopped early has paired runs
                if not (run_dir(out / row.slug, f, s) / "test.json").exists()]
     if on_start:
         on_start(selected, len(pending))
