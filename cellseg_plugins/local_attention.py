@@ -84,13 +84,16 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: int) -
 
     q, k: (N, d, H, W); v: (N, c, H, W) → (N, c, H, W). Out-of-image neighbours are zero-padded
     keys masked out of the softmax (the window's centre is always inside). Training uses the
-    custom autograd function; inference (no gradient, or an export trace) the functional form
-    :func:`local_attention_functional`, which exporters can follow for any input size.
+    custom autograd function; inference (no gradient), an export trace and torch.compile the
+    functional form :func:`local_attention_functional`, which exporters follow for any input
+    size and the compiler differentiates and fuses itself (its in-place ``out=`` writes would
+    break the compiled graph).
     """
     if m % 2 != 1:
         raise ValueError(f"window size m={m} must be odd")
-    exporting = torch.jit.is_tracing() or torch.compiler.is_exporting()
-    if exporting or not (torch.is_grad_enabled() and
+    tracing = (torch.jit.is_tracing() or torch.compiler.is_exporting()
+               or torch.compiler.is_compiling())
+    if tracing or not (torch.is_grad_enabled() and
                          (q.requires_grad or k.requires_grad or v.requires_grad)):
         return local_attention_functional(q, k, v, m)
     return _LocalAttention.apply(q, k, v, m)

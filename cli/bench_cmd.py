@@ -36,6 +36,11 @@ def bench_command(
     data_on_device: Annotated[bool | None, typer.Option(
         "--data-on-device/--no-data-on-device",
         help="--epoch: the engine's device-resident data (default: when it fits)")] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="--epoch: torch.compile the engine's and the bare loop's model")
+    ] = False,
+    compile_mode: Annotated[str, typer.Option(
+        help="--epoch, with --compile: default, reduce-overhead or max-autotune")] = "default",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Time a training step and an eval forward; report their FLOPs, peak memory and parameters.
@@ -53,8 +58,11 @@ def bench_command(
     if epoch:
         _epoch_bench(TrainConfig(spec=spec, data=data, crop=size, batch_size=batch,
                                  device=device, precision=precision,
-                                 data_on_device=data_on_device), epochs, as_json)
+                                 data_on_device=data_on_device, compile=compile,
+                                 compile_mode=compile_mode), epochs, as_json)
         return
+    if compile:
+        raise CLIError("--compile: only with --epoch (the step benchmark times eager models)")
     dev = resolve_device(device).type
     specs = [str(parse_spec(spec))] + ([str(parse_spec(vs))] if vs else [])
     for s in specs:  # build once here: plugin and size errors before any worker starts

@@ -44,7 +44,10 @@ class TrainConfig:
     channels_last: Annotated[bool | None, Doc("channels-last memory format (default: on CUDA)")
                              ] = None
     cudnn_benchmark: Annotated[bool | None, Doc("cuDNN autotuning (default: on CUDA)")] = None
-    compile: Annotated[bool, Doc("torch.compile the model")] = False
+    compile: Annotated[bool, Doc("torch.compile the model (inductor)")] = False
+    compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune"], Doc(
+        "torch.compile mode, with --compile: default, reduce-overhead (CUDA graphs: fewer "
+        "kernel launches for small models) or max-autotune")] = "default"
     sync_bn: Annotated[bool | None, Doc("BatchNorm over all ranks under torchrun (default: on)")
                        ] = None
     data_on_device: Annotated[bool | None, Doc(
@@ -69,6 +72,8 @@ class TrainConfig:
 
         for name, annotation, _ in option_fields():
             check_field(name, annotation, getattr(self, name))
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError("compile_mode", self.compile_mode, "needs --compile")
         self.spec = str(parse_spec(self.spec))
 
 

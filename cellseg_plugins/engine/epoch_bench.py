@@ -37,10 +37,13 @@ def cut_crops(images: list[np.ndarray], masks: list[np.ndarray], indices: list[i
     return (torch.stack(xs) - m) / s, torch.stack(ys)
 
 
-def bare_epoch(model, optimizer, train, val, batch_size, device, dtype=None) -> float:
-    """One plain epoch (train + validation mIoU); returns the validation mIoU."""
+def bare_epoch(model, optimizer, train, val, batch_size, device, dtype=None,
+               net=None) -> float:
+    """One plain epoch (train + validation mIoU); returns the validation mIoU. ``net`` (a
+    compiled ``model``) runs the training steps; validation runs ``model``, as the engine's."""
     (x_train, y_train), (x_val, y_val) = train, val
-    model.train()
+    net = model if net is None else net
+    net.train()
     for idx in torch.randperm(len(x_train)).split(batch_size):
         x, y = x_train[idx], y_train[idx]
         k, flip = np.random.randint(4), np.random.randint(2)  # one transform per batch
@@ -48,7 +51,7 @@ def bare_epoch(model, optimizer, train, val, batch_size, device, dtype=None) -> 
         if flip:
             x, y = x.flip(3), y.flip(2)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(model(x.to(device)).float(), y.to(device))
+            loss = torch.nn.functional.cross_entropy(net(x.to(device)).float(), y.to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -83,6 +86,7 @@ def run_epoch_bench(cfg: TrainConfig, epochs: int = 3, progress=None) -> dict:
         optimizer = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
                      else torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9))
         dtype = DTYPES.get(trainer.precision)
+        net = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
         times = {"engine": [], "bare": [], "files": []}
         mark = [time.perf_counter()]
         save = trainer.save
@@ -98,7 +102,7 @@ def run_epoch_bench(cfg: TrainConfig, epochs: int = 3, progress=None) -> dict:
         def bare_after(row):
             _sync(trainer.device)
             t1 = time.perf_counter()
-            bare_epoch(model, optimizer, train, val, cfg.batch_size, trainer.device, dtype)
+            bare_epoch(model, optimizer, train, val, cfg.batch_size, trainer.device, dtype, net)
             _sync(trainer.device)
             t2 = time.perf_counter()
             if row["epoch"] > 1:  # the first epoch of each is the warm-up
@@ -113,6 +117,7 @@ def run_epoch_bench(cfg: TrainConfig, epochs: int = 3, progress=None) -> dict:
         engine, bare = statistics.median(times["engine"]), statistics.median(times["bare"])
         return {"spec": trainer.cfg.spec, "data": cfg.data, "device": str(trainer.device),
                 "precision": trainer.precision, "data_on_device": trainer.on_device,
+                "compile": cfg.compile and cfg.compile_mode,
                 "crop": cfg.crop, "batch_size": cfg.batch_size, "epochs": epochs,
                 "train_crops": len(train[0]), "val_crops": len(val[0]),
                 "torch_threads": torch.get_num_threads(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -84,6 +85,25 @@ def versions() -> dict:
             "timm": str(timm.__version__), "python": platform.python_version()}
 
 
+@contextlib.contextmanager
+def compile_errors(cfg: TrainConfig):
+    """Under ``--compile``, a model that torch.compile cannot trace or compile stops training
+    in one line (TrainingError) instead of a compiler traceback."""
+    if not cfg.compile:
+        yield
+        return
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError
+
+    try:
+        yield
+    except (TorchDynamoException, CppCompileError) as e:
+        cause = getattr(e, "inner_exception", None) or e  # a backend's own error
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+        raise TrainingError(f"--compile: {cfg.spec!r} does not compile ({type(cause).__name__}"
+                            f": {first[:200]}); train it without --compile") from None
+
+
 class Trainer:
     """Builds data, model and optimiser from a TrainConfig and runs (or resumes) training.
 
@@ -134,7 +154,8 @@ class Trainer:
         self.precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
         if distributed.world_size() > 1 and cfg.sync_bn is not False:
             self.model = distributed.sync_batchnorm(self.model, self.device)
-        self.net = torch.compile(self.model) if cfg.compile else self.model
+        self.net = (torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile
+                    else self.model)
         if distributed.world_size() > 1:
             unused = distributed.unused_parameters(self.model, self.sources.in_channels, n,
                                                    input_rules(self.model).fit(cfg.crop))
@@ -253,9 +274,12 @@ class Trainer:
         for i, (x, y) in enumerate(self._channels_last(batches)):
             step_start(model, self.step)
             self.optimizer.zero_grad(set_to_none=True)
-            with self.autocast():
-                loss = training_loss(model, x, y, lambda a, b: self.criterion(a.float(), b))
-            self.scaler.scale(loss).backward()
+            with compile_errors(cfg):
+                if cfg.compile_mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                with self.autocast():
+                    loss = training_loss(model, x, y, lambda a, b: self.criterion(a.float(), b))
+                self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
