@@ -16,7 +16,7 @@ import torch
 
 from cellseg_plugins.registry import create_model, epoch_start, step_start, training_loss
 from cellseg_plugins.registry.registry import list_plugins
-from conftest import FAST, TINY, cli
+from conftest import EVERY_PLUGIN, FAST, TINY, cli
 
 
 def _step(net, x, y) -> torch.Tensor:
@@ -30,23 +30,15 @@ def _step(net, x, y) -> torch.Tensor:
     return loss.detach()
 
 
-# Every registered plugin in a compiled model (one rounds plugin a model; fewer traces).
-MODELS = [
-    "classic_unet(width=4)+attention_gate+bottleneck_attention+scse+lfa(m=3)",
-    "classic_unet(width=4)+frem(B=2)+bottleneck_supervision+bottleneck_dropout+feedback_convlstm",
-    "classic_unet(width=4)+feedback_self",
-    "classic_unet(width=4)+feedback_st",
-    "classic_unet(width=4)+feedback_attention(connection='se')",
-]
 COMPILE = torch.compile
 
 
-def test_the_compiled_models_cover_every_plugin():
-    covered = {name for spec in MODELS for name in re.findall(r"\+(\w+)", spec)}
+def test_the_compiled_and_exported_models_cover_every_plugin():
+    covered = {name for spec in EVERY_PLUGIN for name in re.findall(r"\+(\w+)", spec)}
     assert covered == set(list_plugins())
 
 
-@pytest.mark.parametrize("spec", MODELS)
+@pytest.mark.parametrize("spec", EVERY_PLUGIN)
 def test_every_plugin_compiles_to_the_eager_training_step(spec):
     torch._dynamo.reset()
     torch.manual_seed(0)

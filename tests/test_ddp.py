@@ -28,7 +28,7 @@ def train(out, spec, processes, batch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["unet(encoder='resnet18')+lfa(m=3)",  # BatchNorm encoder
+@pytest.mark.parametrize("spec", ["unet(encoder='plain4')+lfa(m=3)",  # smp, BatchNorm encoder
                                   "classic_unet(width=4)+feedback_convlstm"])
 def test_two_processes_equal_one_with_the_combined_batch(tmp_path, spec):
     ddp = train(tmp_path / "ddp", spec, 2, 16)

@@ -10,21 +10,14 @@ import tifffile
 import torch
 
 from cellseg_plugins.cli.main import main
-from conftest import checkpoint
+from conftest import EVERY_PLUGIN, checkpoint
 from cellseg_plugins.engine.export import (ExportError, export_checkpoint,
                                            read_metadata, run_exported)
 
-PLUGINS = ["frem", "lfa(m=3,stages=(1,4))",  # LFA at the shallowest and deepest skip:
-           # at all four its export takes 70 s on 2 cores (docs/performance.md)
-           "attention_gate", "bottleneck_attention", "feedback_self",
-           "feedback_st", "feedback_convlstm", "bottleneck_supervision", "bottleneck_dropout",
-           "scse", "feedback_attention(connection='se')"]
-
-
-@pytest.mark.parametrize("plugin", PLUGINS)
-def test_every_plugin_exports_to_torchscript_and_onnx(tmp_path, plugin):
+@pytest.mark.parametrize("spec", EVERY_PLUGIN)
+def test_every_plugin_exports_to_torchscript_and_onnx(tmp_path, spec):
     warnings.simplefilter("ignore")
-    path, model = checkpoint(tmp_path, f"classic_unet(width=4)+{plugin}")
+    path, model = checkpoint(tmp_path, spec)
     ckpt = torch.load(path, weights_only=True)
     for fmt in ("torchscript", "onnx"):
         out = export_checkpoint(path, fmt)
@@ -33,6 +26,8 @@ def test_every_plugin_exports_to_torchscript_and_onnx(tmp_path, plugin):
             expected = model(x).numpy()
         assert np.abs(run_exported(out, fmt, x.numpy()) - expected).max() <= 1e-4
         assert read_metadata(out, fmt)["class_names"] == ckpt["class_names"]
+        if fmt == "onnx" and spec.endswith("+feedback_self"):  # attention stays one node
+            assert "Attention" in {n.op_type for n in onnx.load(str(out)).graph.node}
 
 
 def test_training_only_modules_vanish_from_the_export(tmp_path):
@@ -42,12 +37,6 @@ def test_training_only_modules_vanish_from_the_export(tmp_path):
     ops = [sorted(n.op_type for n in onnx.load(str(export_checkpoint(p, "onnx"))).graph.node)
            for p in (plain, extra)]
     assert ops[0] == ops[1]  # no scaling, no auxiliary head, no dropout
-
-
-def test_feedback_attention_keeps_attention_as_one_onnx_node(tmp_path):
-    path, _ = checkpoint(tmp_path, "classic_unet(width=4)+feedback_self")
-    graph = onnx.load(str(export_checkpoint(path, "onnx"))).graph
-    assert "Attention" in {n.op_type for n in graph.node}
 
 
 def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
