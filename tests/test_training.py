@@ -107,3 +107,24 @@ def test_checkpoint_every_holds_the_best_epoch_in_memory_until_a_write(tmp_path)
     assert all(torch.equal(best["model"][k], weights[2][k]) for k in weights[2])
     assert not all(torch.equal(best["model"][k], last["model"][k]) for k in weights[3])
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 4  # every epoch
+
+
+def test_bf16_on_a_cpu_without_its_units_is_named_and_fp32_suggested(tmp_path, capsys,
+                                                                     monkeypatch):
+    from cellseg_plugins.engine.train import missing_cpu_units
+
+    cpu = torch.device("cpu")
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported",
+                  "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)
+    assert missing_cpu_units(cpu, "bf16") == "AVX-512 BF16 or AMX"
+    assert missing_cpu_units(cpu, "fp16") == "AMX-FP16"
+    assert missing_cpu_units(cpu, "fp32") is None
+    assert missing_cpu_units(torch.device("cuda"), "bf16") is None
+    code, _, err = cli(capsys, "train", TINY, "--epochs", "1", "--precision", "bf16",
+                       "--out", tmp_path / "run", *FAST)
+    assert code == 0, err
+    assert ("note: this CPU has no AVX-512 BF16 or AMX, so bf16 autocast is emulated: "
+            "--precision fp32 is faster here") in " ".join(err.split())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # an AMX CPU
+    assert missing_cpu_units(cpu, "bf16") is None

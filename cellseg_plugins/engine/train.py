@@ -31,6 +31,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PLOT_EVERY_S = 30.0  # curves.png is redrawn at most this often (and after the last epoch)
 
 
+CPU_UNITS = {  # precision: (the units that compute it natively, torch.cpu's probes for them)
+    "bf16": ("AVX-512 BF16 or AMX", ("_is_avx512_bf16_supported", "_is_amx_tile_supported")),
+    "fp16": ("AMX-FP16", ("_is_amx_fp16_supported",))}
+
+
+def missing_cpu_units(device: torch.device, precision: str) -> str | None:
+    """The CPU units that ``precision`` autocast lacks on ``device`` (then it is emulated,
+    slower than fp32), e.g. 'AVX-512 BF16 or AMX'; None on a GPU, in fp32, or when present."""
+    if device.type != "cpu" or precision not in CPU_UNITS:
+        return None
+    units, checks = CPU_UNITS[precision]
+    probes = [getattr(torch.cpu, name, None) for name in checks]
+    return units if all(probe is not None and not probe() for probe in probes) else None
+
+
 def make_criterion(name: str, weights: torch.Tensor | None):
     """ce | focal+iou | dice+ce, from smp's losses; (logits (N,C,H,W), target (N,H,W)) → scalar."""
     import segmentation_models_pytorch as smp
