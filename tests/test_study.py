@@ -124,13 +124,17 @@ def fake_runs(folder: Path, study, mious: dict[str, list[float]]):
 def test_report_from_stored_runs(tmp_path):
     study = load_study(write(tmp_path, TINY))
     fake_runs(tmp_path / "runs", study, {"base": [0.70, 0.70, 0.70], "+ frem": [0.71, 0.72, 0.73]})
+    unfinished = tmp_path / "runs" / "base" / "fold0_seed1"  # killed: no test.json
+    unfinished.mkdir()
+    (unfinished / "metrics.csv").write_text("epoch,seconds\n1,3600\n")
     result = report(tmp_path / "runs", tmp_path / "table")
     gain = result["rows"][1]["gain"]
     assert math.isclose(gain["mean"], 0.02) and math.isclose(gain["wilcoxon_p"], 0.25)
     table = (tmp_path / "table" / "table.md").read_text()
     assert "| + frem | 3/3 | 62.00 ± 1.00 | 82.00 ± 1.00 | **72.00 ± 1.00** | +2.00 ± 1.00 | " \
            "0.074 | 0.250 | 72.50 | +2.50 |" in table
-    assert "training wall time of the runs: 3.00 h" in table and "test cpu" in table
+    assert "training wall time of the runs: 3.00 h" in table
+    assert "- command: `cellseg x`; machine: test cpu, ? threads; torch ?" in table
     assert (tmp_path / "table" / "gains.png").stat().st_size > 1000
     rows = (tmp_path / "table" / "table.csv").read_text().splitlines()
     assert rows[0].startswith("row,spec,base,runs,a_mean") and len(rows) == 3
@@ -179,8 +183,23 @@ def test_rows_runs_only_the_matching_rows_and_a_bad_pattern_is_one_line(tmp_path
     assert not (out / "base").exists() and len(list((out / "frem").glob("*/test.json"))) == 3
     assert [r["name"] for r in json.loads((out / "study.json").read_text())["rows"]] == [
         "base", "+ frem"]  # the record keeps every row: the other rows can follow later
-    command = json.loads((out / "study.json").read_text())["command"]
-    assert shlex.split(command) == ["cellseg", *argv]  # quoted: it can be run again as is
+    ran = json.loads((out / "study.json").read_text())["invocations"]
+    assert shlex.split(ran[0]["command"]) == ["cellseg", *argv]  # quoted: it runs again as is
+    assert ran[0]["machine"]["jobs"] == 1 and ran[0]["machine"]["cpu_bf16"] in (
+        "native", "emulated")
+    rest = ["study", "run", str(path), "--out", str(out), "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", ["cellseg", *rest])
+    for _ in range(2):  # the other row, then nothing left: the second invocation is not kept
+        with pytest.raises(SystemExit) as e:
+            main(rest)
+        assert e.value.code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    ran = json.loads((out / "study.json").read_text())["invocations"]
+    assert [shlex.split(i["command"]) for i in ran] == [["cellseg", *argv], ["cellseg", *rest]]
+    assert ran[1]["machine"]["threads_per_run"] == 1
+    table = (out / "table.md").read_text()  # every invocation's command is in the table
+    assert all(f"- command: `{i['command']}`" in table for i in ran)
+    assert ", 1 thread(s) a run" in table
     with pytest.raises(SystemExit) as e:
         main(["study", "run", str(path), "--out", str(tmp_path / "no"), "--rows", "lfa*"])
     err = capsys.readouterr().err

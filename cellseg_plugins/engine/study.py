@@ -8,7 +8,8 @@ own, a ``note``) and ``[scale.NAME]`` tables whose keys override both (``vars`` 
 precedence [study] < row ``train`` < [scale.NAME]. Every row of a study runs on the same folds
 and seeds, so gains are paired over (fold, seed).
 
-Layout of a study's folder: ``study.json`` (the resolved study, the command, the machine),
+Layout of a study's folder: ``study.json`` (the resolved study; the command and machine of
+every invocation that ran runs into it),
 ``<row slug>/fold<f>_seed<s>/`` (one cv run each: test.json, metrics.csv, config.json,
 checkpoints), and from ``report``: ``table.md``, ``table.csv``, ``gains.png``.
 """
@@ -31,9 +32,9 @@ from ..registry import SpecError, parse_spec
 from .config import TrainConfig, option_fields
 from .cv import run_dir, train_and_test
 from .data import DataError, fold_split, load_data
-from .jobs import run_jobs
+from .jobs import job_threads, run_jobs
 from .presets import apply_preset
-from .train import TrainingError
+from .train import TrainingError, missing_cpu_units
 
 STUDY_KEYS = {"title", "paper", "folds", "seeds", "preset", "vars"}
 ROW_KEYS = {"name", "spec", "base", "paper", "paper_base", "scales", "train", "note"}
@@ -183,13 +184,22 @@ def _check_rows(path: Path, rows: list, scale: str | None, variables: dict) -> l
     return out
 
 
+def invocations(info: dict) -> list[dict]:
+    """The {command, machine} of every invocation recorded in a study.json (before 0.2.1, one:
+    the first)."""
+    if "invocations" in info:
+        return info["invocations"]
+    return [{"command": info["command"], "machine": info["machine"]}] if "command" in info else []
+
+
 def machine() -> dict:
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads(),
+    bf16 = "emulated" if missing_cpu_units(torch.device("cpu"), "bf16") else "native"
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads(), "cpu_bf16": bf16,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version()}
 
@@ -223,11 +233,13 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
     if on_start:
         on_start(selected, len(pending))
     out.mkdir(parents=True, exist_ok=True)
-    record = out / "study.json"  # the command and machine of the first run are kept
-    first = json.loads(record.read_text()) if record.is_file() else {
-        "command": shlex.join(["cellseg", *sys.argv[1:]]), "machine": machine()}
-    record.write_text(json.dumps({**study.to_json(), "command": first["command"],
-                                  "machine": first["machine"]}, indent=2))
+    record = out / "study.json"
+    ran = invocations(json.loads(record.read_text())) if record.is_file() else []
+    this = {"command": shlex.join(["cellseg", *sys.argv[1:]]),
+            "machine": {**machine(), "jobs": jobs, "threads_per_run": job_threads(jobs, threads)}}
+    if (pending and this not in ran) or not ran:
+        ran.append(this)
+    record.write_text(json.dumps({**study.to_json(), "invocations": ran}, indent=2))
     pending = [(replace(study.config, spec=row.spec, fold=f, seed=s,
                         out=str(run_dir(out / row.slug, f, s)), **row.train),)
                for row, f, s in pending]
@@ -281,6 +293,8 @@ def run_seconds(folder: Path, info: dict) -> float:
     total = 0.0
     for row in info["rows"]:
         for path in (folder / Row(**row).slug).glob("fold*_seed*/metrics.csv"):
+            if not (path.parent / "test.json").is_file():  # unfinished: not in the table
+                continue
             with open(path) as f:
                 total += sum(float(r["seconds"]) for r in csv.DictReader(f))
     return total
@@ -351,17 +365,25 @@ def _write_csv(rows, classes, path: Path) -> None:
                         r["paper"], r.get("paper_gain")])
 
 
+def _machine(m: dict) -> str:
+    threads = (f"{m['threads_per_run']} thread(s) a run" if "threads_per_run" in m
+               else f"{m.get('torch_threads', '?')} threads")  # study.json before 0.2.1
+    where = m.get("gpu") or f"{m.get('cpu', '?')}, {threads}" + (
+        ", bf16 emulated (no AVX-512 BF16 or AMX)" if m.get("cpu_bf16") == "emulated" else "")
+    jobs = f", {m['jobs']} run(s) at a time" if m.get("jobs", 1) > 1 else ""
+    return f"{where}{jobs}; torch {m.get('torch', '?')}"
+
+
 def _markdown(info, rows, classes, seconds) -> str:
-    m = info.get("machine", {})
-    device = m.get("gpu") or f"{m.get('cpu', '?')}, {m.get('torch_threads', '?')} threads"
+    ran = [f"- command: `{i['command']}`; machine: {_machine(i['machine'])}"
+           for i in invocations(info)] or ["- command: ?"]
     lines = [f"# {info['title']} — scale {info['scale']}", "",
              f"{info.get('paper', '')}", "",
              f"Test IoU % over {info['folds']} folds × {info['seeds']} seed(s) (mean ± std over "
              "runs). Gain: mIoU of the row minus its base row, paired over the same (fold, "
              "seed); p-values of the paired t-test and the Wilcoxon signed-rank test (two-"
              "sided). Paper: the mIoU % the paper reports and its gain over its own base.", "",
-             f"- command: `{info.get('command', '?')}`",
-             f"- machine: {device}; torch {m.get('torch', '?')}",
+             *ran,
              f"- training wall time of the runs: {seconds / 3600:.2f} h", ""]
     head = ["row", "runs", *classes, "mIoU", "gain (pp)", "t-test p", "Wilcoxon p",
             "paper mIoU", "paper gain"]
