@@ -61,8 +61,9 @@ def bench_command(
                                  data_on_device=data_on_device, compile=compile,
                                  compile_mode=compile_mode), epochs, as_json)
         return
-    if compile:
-        raise CLIError("--compile: only with --epoch (the step benchmark times eager models)")
+    if compile or compile_mode != "default":
+        flag = "--compile" if compile else f"--compile-mode {compile_mode}"
+        raise CLIError(f"{flag}: only with --epoch (the step benchmark times eager models)")
     dev = resolve_device(device).type
     specs = [str(parse_spec(spec))] + ([str(parse_spec(vs))] if vs else [])
     for s in specs:  # build once here: plugin and size errors before any worker starts

@@ -104,3 +104,7 @@ def test_bench_epoch_compiles_the_engine_and_the_bare_loop_alike(capsys, monkeyp
     code, _, err = cli(capsys, "bench", TINY, "--compile")
     assert code == 2 and err.strip() == (
         "error: --compile: only with --epoch (the step benchmark times eager models)")
+    code, _, err = cli(capsys, "bench", TINY, "--compile-mode", "max-autotune")
+    assert code == 2 and err.strip().startswith("error: --compile-mode max-autotune: only with")
+    code, _, err = cli(capsys, "bench", TINY, "--epoch", "--compile-mode", "max-autotune")
+    assert code == 2 and err.strip() == "error: --compile-mode 'max-autotune': needs --compile"
