@@ -185,8 +185,8 @@ def _check_rows(path: Path, rows: list, scale: str | None, variables: dict) -> l
 
 
 def invocations(info: dict) -> list[dict]:
-    """The {command, machine} of every invocation recorded in a study.json (before 0.2.1, one:
-    the first)."""
+    """The {command, machine} of every invocation recorded in a study.json (an older file
+    holds one: the first)."""
     if "invocations" in info:
         return info["invocations"]
     return [{"command": info["command"], "machine": info["machine"]}] if "command" in info else []
@@ -367,7 +367,7 @@ def _write_csv(rows, classes, path: Path) -> None:
 
 def _machine(m: dict) -> str:
     threads = (f"{m['threads_per_run']} thread(s) a run" if "threads_per_run" in m
-               else f"{m.get('torch_threads', '?')} threads")  # study.json before 0.2.1
+               else f"{m.get('torch_threads', '?')} threads")  # an older study.json
     where = m.get("gpu") or f"{m.get('cpu', '?')}, {threads}" + (
         ", bf16 emulated (no AVX-512 BF16 or AMX)" if m.get("cpu_bf16") == "emulated" else "")
     jobs = f", {m['jobs']} run(s) at a time" if m.get("jobs", 1) > 1 else ""
