@@ -94,7 +94,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: int) -
     tracing = (torch.jit.is_tracing() or torch.compiler.is_exporting()
                or torch.compiler.is_compiling())
     if tracing or not (torch.is_grad_enabled() and
-                         (q.requires_grad or k.requires_grad or v.requires_grad)):
+                       (q.requires_grad or k.requires_grad or v.requires_grad)):
         return local_attention_functional(q, k, v, m)
     return _LocalAttention.apply(q, k, v, m)
 
