@@ -42,8 +42,7 @@ def study_run(
                       f"{pending} run(s) to do → {folder}")
 
     run_study(study, folder, jobs, threads, rows=rows, on_start=start,
-              on_run=lambda row, f, s, r: console.print(
-                  f"{row} fold {f} seed {s}: test mIoU {r['miou']:.4f}"))
+              on_run=lambda label, r: console.print(f"{label}: test mIoU {r['miou']:.4f}"))
     if then_report:
         report(folder)
         console.print(f"wrote {folder / 'table.md'}, table.csv and gains.png")

@@ -16,8 +16,34 @@ def test_cv_grid_summary_and_resume(tmp_path, capsys):
     assert summary[0] == "class,mean_iou,std_iou,runs" and summary[-1].startswith("mIoU,")
     assert "| mIoU |" in (out / "summary.md").read_text()
     stamp = (out / "fold0_seed0" / "last.pt").stat().st_mtime
+    assert "fold 1 seed 0: training 1 epoch(s) → " in err  # each run's progress lines
+    assert "fold 1 seed 0: epoch 1/1, loss " in err and "fold 1 seed 0: test mIoU" in err
     code, _, err = cli(capsys, *argv)  # everything finished: nothing is retrained
     assert code == 0 and (out / "fold0_seed0" / "last.pt").stat().st_mtime == stamp
+    assert "fold 0 seed 0:" not in err
+    (out / "fold0_seed0" / "test.json").unlink()  # trained, not tested: only the test runs
+    code, _, err = cli(capsys, *argv)
+    assert code == 0 and "fold 0 seed 0: resuming after epoch 1 of 1" in err
+    assert "epoch 1/1" not in err and "fold 1 seed 0" not in err
+
+
+def test_progress_lines_come_after_the_first_epoch_and_then_at_most_every_interval(capsys):
+    from types import SimpleNamespace
+
+    from cellseg_plugins.engine.cv import progress_lines
+
+    rows = [{"epoch": e, "train_loss": 0.5, "val_miou": 0.25, "seconds": 1.0} for e in (3, 4, 5)]
+    for every, shown in ((3600, [3]), (0, [3, 4, 5])):
+        trainer = SimpleNamespace(cfg=SimpleNamespace(epochs=5, out="o"), epoch=2, best=0.5)
+        on_epoch = progress_lines("row fold 1 seed 0", trainer, every=every)
+        for row in rows:
+            on_epoch(row)
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[0] == "row fold 1 seed 0: resuming after epoch 2 of 5"
+        assert [line.split(",")[0] for line in lines[1:]] == [
+            f"row fold 1 seed 0: epoch {e}/5" for e in shown]
+    assert lines[1] == ("row fold 1 seed 0: epoch 3/5, loss 0.5000, val mIoU 0.2500 "
+                        "(best 0.5000), 1.0 s an epoch")
 
 
 @pytest.mark.slow

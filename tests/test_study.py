@@ -145,7 +145,10 @@ def test_study_run_then_report_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         main(["study", "run", str(path), "--out", str(out)])
-    assert e.value.code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 0, err
+    assert "+ frem fold 2 seed 0: training " in err and "+ frem fold 2 seed 0: epoch 1/" in err
+    assert "+ frem fold 2 seed 0: test mIoU " in err
     assert sorted(p.name for p in (out / "frem").iterdir()) == [
         "fold0_seed0", "fold1_seed0", "fold2_seed0"]
     done = sorted(out.glob("*/fold*/test.json"), key=lambda p: p.stat().st_mtime_ns)

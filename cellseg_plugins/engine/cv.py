@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,11 +21,41 @@ def run_dir(out: Path, fold: int, seed: int) -> Path:
     return out / f"fold{fold}_seed{seed}"
 
 
-def train_and_test(cfg: TrainConfig) -> dict:
+PROGRESS_EVERY = 60.0  # seconds between two progress lines of one run
+
+
+def progress_lines(label: str, trainer: Trainer, every: float = PROGRESS_EVERY):
+    """Write '<label>: …' lines to stderr: now (training or resuming), then after this
+    process's first epoch and at most every ``every`` seconds; returns Trainer.run's
+    on_epoch callback."""
+    epochs = trainer.cfg.epochs
+
+    def say(text: str) -> None:
+        sys.stderr.write(f"{label}: {text}\n")
+        sys.stderr.flush()
+
+    say(f"resuming after epoch {trainer.epoch} of {epochs}" if trainer.epoch else
+        f"training {epochs} epoch(s) → {trainer.cfg.out}")
+    last = None
+
+    def on_epoch(row: dict) -> None:
+        nonlocal last
+        if last is not None and time.monotonic() - last < every:
+            return
+        last = time.monotonic()
+        say(f"epoch {row['epoch']}/{epochs}, loss {row['train_loss']:.4f}, val mIoU "
+            f"{row['val_miou']:.4f} (best {trainer.best:.4f}), {row['seconds']:.1f} s an epoch")
+
+    return on_epoch
+
+
+def train_and_test(cfg: TrainConfig, label: str | None = None) -> dict:
     """Train one (fold, seed) run (resuming a killed one) and test its best checkpoint; writes
-    test.json last, so a run with test.json is finished."""
+    test.json last, so a run with test.json is finished. With a ``label``, the run reports
+    its progress on stderr (progress_lines)."""
     rd = Path(cfg.out)
-    Trainer(cfg, resume=(rd / "last.pt").exists()).run()
+    trainer = Trainer(cfg, resume=(rd / "last.pt").exists())
+    trainer.run(on_epoch=progress_lines(label, trainer) if label else None)
     result = evaluate_checkpoint(rd / "best.pt", split="test", device=cfg.device)
     write_text_atomic(rd / "test.json", json.dumps(result))
     return result
@@ -41,11 +73,12 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
     base.folds = folds
     base.check()
     load_data(base.data, base.classes, base.class_map, seed=0)  # bad data: one error, first
-    pending = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),)
+    pending = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),
+                f"fold {f} seed {s}")
                for f in range(folds) for s in range(seeds)
                if not (run_dir(out, f, s) / "test.json").exists()]
     failed = []
-    for (cfg,), ok, value in run_jobs(train_and_test, pending, jobs, threads):
+    for (cfg, _), ok, value in run_jobs(train_and_test, pending, jobs, threads):
         if not ok:
             failed.append(f"fold {cfg.fold} seed {cfg.seed}: {value}")
         elif on_run:

@@ -223,7 +223,8 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
     row's fold 0 seed 0 first, then fold 1, …), or only the rows matching ``rows`` (shell
     patterns; study.json keeps every row). A run that fails is reported ('row fold f seed
     s: error', TrainingError) after the others. ``on_start(rows, pending)`` is called once
-    the study is checked, before anything is written."""
+    the study is checked, before anything is written; ``on_run('row fold f seed s', test
+    scores)`` as each run finishes. Runs report their progress on stderr (progress_lines)."""
     selected = select_rows(study, rows)
     sources = load_data(study.config.data, study.config.classes, study.config.class_map)
     fold_split(len(sources.images), study.folds, 0)  # a bad fold count fails before any run
@@ -241,15 +242,14 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
         ran.append(this)
     record.write_text(json.dumps({**study.to_json(), "invocations": ran}, indent=2))
     pending = [(replace(study.config, spec=row.spec, fold=f, seed=s,
-                        out=str(run_dir(out / row.slug, f, s)), **row.train),)
-               for row, f, s in pending]
+                        out=str(run_dir(out / row.slug, f, s)), **row.train),
+                f"{row.name} fold {f} seed {s}") for row, f, s in pending]
     failed = []
-    for (cfg,), ok, value in run_jobs(train_and_test, pending, jobs, threads):
-        row = next(r.name for r in study.rows if Path(cfg.out).parent.name == r.slug)
+    for (cfg, label), ok, value in run_jobs(train_and_test, pending, jobs, threads):
         if not ok:
-            failed.append(f"{row} fold {cfg.fold} seed {cfg.seed}: {value}")
+            failed.append(f"{label}: {value}")
         elif on_run:
-            on_run(row, cfg.fold, cfg.seed, value)
+            on_run(label, value)
     if failed:
         raise TrainingError(f"{len(failed)} of {len(pending)} runs failed: " + "; ".join(failed))
 
