@@ -27,9 +27,13 @@ def cv_command(
 ) -> None:
     """Train and test every fold × seed (finished runs are skipped); write summary.csv/.md."""
     from ..engine.cv import run_cv
+    from ..engine.train import emulation_note
 
     o.check_jobs(jobs, threads)
     console = Console(stderr=True)
+    note = emulation_note(cfg.device, cfg.precision)
+    if note:
+        console.print(note)
     summary = run_cv(cfg, folds, seeds, Path(out), jobs=jobs, threads=threads,
                      on_run=lambda r: console.print(
                          f"fold {r['fold']} seed {r['seed']}: test mIoU {r['miou']:.4f}"))

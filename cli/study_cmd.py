@@ -30,6 +30,7 @@ def study_run(
 ) -> None:
     """Train and test every row × fold × seed not finished yet; finished runs are kept."""
     from ..engine.study import load_study, report, run_study
+    from ..engine.train import emulation_note
 
     o.check_jobs(jobs, threads)
     study = load_study(file, scale)
@@ -40,6 +41,11 @@ def study_run(
         console.print(f"[bold]{study.title}[/] at scale {study.scale}: {len(selected)} of "
                       f"{len(study.rows)} rows × {study.folds} folds × {study.seeds} seed(s), "
                       f"{pending} run(s) to do → {folder}")
+        note = emulation_note(study.config.device, study.config.precision,
+                              "the study's runs are slower here than in fp32 (every row of a "
+                              "study shares its precision)")
+        if pending and note:
+            console.print(note)
 
     run_study(study, folder, jobs, threads, rows=rows, on_start=start,
               on_run=lambda label, r: console.print(f"{label}: test mIoU {r['miou']:.4f}"))

@@ -39,15 +39,14 @@ def train_command(
 
 def _train_with_progress(trainer, cfg: TrainConfig) -> None:
     from ..engine import distributed
-    from ..engine.train import missing_cpu_units
+    from ..engine.train import emulation_note
 
     console.print(f"[bold]{cfg.spec}[/] on {cfg.data} fold {cfg.fold}/{cfg.folds}: "
                   f"{len(trainer.train_set)} train / {len(trainer.val_set)} val crops, "
                   f"device {trainer.device}, {distributed.world_size()} process(es)")
-    missing = missing_cpu_units(trainer.device, trainer.precision)
-    if missing:
-        console.print(f"note: this CPU has no {missing}, so {trainer.precision} autocast is "
-                      "emulated: --precision fp32 is faster here")
+    note = emulation_note(trainer.device, trainer.precision)
+    if note:
+        console.print(note)
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:

@@ -13,7 +13,7 @@ import torch
 from cellseg_plugins.engine.checkpoint import load_checkpoint
 from cellseg_plugins.engine.metrics import confusion, scores
 from cellseg_plugins.engine.train import Trainer, TrainingError
-from conftest import FAST, TINY, cli, tiny_config
+from conftest import FAST, ROOT, TINY, cli, tiny_config
 
 
 def test_iou_from_accumulated_confusion():
@@ -111,7 +111,7 @@ def test_checkpoint_every_holds_the_best_epoch_in_memory_until_a_write(tmp_path)
 
 def test_bf16_on_a_cpu_without_its_units_is_named_and_fp32_suggested(tmp_path, capsys,
                                                                      monkeypatch):
-    from cellseg_plugins.engine.train import missing_cpu_units
+    from cellseg_plugins.engine.train import emulation_note, missing_cpu_units
 
     cpu = torch.device("cpu")
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported",
@@ -126,5 +126,26 @@ def test_bf16_on_a_cpu_without_its_units_is_named_and_fp32_suggested(tmp_path, c
     assert code == 0, err
     assert ("note: this CPU has no AVX-512 BF16 or AMX, so bf16 autocast is emulated: "
             "--precision fp32 is faster here") in " ".join(err.split())
+    assert emulation_note("cpu", "auto") is None  # fp32 on a CPU
+    assert emulation_note("auto" if not torch.cuda.is_available() else "cpu", "fp16", "x") == (
+        "note: this CPU has no AMX-FP16, so fp16 autocast is emulated: x")
+    import cellseg_plugins.engine.cv as cv
+    import cellseg_plugins.engine.study as study
+
+    def stop(*args, on_start=None, **kw):
+        if on_start:
+            on_start([], 1)
+        raise TrainingError("stopped before training")
+
+    monkeypatch.setattr(cv, "run_cv", stop)
+    monkeypatch.setattr(study, "run_study", stop)
+    code, _, err = cli(capsys, "cv", TINY, "--precision", "bf16", "--out", tmp_path / "cv")
+    assert code == 2 and "bf16 autocast is emulated: --precision fp32 is faster" in " ".join(
+        err.split())
+    code, _, err = cli(capsys, "study", "run", ROOT / "studies" / "sstem5.toml", "--scale", "cpu",
+                       "--out", tmp_path / "study")
+    assert code == 2 and "bf16 autocast is emulated: the study's runs are slower here" in " ".join(
+        err.split())
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # an AMX CPU
     assert missing_cpu_units(cpu, "bf16") is None
+    assert emulation_note("cpu", "bf16") is None

@@ -46,6 +46,22 @@ def missing_cpu_units(device: torch.device, precision: str) -> str | None:
     return units if all(probe is not None and not probe() for probe in probes) else None
 
 
+def emulation_note(device: torch.device | str, precision: str,
+                   advice: str = "--precision fp32 is faster here") -> str | None:
+    """A one-line note when ``precision`` autocast ('auto' resolved for ``device``, which may
+    be 'auto' too) is emulated on this CPU (missing_cpu_units)."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    precision = resolve_precision(precision, device)
+    missing = missing_cpu_units(device, precision)
+    return (f"note: this CPU has no {missing}, so {precision} autocast is emulated: "
+            f"{advice}") if missing else None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' → bf16 on CUDA, fp32 elsewhere; other values as given."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
 def make_criterion(name: str, weights: torch.Tensor | None):
     """ce | focal+iou | dice+ce, from smp's losses; (logits (N,C,H,W), target (N,H,W)) → scalar."""
     import segmentation_models_pytorch as smp
@@ -166,7 +182,7 @@ class Trainer:
         if cuda:
             torch.backends.cudnn.benchmark = (True if cfg.cudnn_benchmark is None
                                               else cfg.cudnn_benchmark)
-        self.precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+        self.precision = resolve_precision(cfg.precision, self.device)
         if distributed.world_size() > 1 and cfg.sync_bn is not False:
             self.model = distributed.sync_batchnorm(self.model, self.device)
         self.net = (torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile
