@@ -32,7 +32,8 @@ def bench_command(
         "--epoch", help="time training epochs of the engine against a bare PyTorch loop")] = False,
     data: Annotated[str, typer.Option(help="--epoch: synthetic, sstem or a folder")] = "synthetic",
     epochs: Annotated[int, typer.Option(help="--epoch: timed epochs (after 1 warm-up)")] = 3,
-    precision: Annotated[str, typer.Option(help="--epoch: auto, fp32, bf16 or fp16")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")] = "auto",
     data_on_device: Annotated[bool | None, typer.Option(
         "--data-on-device/--no-data-on-device",
         help="--epoch: the engine's device-resident data (default: when it fits)")] = None,
@@ -48,23 +49,38 @@ def bench_command(
     With --epoch: time whole training epochs (validation and checkpoints included) of the
     engine against a bare PyTorch loop over the same model, crops, batch and optimiser."""
     from ..engine.bench import BenchConfig, report, run_bench
-    from ..engine.train import resolve_device
+    from ..engine.train import emulation_note, resolve_device, resolve_precision
     from ..input_rules import input_rules
     from ..registry import create_model, parse_spec
 
     for name, value in (("--size", size), ("--batch", batch), ("--in-channels", in_channels),
                         ("--classes", classes), ("--steps", steps), ("--epochs", epochs)):
         _positive(name, value)
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise CLIError(f"--precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    step_only = {f"--vs {vs}": vs is not None, f"--steps {steps}": steps != 10,
+                 f"--in-channels {in_channels}": in_channels != 1,
+                 f"--classes {classes}": classes != 5}
+    epoch_only = {f"--data {data}": data != "synthetic", f"--epochs {epochs}": epochs != 3,
+                  "--data-on-device/--no-data-on-device": data_on_device is not None,
+                  "--compile": compile, f"--compile-mode {compile_mode}": compile_mode != "default"}
+    for flag, given in (step_only if epoch else epoch_only).items():
+        if given and epoch:
+            raise CLIError(f"{flag}: only without --epoch (--epoch times one model on the "
+                           "data's channels and classes)")
+        if given:
+            raise CLIError(f"{flag}: only with --epoch" + (
+                " (the step benchmark times eager models)" if "compile" in flag else ""))
+    note = emulation_note(device, precision)
+    if note:
+        Console(stderr=True).print(note)
     if epoch:
         _epoch_bench(TrainConfig(spec=spec, data=data, crop=size, batch_size=batch,
                                  device=device, precision=precision,
                                  data_on_device=data_on_device, compile=compile,
                                  compile_mode=compile_mode), epochs, as_json)
         return
-    if compile or compile_mode != "default":
-        flag = "--compile" if compile else f"--compile-mode {compile_mode}"
-        raise CLIError(f"{flag}: only with --epoch (the step benchmark times eager models)")
-    dev = resolve_device(device).type
+    dev = resolve_device(device)
     specs = [str(parse_spec(spec))] + ([str(parse_spec(vs))] if vs else [])
     for s in specs:  # build once here: plugin and size errors before any worker starts
         try:
@@ -72,7 +88,8 @@ def bench_command(
                 size, f"--size {size}")
         except ValueError as e:
             raise CLIError(f"{e} ({s})") from None
-    cfg = BenchConfig(size, batch, in_channels, classes, dev, steps)
+    cfg = BenchConfig(size, batch, in_channels, classes, dev.type, steps,
+                      resolve_precision(precision, dev))
     if as_json:
         results = run_bench(specs, cfg)
         print(json.dumps(report(results, cfg), indent=2))
@@ -84,8 +101,8 @@ def bench_command(
 
 
 def show(rep: dict) -> None:
-    table = Table(title=f"cellseg bench ({rep['device']}, {rep['batch']}×{rep['in_channels']}×"
-                        f"{rep['size']}², {rep['steps']} steps)")
+    table = Table(title=f"cellseg bench ({rep['device']}, {rep['precision']}, {rep['batch']}×"
+                        f"{rep['in_channels']}×{rep['size']}², {rep['steps']} steps)")
     for col in ("spec", "train step (s)", "eval forward (s)", "train GFLOP", "peak memory (MiB)",
                 "params"):
         table.add_column(col)

@@ -18,6 +18,33 @@ def test_bench_json_with_ratio(capsys):
     assert report["params"] == report["vs"]["params"]  # FREM adds no parameters
     assert report["train_flops"] > 2 * report["eval_flops"] > 0  # backward costs about 2 forwards
     assert report["ratio"]["train_flops"] == 1.0  # FREM multiplies; it adds no conv or matmul
+    assert report["precision"] == "fp32"  # auto on a CPU
+
+
+def test_bench_steps_run_under_the_precision_asked_for(monkeypatch):
+    """--precision bf16 puts the step benchmark's forwards under bf16 autocast (the loss in
+    fp32, as the engine computes it); fp32 runs without autocast."""
+    import torch
+
+    from cellseg_plugins.engine import bench
+
+    seen = []
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda logits, *a, **kw: (
+        seen.append((torch.is_autocast_enabled("cpu"), logits.dtype)), real(logits, *a, **kw))[1])
+    conv = torch.nn.Conv2d
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: (
+        seen.append(("conv", conv._conv_forward(self, x, self.weight, self.bias).dtype)),
+        conv._conv_forward(self, x, self.weight, self.bias))[1])
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen.clear()
+        cfg = bench.BenchConfig(size=32, batch=2, classes=3, steps=1, precision=precision)
+        monkeypatch.setattr("sys.stdin", iter(["train\n", "eval\n", "done\n"]))
+        monkeypatch.setattr(bench, "_reply", lambda obj: None)
+        bench.worker("unet(encoder='plain4')", cfg)
+        convs = {d for tag, d in seen if tag == "conv"}
+        assert convs == {dtype}
+        assert {d for tag, d in seen if tag != "conv"} == {torch.float32}  # the loss
 
 
 def test_count_flops_of_a_convolution_is_two_per_multiply_add():
@@ -33,6 +60,13 @@ def test_count_flops_of_a_convolution_is_two_per_multiply_add():
     (["bench", "unet", "--steps", "0"], "--steps 0: must be at least 1"),
     (["bench", "unet", "--device", "tpu"], "--device 'tpu': expected auto, cpu or cuda"),
     (["bench", "unet(encoder='plain8')+frem(B=999)"], "B=999 is larger than the bottleneck's 128"),
+    (["bench", "unet", "--precision", "tf32"], "--precision 'tf32': expected auto, fp32, bf16"),
+    (["bench", "unet", "--data", "sstem"], "error: --data sstem: only with --epoch"),
+    (["bench", "unet", "--epochs", "5"], "error: --epochs 5: only with --epoch"),
+    (["bench", "unet", "--no-data-on-device"],
+     "error: --data-on-device/--no-data-on-device: only with --epoch"),
+    (["bench", "unet", "--epoch", "--vs", "fpn"], "error: --vs fpn: only without --epoch"),
+    (["bench", "unet", "--epoch", "--classes", "3"], "error: --classes 3: only without --epoch"),
 ])
 def test_bench_bad_input(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:

@@ -29,6 +29,7 @@ class BenchConfig:
     classes: int = 5
     device: str = "cpu"
     steps: int = 10
+    precision: str = "fp32"  # fp32, or bf16 / fp16 autocast (the engine's; loss in fp32)
 
 
 def _sync(device: str) -> None:
@@ -39,6 +40,7 @@ def _sync(device: str) -> None:
 def worker(spec: str, cfg: BenchConfig) -> None:
     """Serve 'train' / 'eval' / 'done' commands on stdin; answer one JSON line each."""
     from .. import create_model, step_start, training_loss
+    from .train import DTYPES
 
     torch.manual_seed(0)
     device = cfg.device
@@ -50,19 +52,26 @@ def worker(spec: str, cfg: BenchConfig) -> None:
     rss_start = _peak_rss()
     step = 0
 
+    def autocast():
+        return torch.autocast(device, dtype=DTYPES.get(cfg.precision),
+                              enabled=cfg.precision in DTYPES)
+
     def train_step():
         nonlocal step
         model.train()
         step_start(model, step)
         step += 1
         optimizer.zero_grad(set_to_none=True)
-        training_loss(model, x, y, criterion).backward()
+        with autocast():
+            loss = training_loss(model, x, y, lambda a, b: criterion(a.float(), b))
+        loss.backward()
         optimizer.step()
 
     @torch.no_grad()
     def eval_step():
         model.eval()
-        model(x)
+        with autocast():
+            model(x)
 
     actions = {"train": train_step, "eval": eval_step}
     flops = {f"{name}_flops": count_flops(action) for name, action in actions.items()}
@@ -185,8 +194,9 @@ def run_bench(specs: list[str], cfg: BenchConfig, progress=None) -> list[dict]:
 
 def report(results: list[dict], cfg: BenchConfig) -> dict:
     """One JSON-ready object: the first model, ``vs`` (second model) and their ratios."""
-    out = {"device": cfg.device, "size": cfg.size, "batch": cfg.batch, "steps": cfg.steps,
-           "in_channels": cfg.in_channels, "classes": cfg.classes,
+    out = {"device": cfg.device, "precision": cfg.precision, "size": cfg.size,
+           "batch": cfg.batch, "steps": cfg.steps, "in_channels": cfg.in_channels,
+           "classes": cfg.classes,
            "torch_threads": torch.get_num_threads(), **results[0]}
     if len(results) > 1:
         a, b = results
