@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .errors import CLIError
+
 console = Console(stderr=True)
 
 
@@ -26,6 +28,9 @@ def predict_command(
     from ..engine.train import resolve_device
     from ..engine.predict import predict_paths
 
+    if runtime == "onnx" and device == "cuda":
+        raise CLIError("--device cuda: --runtime onnx runs ONNX Runtime on the CPU; use "
+                       "--device cpu or auto, or --runtime torch")
     dev = resolve_device(device) if runtime == "torch" else "cpu"
     predict_paths(checkpoint, inputs, out, tile, overlap, overlay, dev, runtime,
                   on_image=lambda path, target, labels: console.print(

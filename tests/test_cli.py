@@ -84,6 +84,8 @@ def test_help_imports_no_torch(argv):
     (["data", "fetch", "mnist"], "unknown data set 'mnist'"),
     (["train", "unet", "--classes", "sstem4"], "--classes 'sstem4' applies to --data sstem only"),
     (["train", "unet", "--class-map", "0:a,1:b"], "--class-map applies to image folders"),
+    (["predict", "m.onnx", "x.tif", "--runtime", "onnx", "--device", "cuda"],
+     "--device cuda: --runtime onnx runs ONNX Runtime on the CPU"),
 ])
 def test_cli_bad_input(capsys, tmp_path, argv, fragment):
     code, _, err = cli(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] == "train" else []))

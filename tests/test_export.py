@@ -46,7 +46,11 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
              (["export", str(path)], "model.onnx exists; choose another --out or pass --overwrite"),
              (["export", str(tmp_path / "nope.pt")], "does not exist"),
              (["export", str(path), "--out", str(tmp_path / "no" / "m.onnx")], "does not exist"),
-             (["export", str(path), "--opset", "12"], "--opset 12: expected 17 … 23")]
+             (["export", str(path), "--opset", "12"], "--opset 12: expected 17 … 23"),
+             (["export", str(path), "--format", "torchscript", "--opset", "18"],
+              "--opset 18: only with --format onnx"),
+             (["export", str(path), "--out", str(tmp_path / "m.onnx"), "--author", "Ada"],
+              "--author 'Ada': only with --format bioimageio")]
     for argv, fragment in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -112,6 +112,10 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if opset is not None and not 17 <= opset <= 23:
         raise ExportError(f"--opset {opset}: expected 17 … 23")
+    if opset is not None and fmt != "onnx":
+        raise ExportError(f"--opset {opset}: only with --format onnx")
+    if author is not None and fmt != "bioimageio":
+        raise ExportError(f"--author {author!r}: only with --format bioimageio")
     needs = {"onnx": ("onnx", "onnxscript", "onnxruntime"),
              "bioimageio": ("onnx", "onnxscript", "onnxruntime", "bioimageio.core")}
     for module in needs.get(fmt, ()):
