@@ -149,3 +149,17 @@ def test_bf16_on_a_cpu_without_its_units_is_named_and_fp32_suggested(tmp_path, c
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # an AMX CPU
     assert missing_cpu_units(cpu, "bf16") is None
     assert emulation_note("cpu", "bf16") is None
+
+
+def test_the_data_path_follows_data_on_device_then_workers(tmp_path, capsys):
+    """Held on the device by default (on a CPU the splits are in memory already); --workers
+    asks for the loader; --data-on-device with workers is refused in one line."""
+    on = {(flag, workers): Trainer(tiny_config(tmp_path, data_on_device=flag,
+                                               workers=workers)).on_device
+          for flag, workers in ((None, 0), (None, 2), (False, 0), (True, 0))}
+    assert on == {(None, 0): True, (None, 2): False, (False, 0): False, (True, 0): True}
+    code, _, err = cli(capsys, "train", TINY, "--workers", "2", "--data-on-device",
+                       "--out", tmp_path / "run", *FAST)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(
+        "error: --workers 2: loader workers with --data-on-device")
+    assert not (tmp_path / "run").exists()

@@ -61,7 +61,8 @@ class TrainConfig:
     folds: Annotated[int, Doc("number of folds (split by source image)")] = 5
     crop: Annotated[int, Range(1), Doc("non-overlapping crop size")] = 256
     augment: Annotated[bool, Doc("random 90° rotations and flips")] = True
-    workers: Annotated[int, Range(0), Doc("data-loader worker processes")] = 0
+    workers: Annotated[int, Range(0), Doc(
+        "data-loader worker processes (> 0 takes the loader path unless --data-on-device)")] = 0
     out: str = "runs/latest"
     preset: str | None = None
     extra: dict = field(default_factory=dict)
@@ -74,6 +75,9 @@ class TrainConfig:
             check_field(name, annotation, getattr(self, name))
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError("compile_mode", self.compile_mode, "needs --compile")
+        if self.workers and self.data_on_device:
+            raise ConfigError("workers", self.workers, "loader workers with --data-on-device, "
+                              "where the crops are drawn on the device: use one of the two")
         self.spec = str(parse_spec(self.spec))
 
 

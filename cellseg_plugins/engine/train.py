@@ -211,8 +211,12 @@ class Trainer:
             self._restore(load_checkpoint(self.out / "last.pt"))
 
     def _data_on_device(self) -> bool:
+        """--data-on-device as given; else the loader when --workers asks for it, else on the
+        device when the splits fit (fits_on_device)."""
         if self.cfg.data_on_device is not None:
             return self.cfg.data_on_device
+        if self.cfg.workers:
+            return False
         c = self.sources.in_channels
         nbytes = (len(self.train_set) + len(self.val_set)) * self.cfg.crop ** 2 * (4 * c + 1)
         return fits_on_device(nbytes, self.device)
