@@ -26,16 +26,21 @@ def tune_command(
         help="Optuna storage URL (default sqlite:///OUT/study.db)")] = None,
     prune: Annotated[bool, typer.Option(
         help="stop hopeless trials (median pruner on per-epoch validation mIoU)")] = False,
+    jobs: Annotated[int, typer.Option(
+        help="trials at a time, each job a process on the shared study")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads per job (default: the cores split between the jobs)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     out: o.Out = "runs/tune",
 ) -> None:
     """Search parameters by validation mIoU with a seeded TPE sampler; print the best spec."""
-    from ..engine.tune import run_study, summary
+    from ..engine.tune import run_study, summary, trial_line
 
+    o.check_jobs(jobs, threads)
     console = Console(stderr=True)
     study = run_study(spec, search, trials, cfg, Path(out), storage, prune,
-                      on_trial=lambda s, t: console.print(
-                          f"trial {t.number}: {t.state.name.lower()} {t.params} → {t.value}"))
+                      on_trial=lambda s, t: console.print(trial_line(t), markup=False),
+                      jobs=jobs, threads=threads)
     result = summary(study)
     if as_json:
         print(json.dumps(result))

@@ -44,6 +44,29 @@ def test_two_processes_share_one_study(tmp_path):
     assert len(summaries) == 1 and summaries[0].n_trials >= 3
 
 
+@pytest.mark.slow
+def test_jobs_run_trials_at_once_in_processes_on_one_study(tmp_path, capfd):
+    from cellseg_plugins.cli.main import main
+
+    out = tmp_path / "tune"
+    with pytest.raises(SystemExit) as e:
+        main(["tune", SPEC, *SEARCH, "--trials", "3", "--jobs", "2", "--threads", "1",
+              "--out", str(out), "--json", *FAST])
+    stdout, err = capfd.readouterr()
+    assert e.value.code == 0, err
+    assert json.loads(stdout)["n_trials"] == 3  # the jobs share the total: 2 + 1 trials
+    assert sorted(p.name for p in out.glob("trial*")) == ["trial0000", "trial0001", "trial0002"]
+    assert sorted(int(line.split()[1][:-1]) for line in err.splitlines()
+                  if line.startswith("trial ")) == [0, 1, 2]  # each job reports its trials
+    import optuna
+    trials = optuna.load_study(study_name=optuna.study.get_all_study_summaries(
+        f"sqlite:///{out / 'study.db'}")[0].study_name, storage=f"sqlite:///{out / 'study.db'}"
+    ).trials
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # seeded apart
+    first, second = sorted(trials, key=lambda t: t.datetime_start)[:2]
+    assert second.datetime_start < first.datetime_complete  # two at once
+
+
 @pytest.mark.parametrize("search, fragment", [
     ("lfa.m=int:3:9", "'lfa' is not in the spec"),
     ("frem.Q=int:1:4", "'frem' has no parameter 'Q' (valid: B, X, per, fixed, at_test, seed)"),

@@ -3,7 +3,8 @@
 A search space names ``plugin.param`` (or ``train.<option>``) and a distribution:
 ``int:LOW:HIGH[:log]``, ``float:LOW:HIGH[:log]`` or ``choice:a,b,c``. The objective is the best
 validation mIoU of one training run by the engine; the study lives in a database (SQLite by
-default), so a re-run resumes and several processes can share it.
+default), so a re-run resumes and several processes can share it: ``jobs`` > 1 runs that many
+processes on one study, each sampling with its own seed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from ..registry import SpecError, get_entry, parse_spec
 from ..registry.spec import Spec, Term
 from .data import DataError, load_data
-from .train import TrainConfig, Trainer
+from .jobs import run_jobs
+from .train import TrainConfig, Trainer, TrainingError
 
 TRAIN_PARAMS = {"lr": float, "batch_size": int, "epochs": int, "optimizer": str,
                 "schedule": str, "loss": str, "class_weights": str, "crop": int}
@@ -138,8 +140,11 @@ def open_storage(url: str):
 
 
 def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig, out: Path,
-              storage: str | None = None, prune: bool = False, on_trial=None):
-    """Run the study until it has ``trials`` finished trials; returns the optuna Study."""
+              storage: str | None = None, prune: bool = False, on_trial=None, jobs: int = 1,
+              threads: int | None = None):
+    """Run the study until it has ``trials`` finished trials, ``jobs`` trials at a time (each
+    job a process with ``threads`` CPU threads, reporting its trials on stderr); returns the
+    optuna Study. ``on_trial(study, trial)`` is called as this process's trials finish."""
     import optuna
 
     spec = parse_spec(spec_text)
@@ -160,15 +165,58 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
     opened = open_storage(storage)  # a bad URL fails here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     name = study_name(str(spec), spaces, cfg)
-    study = optuna.create_study(study_name=name, storage=opened,
-                                direction="maximize",
-                                load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                                pruner=optuna.pruners.MedianPruner() if prune else
-                                optuna.pruners.NopPruner())
+    study = optuna.create_study(study_name=name, storage=opened, direction="maximize",
+                                load_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    # a fresh seed per resumption, so that resumed or parallel runs do not repeat samples
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
+    remaining = trials - len(study.get_trials(states=finished))
+    # a fresh seed per resumption and per job, so that resumed or parallel runs do not
+    # repeat samples
+    seed = cfg.seed + len(study.trials)
+    if remaining > 0 and jobs == 1:
+        optimize(storage, name, searches, cfg, out, prune, seed, remaining, trials, threads,
+                 on_trial)
+    elif remaining > 0:
+        shares = [remaining // jobs + (i < remaining % jobs) for i in range(min(jobs, remaining))]
+        calls = [(storage, name, searches, cfg, out, prune, seed + 1000 * i, n, trials)
+                 for i, n in enumerate(shares)]
+        failed = [value for _, ok, value in run_jobs(optimize, calls, len(calls), threads)
+                  if not ok]
+        if failed:
+            raise TrainingError(f"{len(failed)} of {len(calls)} tune jobs failed: "
+                                + "; ".join(failed))
+    study = optuna.load_study(study_name=name, storage=opened)
+    plot_search(study, spaces, out / "search.png")
+    return study
+
+
+def trial_line(trial) -> str:
+    """'trial 3: complete {'frem.B': 8} → 0.61' (a finished trial, as tune reports it)."""
+    return f"trial {trial.number}: {trial.state.name.lower()} {trial.params} → {trial.value}"
+
+
+def _say_trial(study, trial) -> None:
+    import sys
+
+    sys.stderr.write(trial_line(trial) + "\n")
+    sys.stderr.flush()
+
+
+def optimize(storage: str, name: str, searches: list[str], cfg: TrainConfig, out: Path,
+             prune: bool, seed: int, n_trials: int, total: int, threads: int | None = None,
+             on_trial=_say_trial) -> None:
+    """Run ``n_trials`` trials of the stored study ``name`` (TPE sampler seeded with ``seed``),
+    each one training run of the engine, in this process; stop early once the study (with
+    the trials of other processes) has ``total`` finished trials."""
+    import optuna
+    import torch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = parse_spec(cfg.spec)
+    spaces = [parse_search(s, spec) for s in searches]
+    study = optuna.load_study(study_name=name, storage=open_storage(storage),
+                              sampler=optuna.samplers.TPESampler(seed=seed),
+                              pruner=optuna.pruners.MedianPruner() if prune else
+                              optuna.pruners.NopPruner())
 
     def objective(trial):
         values = {s.key: s.suggest(trial) for s in spaces}
@@ -185,14 +233,18 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
         trainer.run(on_epoch=report)
         return trainer.best
 
-    remaining = trials - len(study.get_trials(states=finished))
-    if remaining > 0:
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
         # a sampled value the model rejects (e.g. B above the bottleneck's channels) fails
         # that trial only
-        study.optimize(objective, n_trials=remaining, catch=(SpecError,), callbacks=[
-            optuna.study.MaxTrialsCallback(trials, states=finished)] + ([on_trial] if on_trial else []))
-    plot_search(study, spaces, out / "search.png")
-    return study
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        study.optimize(objective, n_trials=n_trials, catch=(SpecError,), callbacks=[
+            optuna.study.MaxTrialsCallback(total, states=finished)] + ([on_trial] if on_trial
+                                                                        else []))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def summary(study) -> dict:
