@@ -42,6 +42,7 @@ def _attention(q, k, m):
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, m):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # NCHW (local_attention)
         height, width = q.shape[-2:]
         r = m // 2
         attn = _attention(q, k, m)
@@ -55,6 +56,9 @@ class _LocalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # every tensor of the m² loops in one layout (NCHW); a channels-last one among them
+        # would send addcmul_ and sum down their slow strided paths
+        grad_out = grad_out.contiguous()
         q, k, v, attn = ctx.saved_tensors
         m = ctx.m
         height, width = q.shape[-2:]
@@ -87,7 +91,9 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: int) -
     custom autograd function; inference (no gradient), an export trace and torch.compile the
     functional form :func:`local_attention_functional`, which exporters follow for any input
     size and the compiler differentiates and fuses itself (its in-place ``out=`` writes would
-    break the compiled graph).
+    break the compiled graph). Both work in NCHW, as the m² strided loops are slow on mixed
+    layouts: channels-last inputs are copied to it, and the output is given back in v's layout
+    (a concatenation of mixed layouts downstream is slow too).
     """
     if m % 2 != 1:
         raise ValueError(f"window size m={m} must be odd")
@@ -95,21 +101,26 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: int) -
                or torch.compiler.is_compiling())
     if tracing or not (torch.is_grad_enabled() and
                        (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return local_attention_functional(q, k, v, m)
-    return _LocalAttention.apply(q, k, v, m)
+        out = local_attention_functional(q, k, v, m)
+    else:
+        out = _LocalAttention.apply(q, k, v, m)
+    if not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def local_attention_functional(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                m: int) -> torch.Tensor:
     """:func:`local_attention` with out-of-place ops and a mask built from the input's shape
     (no cache, no in-place writes): what a trace or export records. Same shapes."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     height, width = q.shape[-2:]
     r = m // 2
     kp, vp = F.pad(k, (r, r, r, r)), F.pad(v, (r, r, r, r))
     inside = F.pad(torch.ones_like(q[:, :1]), (r, r, r, r))
     windows = [(slice(None), slice(None), slice(dy, dy + height), slice(dx, dx + width))
                for dy in range(m) for dx in range(m)]
-    logits = torch.cat([(q * kp[w]).sum(1, keepdim=True) for w in windows], dim=1)
-    valid = torch.cat([inside[w] for w in windows], dim=1) > 0
+    logits = torch.stack([(q * kp[w]).sum(1) for w in windows], dim=1)  # (N, m², H, W), NCHW
+    valid = torch.stack([inside[w][:, 0] for w in windows], dim=1) > 0
     attn = logits.masked_fill(~valid, float("-inf")).softmax(dim=1)
     return sum(attn[:, j:j + 1] * vp[w] for j, w in enumerate(windows))

@@ -34,6 +34,9 @@ def bench_command(
     epochs: Annotated[int, typer.Option(help="--epoch: timed epochs (after 1 warm-up)")] = 3,
     precision: Annotated[str, typer.Option(
         help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")] = "auto",
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last/--no-channels-last",
+        help="channels-last memory format, as train uses by default")] = True,
     data_on_device: Annotated[bool | None, typer.Option(
         "--data-on-device/--no-data-on-device",
         help="--epoch: the engine's device-resident data (default: when it fits)")] = None,
@@ -77,6 +80,7 @@ def bench_command(
     if epoch:
         _epoch_bench(TrainConfig(spec=spec, data=data, crop=size, batch_size=batch,
                                  device=device, precision=precision,
+                                 channels_last=channels_last,
                                  data_on_device=data_on_device, compile=compile,
                                  compile_mode=compile_mode), epochs, as_json)
         return
@@ -89,7 +93,7 @@ def bench_command(
         except ValueError as e:
             raise CLIError(f"{e} ({s})") from None
     cfg = BenchConfig(size, batch, in_channels, classes, dev.type, steps,
-                      resolve_precision(precision, dev))
+                      resolve_precision(precision, dev), channels_last)
     if as_json:
         results = run_bench(specs, cfg)
         print(json.dumps(report(results, cfg), indent=2))
@@ -101,8 +105,10 @@ def bench_command(
 
 
 def show(rep: dict) -> None:
-    table = Table(title=f"cellseg bench ({rep['device']}, {rep['precision']}, {rep['batch']}×"
-                        f"{rep['in_channels']}×{rep['size']}², {rep['steps']} steps)")
+    layout = "channels-last" if rep["channels_last"] else "NCHW"
+    table = Table(title=f"cellseg bench ({rep['device']}, {rep['precision']}, {layout}, "
+                        f"{rep['batch']}×{rep['in_channels']}×{rep['size']}², "
+                        f"{rep['steps']} steps)")
     for col in ("spec", "train step (s)", "eval forward (s)", "train GFLOP", "peak memory (MiB)",
                 "params"):
         table.add_column(col)
@@ -134,8 +140,9 @@ def _epoch_bench(cfg: TrainConfig, epochs: int, as_json: bool) -> None:
         rep = run_epoch_bench(cfg, epochs, progress=lambda *_: progress.advance(task))
     table = Table(title=f"cellseg bench --epoch ({rep['device']}, {rep['data']}, "
                         f"{rep['train_crops']}+{rep['val_crops']} crops of {rep['crop']}², batch "
-                        f"{rep['batch_size']}, {rep['precision']}, data on device: "
-                        f"{rep['data_on_device']})")
+                        f"{rep['batch_size']}, {rep['precision']}, engine "
+                        f"{'channels-last' if rep['channels_last'] else 'NCHW'}, data on "
+                        f"device: {rep['data_on_device']})")
     for col in ("loop", "epoch (s, median)", "images/s"):
         table.add_column(col)
     table.add_row("engine", f"{rep['engine_epoch_s']:.2f}", f"{rep['engine_images_per_s']:.1f}")

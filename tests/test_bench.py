@@ -18,12 +18,13 @@ def test_bench_json_with_ratio(capsys):
     assert report["params"] == report["vs"]["params"]  # FREM adds no parameters
     assert report["train_flops"] > 2 * report["eval_flops"] > 0  # backward costs about 2 forwards
     assert report["ratio"]["train_flops"] == 1.0  # FREM multiplies; it adds no conv or matmul
-    assert report["precision"] == "fp32"  # auto on a CPU
+    assert report["precision"] == "fp32" and report["channels_last"]  # train's defaults on CPU
 
 
 def test_bench_steps_run_under_the_precision_asked_for(monkeypatch):
     """--precision bf16 puts the step benchmark's forwards under bf16 autocast (the loss in
-    fp32, as the engine computes it); fp32 runs without autocast."""
+    fp32, as the engine computes it); fp32 runs without autocast; the layout is the one asked
+    for."""
     import torch
 
     from cellseg_plugins.engine import bench
@@ -33,17 +34,22 @@ def test_bench_steps_run_under_the_precision_asked_for(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda logits, *a, **kw: (
         seen.append((torch.is_autocast_enabled("cpu"), logits.dtype)), real(logits, *a, **kw))[1])
     conv = torch.nn.Conv2d
-    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: (
-        seen.append(("conv", conv._conv_forward(self, x, self.weight, self.bias).dtype)),
-        conv._conv_forward(self, x, self.weight, self.bias))[1])
-    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    def forward(self, x):
+        y = conv._conv_forward(self, x, self.weight, self.bias)
+        seen.append(("conv", (y.dtype, y.shape[1] == 1 or not y.is_contiguous())))
+        return y
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", forward)
+    for precision, dtype, layout in (("bf16", torch.bfloat16, True), ("fp32", torch.float32,
+                                                                       False)):
         seen.clear()
-        cfg = bench.BenchConfig(size=32, batch=2, classes=3, steps=1, precision=precision)
+        cfg = bench.BenchConfig(size=32, batch=2, classes=3, steps=1, precision=precision,
+                                channels_last=layout)
         monkeypatch.setattr("sys.stdin", iter(["train\n", "eval\n", "done\n"]))
         monkeypatch.setattr(bench, "_reply", lambda obj: None)
         bench.worker("unet(encoder='plain4')", cfg)
         convs = {d for tag, d in seen if tag == "conv"}
-        assert convs == {dtype}
+        assert convs == {(dtype, layout)}  # every convolution: this precision and layout
         assert {d for tag, d in seen if tag != "conv"} == {torch.float32}  # the loss
 
 

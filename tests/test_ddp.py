@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cellseg_plugins.engine.checkpoint import load_checkpoint
-from conftest import TINY
 
 # One epoch of 48 crops of 128²: two steps (32 + 16 crops, or 2 × (16 + 8)). Float reductions
 # run in another order with another batch size, so the runs drift apart by float noise that
@@ -16,24 +15,29 @@ from conftest import TINY
 ARGS = ["--epochs", "1", "--crop", "128", "--optimizer", "sgd", "--lr", "0.01", "--device", "cpu"]
 
 
-def train(out, spec, processes, batch):
+def train(out, spec, processes, batch, *extra):
     launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                  str(processes), "-m", "cellseg_plugins.cli.main"] if processes > 1
                 else ["-m", "cellseg_plugins.cli.main"])
     proc = subprocess.run([sys.executable, *launcher, "train", spec, "--out", str(out),
-                           "--batch-size", str(batch), *ARGS], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           "--batch-size", str(batch), *ARGS, *extra], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_checkpoint(out / "last.pt")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["unet(encoder='plain4')+lfa(m=3)",  # smp, BatchNorm encoder
-                                  "classic_unet(width=4)+feedback_convlstm"])
-def test_two_processes_equal_one_with_the_combined_batch(tmp_path, spec):
-    ddp = train(tmp_path / "ddp", spec, 2, 16)
-    one = train(tmp_path / "one", spec, 1, 32)
-    assert ddp["step"] == one["step"] == 2
+@pytest.mark.parametrize("spec, layout", [
+    # smp, BatchNorm encoder; NCHW: in channels-last the stem convolution's weight gradient
+    # (a sum over 32 × 128² pixels) is reduced in another order and drifts 3e-4 in two steps
+    ("unet(encoder='plain4')+lfa(m=3)", "--no-channels-last"),
+    ("classic_unet(width=4)+feedback_convlstm", "--channels-last")])  # train's default layout
+def test_two_processes_equal_one_with_the_combined_batch(tmp_path, spec, layout):
+    ddp = train(tmp_path / "ddp", spec, 2, 16, layout)
+    one = train(tmp_path / "one", spec, 1, 32, layout)
+    assert ddp["step"] == one["step"] == 2 and 0 <= ddp["history"][0]["val_miou"] <= 1
+    assert not any(k.startswith("module.") for k in ddp["model"])  # saved unwrapped
+    assert len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2  # rank 0 wrote once
     worst = max(float(((ddp["model"][k].double() - one["model"][k].double()).abs()
                        / one["model"][k].double().abs().clamp(min=1)).max())
                 for k in one["model"] if one["model"][k].is_floating_point())
@@ -53,18 +57,3 @@ def test_ddp_needs_no_unused_parameter_search_for_the_plugins(plugin):
     assert unused_parameters(model, 1, 3, 32) == []
     model.spare = torch.nn.Conv2d(1, 1, 1)  # a module the forward never calls
     assert unused_parameters(model, 1, 3, 32) == ["spare.weight", "spare.bias"]
-
-
-@pytest.mark.slow
-def test_ddp_two_gloo_processes(tmp_path):
-    out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "cellseg_plugins.cli.main", "train", TINY, "--epochs", "1", "--out", str(out),
-         "--crop", "64", "--batch-size", "16", "--device", "cpu"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] == 1 and 0 <= ckpt["history"][0]["val_miou"] <= 1
-    assert not any(k.startswith("module.") for k in ckpt["model"])  # saved unwrapped
-    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # rank 0 wrote once

@@ -42,6 +42,26 @@ def test_local_attention_gradients():
     assert torch.autograd.gradcheck(lambda q, k, v: local_attention(q, k, v, 7), args)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_channels_last_inputs_give_the_same_values_and_gradients_in_their_layout(grad):
+    """Both paths (functional without gradient, custom autograd with) copy channels-last
+    inputs to NCHW and give the output back channels-last, with the NCHW values and
+    gradients."""
+    torch.manual_seed(0)
+    nchw = [torch.randn(2, c, 6, 7, dtype=torch.float64) for c in (3, 3, 4)]
+    last = [t.contiguous(memory_format=torch.channels_last) for t in nchw]
+    for t in nchw + last:
+        t.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        a, b = local_attention(*nchw, 5), local_attention(*last, 5)
+    assert b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous()
+    assert torch.allclose(a, reference_local_attention(*nchw, 5)) and torch.equal(a, b)
+    if grad:
+        g = torch.randn_like(a)
+        grads = [torch.autograd.grad(out, inputs, g) for out, inputs in ((a, nchw), (b, last))]
+        assert all(torch.equal(x, y) for x, y in zip(*grads))
+
+
 @pytest.mark.parametrize("query", ["encoder", "decoder"])
 @pytest.mark.parametrize("residual", ["encoder", "decoder", "none"])
 def test_lfa_module_matches_reference(query, residual):

@@ -33,6 +33,9 @@ def test_train_writes_run_files_and_eval_predict(tmp_path, capsys):
     assert len((out / "metrics.csv").read_text().splitlines()) == 3
     config = json.loads((out / "config.json").read_text())
     assert config["spec"] == "unet(encoder='plain4')+frem(B=4)" and "torch" in config["versions"]
+    assert config["channels_last"] is None and config["resolved"] == {  # what None became
+        "device": "cpu", "precision": "fp32", "channels_last": True, "data_on_device": True,
+        "threads": torch.get_num_threads()}
     code, stdout, _ = cli(capsys, "eval", out / "best.pt", "--json")
     result = json.loads(stdout)
     assert code == 0 and 0 <= result["miou"] <= 1 and set(result["iou"]) == {

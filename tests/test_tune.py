@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -29,39 +27,23 @@ def test_study_runs_resumes_and_prints_a_buildable_spec(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_study(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    args = [sys.executable, "-m", "cellseg_plugins.cli.main", "tune", SPEC, "--search",
-            "frem.B=int:1:16", "--trials", "3", "--storage", storage, "--json", *FAST]
-    procs = [subprocess.Popen(args + ["--out", str(tmp_path / f"p{i}")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outputs]
-    counts = [json.loads(o[0])["n_trials"] for o in outputs]
-    assert max(counts) >= 3  # one study: trials of both processes are counted together
-    import optuna
-    summaries = optuna.study.get_all_study_summaries(storage)
-    assert len(summaries) == 1 and summaries[0].n_trials >= 3
-
-
-@pytest.mark.slow
 def test_jobs_run_trials_at_once_in_processes_on_one_study(tmp_path, capfd):
     from cellseg_plugins.cli.main import main
 
-    out = tmp_path / "tune"
+    import optuna
+
+    out, storage = tmp_path / "tune", f"sqlite:///{tmp_path / 'shared.db'}"  # any storage URL
     with pytest.raises(SystemExit) as e:
         main(["tune", SPEC, *SEARCH, "--trials", "3", "--jobs", "2", "--threads", "1",
-              "--out", str(out), "--json", *FAST])
+              "--storage", storage, "--out", str(out), "--json", *FAST])
     stdout, err = capfd.readouterr()
     assert e.value.code == 0, err
     assert json.loads(stdout)["n_trials"] == 3  # the jobs share the total: 2 + 1 trials
     assert sorted(p.name for p in out.glob("trial*")) == ["trial0000", "trial0001", "trial0002"]
     assert sorted(int(line.split()[1][:-1]) for line in err.splitlines()
                   if line.startswith("trial ")) == [0, 1, 2]  # each job reports its trials
-    import optuna
-    trials = optuna.load_study(study_name=optuna.study.get_all_study_summaries(
-        f"sqlite:///{out / 'study.db'}")[0].study_name, storage=f"sqlite:///{out / 'study.db'}"
-    ).trials
+    (summary,) = optuna.study.get_all_study_summaries(storage)  # one study, in the storage
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # seeded apart
     first, second = sorted(trials, key=lambda t: t.datetime_start)[:2]
     assert second.datetime_start < first.datetime_complete  # two at once

@@ -30,6 +30,7 @@ class BenchConfig:
     device: str = "cpu"
     steps: int = 10
     precision: str = "fp32"  # fp32, or bf16 / fp16 autocast (the engine's; loss in fp32)
+    channels_last: bool = True  # the engine's memory format
 
 
 def _sync(device: str) -> None:
@@ -44,10 +45,13 @@ def worker(spec: str, cfg: BenchConfig) -> None:
 
     torch.manual_seed(0)
     device = cfg.device
-    model = create_model(spec, in_channels=cfg.in_channels, classes=cfg.classes).to(device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = create_model(spec, in_channels=cfg.in_channels, classes=cfg.classes).to(
+        device, memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
-    x = torch.randn(cfg.batch, cfg.in_channels, cfg.size, cfg.size, device=device)
+    x = torch.randn(cfg.batch, cfg.in_channels, cfg.size, cfg.size, device=device).contiguous(
+        memory_format=layout)
     y = torch.randint(0, cfg.classes, (cfg.batch, cfg.size, cfg.size), device=device)
     rss_start = _peak_rss()
     step = 0
@@ -194,7 +198,8 @@ def run_bench(specs: list[str], cfg: BenchConfig, progress=None) -> list[dict]:
 
 def report(results: list[dict], cfg: BenchConfig) -> dict:
     """One JSON-ready object: the first model, ``vs`` (second model) and their ratios."""
-    out = {"device": cfg.device, "precision": cfg.precision, "size": cfg.size,
+    out = {"device": cfg.device, "precision": cfg.precision,
+           "channels_last": cfg.channels_last, "size": cfg.size,
            "batch": cfg.batch, "steps": cfg.steps, "in_channels": cfg.in_channels,
            "classes": cfg.classes,
            "torch_threads": torch.get_num_threads(), **results[0]}

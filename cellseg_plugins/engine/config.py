@@ -41,7 +41,7 @@ class TrainConfig:
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"],
                          Doc("auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")
                          ] = "auto"
-    channels_last: Annotated[bool | None, Doc("channels-last memory format (default: on CUDA)")
+    channels_last: Annotated[bool | None, Doc("channels-last memory format (default: on)")
                              ] = None
     cudnn_benchmark: Annotated[bool | None, Doc("cuDNN autotuning (default: on CUDA)")] = None
     compile: Annotated[bool, Doc("torch.compile the model (inductor)")] = False

@@ -116,7 +116,8 @@ def run_epoch_bench(cfg: TrainConfig, epochs: int = 3, progress=None) -> dict:
         images = len(train[0]) + len(val[0])
         engine, bare = statistics.median(times["engine"]), statistics.median(times["bare"])
         return {"spec": trainer.cfg.spec, "data": cfg.data, "device": str(trainer.device),
-                "precision": trainer.precision, "data_on_device": trainer.on_device,
+                "precision": trainer.precision, "channels_last": trainer.channels_last,
+                "data_on_device": trainer.on_device,
                 "compile": cfg.compile and cfg.compile_mode,
                 "crop": cfg.crop, "batch_size": cfg.batch_size, "epochs": epochs,
                 "train_crops": len(train[0]), "val_crops": len(val[0]),

@@ -47,7 +47,7 @@ def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
     indices = ckpt["split"][split] if own else list(range(len(sources.images)))
     dataset = CropDataset(sources, indices, cfg["crop"], ckpt["norm"]["mean"], ckpt["norm"]["std"])
     dev = resolve_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
+    model = model_from_checkpoint(ckpt).to(dev, memory_format=torch.channels_last)  # as trained
     if round is not None:
         try:
             set_prediction_round(model, round)
