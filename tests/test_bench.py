@@ -112,3 +112,21 @@ def test_epoch_bench_times_each_engine_epoch_of_one_run_against_a_bare_epoch():
     assert len(rep["engine_epochs_s"]) == len(rep["bare_epochs_s"]) == 2
     assert 0 < rep["engine_files_s"] < rep["engine_epoch_s"]
     assert rep["ratio"] == rep["engine_epoch_s"] / rep["bare_epoch_s"]
+
+
+def test_bare_epoch_feeds_the_model_in_the_memory_format_asked_for():
+    import torch
+
+    from cellseg_plugins.engine.epoch_bench import bare_epoch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 2, 1))
+    seen = []
+    model[0].register_forward_pre_hook(
+        lambda m, args: seen.append((m.training, args[0].is_contiguous(
+            memory_format=torch.channels_last))))
+    data = (torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4, 8, 8)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for channels_last in (False, True):
+        seen.clear()
+        bare_epoch(model, opt, data, data, 2, torch.device("cpu"), channels_last=channels_last)
+        assert seen == [(True, channels_last)] * 2 + [(False, channels_last)] * 2

@@ -2,8 +2,9 @@
 
 The engine epoch is what ``cellseg train`` runs (training, validation, checkpoints, metrics
 files). The bare loop (:func:`bare_epoch`, written here without engine code) is what a user
-would write: the same model, crops, batch size, optimiser, loss and precision, shuffled
-batches with random rot90/flip, then an argmax-and-bincount validation. The two alternate
+would write: the same model, crops, batch size, optimiser, loss, precision and memory format
+(channels-last when the engine's is), shuffled batches with random rot90/flip, then an
+argmax-and-bincount validation. The two alternate
 epoch by epoch so that both see the same machine load.
 """
 
@@ -38,11 +39,13 @@ def cut_crops(images: list[np.ndarray], masks: list[np.ndarray], indices: list[i
 
 
 def bare_epoch(model, optimizer, train, val, batch_size, device, dtype=None,
-               net=None) -> float:
+               net=None, channels_last=False) -> float:
     """One plain epoch (train + validation mIoU); returns the validation mIoU. ``net`` (a
-    compiled ``model``) runs the training steps; validation runs ``model``, as the engine's."""
+    compiled ``model``) runs the training steps; validation runs ``model``, as the engine's.
+    With ``channels_last`` each batch goes to the device in that memory format."""
     (x_train, y_train), (x_val, y_val) = train, val
     net = model if net is None else net
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     net.train()
     for idx in torch.randperm(len(x_train)).split(batch_size):
         x, y = x_train[idx], y_train[idx]
@@ -51,7 +54,8 @@ def bare_epoch(model, optimizer, train, val, batch_size, device, dtype=None,
         if flip:
             x, y = x.flip(3), y.flip(2)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(net(x.to(device)).float(), y.to(device))
+            x = x.to(device).contiguous(memory_format=layout)
+            loss = torch.nn.functional.cross_entropy(net(x).float(), y.to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -60,7 +64,7 @@ def bare_epoch(model, optimizer, train, val, batch_size, device, dtype=None,
     counts = torch.zeros(n * n, dtype=torch.long, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for x, y in zip(x_val.split(batch_size), y_val.split(batch_size)):
-            pred = model(x.to(device)).argmax(1)
+            pred = model(x.to(device).contiguous(memory_format=layout)).argmax(1)
             counts += torch.bincount(y.to(device).flatten() * n + pred.flatten(), minlength=n * n)
     m = counts.view(n, n).double().cpu()
     return float((m.diag() / (m.sum(0) + m.sum(1) - m.diag()).clamp(min=1)).mean())
@@ -83,6 +87,8 @@ def run_epoch_bench(cfg: TrainConfig, epochs: int = 3, progress=None) -> dict:
         torch.manual_seed(cfg.seed)
         model = create_model(trainer.cfg.spec, in_channels=sources.in_channels,
                              classes=len(sources.class_names)).to(trainer.device)
+        if trainer.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         optimizer = (torch.optim.Adam(model.parameters(), lr=cfg.lr) if cfg.optimizer == "adam"
                      else torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9))
         dtype = DTYPES.get(trainer.precision)
@@ -102,7 +108,8 @@ def run_epoch_bench(cfg: TrainConfig, epochs: int = 3, progress=None) -> dict:
         def bare_after(row):
             _sync(trainer.device)
             t1 = time.perf_counter()
-            bare_epoch(model, optimizer, train, val, cfg.batch_size, trainer.device, dtype, net)
+            bare_epoch(model, optimizer, train, val, cfg.batch_size, trainer.device, dtype, net,
+                       trainer.channels_last)
             _sync(trainer.device)
             t2 = time.perf_counter()
             if row["epoch"] > 1:  # the first epoch of each is the warm-up
