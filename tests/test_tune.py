@@ -71,3 +71,10 @@ def test_bad_storage_url_is_one_line(tmp_path, capsys):
                        "--out", tmp_path / "t", *FAST)
     assert code == 2 and "--storage 'nosuchdb://x'" in err and err.count("\n") == 1
     assert not (tmp_path / "t").exists()
+
+
+def test_a_bad_fold_is_one_line_before_any_trial(tmp_path, capsys):
+    code, _, err = cli(capsys, "tune", SPEC, *SEARCH, "--trials", "1", "--fold", "9",
+                       "--out", tmp_path / "t", *FAST)
+    assert code == 2 and err.strip() == "error: --fold 9: expected 0 … 4"
+    assert not (tmp_path / "t").exists()  # no study.db of failed trials

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import write_text_atomic
-from .data import load_data
+from .data import load_split
 from .evaluation import evaluate_checkpoint
 from .jobs import run_jobs
 from .train import TrainConfig, Trainer, TrainingError
@@ -72,7 +72,7 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
     """
     base.folds = folds
     base.check()
-    load_data(base.data, base.classes, base.class_map, seed=0)  # bad data: one error, first
+    load_split(replace(base, fold=0, seed=0))  # bad data or --folds: one error, first
     pending = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),
                 f"fold {f} seed {s}")
                for f in range(folds) for s in range(seeds)

@@ -275,6 +275,14 @@ def fold_split(n_sources: int, folds: int, fold: int) -> dict[str, list[int]]:
     return {"train": train, "val": val, "test": test}
 
 
+def load_split(cfg) -> tuple[SourceSet, dict[str, list[int]]]:
+    """The data and fold split of a run's configuration (``data``, ``classes``,
+    ``class_map``, ``folds``, ``fold``, ``seed``): a bad data set, class map or fold count
+    fails here in one line, before anything is written."""
+    sources = load_data(cfg.data, cfg.classes, cfg.class_map, seed=cfg.seed)
+    return sources, fold_split(len(sources.images), cfg.folds, cfg.fold)
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Non-overlapping crops of the given sources, normalised; random rot90/flip if ``augment``.
 

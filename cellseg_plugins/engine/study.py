@@ -31,7 +31,7 @@ from pathlib import Path
 from ..registry import SpecError, parse_spec
 from .config import TrainConfig, option_fields
 from .cv import run_dir, train_and_test
-from .data import DataError, fold_split, load_data
+from .data import DataError, load_split
 from .jobs import job_threads, run_jobs
 from .presets import apply_preset
 from .train import TrainingError, missing_cpu_units
@@ -226,8 +226,7 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
     the study is checked, before anything is written; ``on_run('row fold f seed s', test
     scores)`` as each run finishes. Runs report their progress on stderr (progress_lines)."""
     selected = select_rows(study, rows)
-    sources = load_data(study.config.data, study.config.classes, study.config.class_map)
-    fold_split(len(sources.images), study.folds, 0)  # a bad fold count fails before any run
+    load_split(replace(study.config, folds=study.folds, fold=0, seed=0))  # bad data or folds
     pending = [(row, f, s) for s in range(study.seeds) for f in range(study.folds)
                for row in selected  # fold by fold: a study stopped early has paired runs
                if not (run_dir(out / row.slug, f, s) / "test.json").exists()]

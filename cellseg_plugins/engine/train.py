@@ -22,7 +22,7 @@ from .checkpoint import (FORMAT, load_checkpoint, remove_stale, save_atomic, wri
 from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
 from .config import TrainConfig
-from .data import CropDataset, DataError, channel_stats, class_shares, fold_split, load_data
+from .data import CropDataset, DataError, channel_stats, class_shares, load_split
 from .device_data import DeviceCrops, fits_on_device
 from .metrics import confusion, scores
 
@@ -158,8 +158,7 @@ class Trainer:
         remove_stale(self.out)  # half-written files of a killed run
         self.device = distributed.setup(resolve_device(cfg.device))
         cuda = self.device.type == "cuda"
-        self.sources = load_data(cfg.data, cfg.classes, cfg.class_map, seed=cfg.seed)
-        self.split = fold_split(len(self.sources.images), cfg.folds, cfg.fold)
+        self.sources, self.split = load_split(cfg)
         self.mean, self.std = channel_stats(self.sources, self.split["train"])
         self.class_names = self.sources.class_names
         n = len(self.class_names)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..registry import SpecError, get_entry, parse_spec
 from ..registry.spec import Spec, Term
-from .data import DataError, load_data
+from .data import DataError, load_split
 from .jobs import run_jobs
 from .train import TrainConfig, Trainer, TrainingError
 
@@ -157,7 +157,7 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
         raise DataError(f"--trials {trials}: must be ≥ 1")
     cfg.spec = str(spec)
     cfg.check()
-    load_data(cfg.data, cfg.classes, cfg.class_map, seed=cfg.seed)  # bad data fails here, first
+    load_split(cfg)  # bad data or --fold/--folds fail here, first
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
