@@ -93,6 +93,10 @@ def test_user_folder_tiff_stack(tmp_path):
     ("size", "differs from mask size"),
     ("unreadable", "c2.png: unreadable image"),
     ("unmapped", "mask value 255 is not in the class map"),
+    ("grey", "masks: mask values 0, 128, 255 would make 256 classes, 253 of them empty; map "
+             "them with --class-map, e.g. '0:class0,128:class1,255:class2'"),
+    ("probabilities", "c0.tif: mask value 0.5 is not an integer"),
+    ("negative", "c0.tif: mask value -1 is negative"),
 ])
 def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
     make_folder(tmp_path)
@@ -103,8 +107,15 @@ def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
         Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "masks" / "c0.png")
     elif breakage == "unreadable":
         (tmp_path / "images" / "c2.png").write_bytes(b"not a png")
-    else:
+    elif breakage == "unmapped":
         class_map = "0:bg,128:a"
+    else:  # masks without a class map: grey levels, or values that are no class index
+        class_map = None
+        if breakage != "grey":
+            (tmp_path / "masks" / "c0.png").unlink()
+            mask = np.zeros((40, 40), np.float32 if breakage == "probabilities" else np.int8)
+            mask[5, 5] = 0.5 if breakage == "probabilities" else -1
+            tifffile.imwrite(tmp_path / "masks" / "c0.tif", mask)
     with pytest.raises(DataError) as err:
         load_folder(tmp_path, class_map)
     assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -182,8 +182,16 @@ def parse_class_map(text: str) -> tuple[tuple[str, ...], dict[int, int]]:
 
 
 def map_values(mask: np.ndarray, value_map: dict[int, int] | None, path: Path) -> np.ndarray:
+    """(H, W) int64 class indices of a mask (its first channel), through ``value_map``."""
     if mask.ndim == 3:
         mask = mask[..., 0]
+    if mask.dtype.kind == "f" and not np.array_equal(mask, np.round(mask)):
+        bad = float(mask[mask != np.round(mask)].flat[0])
+        raise DataError(f"{path}: mask value {bad:g} is not an integer (masks hold class "
+                        "indices or grey levels, not probabilities)")
+    if mask.min() < 0:
+        raise DataError(f"{path}: mask value {int(mask.min())} is negative (masks hold class "
+                        "indices or grey levels ≥ 0)")
     if value_map is None:
         return mask.astype(np.int64)
     lut = np.full(max(int(mask.max()), max(value_map)) + 1, -1, dtype=np.int64)
@@ -231,8 +239,22 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
     if len({im.ndim for im in images}) > 1:
         raise DataError(f"{image_dir}: mixes grey and colour images")
     if not names:
-        names = tuple(f"class{i}" for i in range(int(max(m.max() for m in masks)) + 1))
+        names = index_names(masks, mask_dir)
     return SourceSet(images, masks, names, stems)
+
+
+def index_names(masks: list[np.ndarray], mask_dir: Path) -> tuple[str, ...]:
+    """class0 … classK for masks whose values are class indices (K the largest). Values that
+    would leave most of those classes empty are grey levels (0/255 would make 256 classes,
+    254 of them empty): DataError asks for a --class-map."""
+    values = sorted(set().union(*(np.unique(m).tolist() for m in masks)))
+    empty = values[-1] + 1 - len(values)
+    if empty > len(values):
+        shown = ", ".join(str(v) for v in values[:8]) + (", …" if len(values) > 8 else "")
+        example = ",".join(f"{v}:class{i}" for i, v in enumerate(values[:3]))
+        raise DataError(f"{mask_dir}: mask values {shown} would make {values[-1] + 1} classes, "
+                        f"{empty} of them empty; map them with --class-map, e.g. '{example}'")
+    return tuple(f"class{i}" for i in range(values[-1] + 1))
 
 
 def load_data(data: str, classes: str | None = None, class_map: str | None = None,
