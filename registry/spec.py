@@ -13,6 +13,7 @@ import ast
 import difflib
 import io
 import math
+import re
 import tokenize
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,12 @@ def parse_spec(text: str, require_arch: bool = True) -> Spec:
     try:
         tree = ast.parse("(" + text + "\n)", mode="eval")
     except SyntaxError as e:
+        dangling = re.search(r"\+\s*(?=\+|$)", text)  # 'unet+', 'unet++', 'unet++lfa'
+        if dangling:
+            hint = (" (smp's Unet++ is 'unetplusplus')"
+                    if text[:dangling.start()].strip().lower().endswith("unet") else "")
+            raise SpecError(f"a '+' with no term after it{hint}; expected e.g. 'unet+lfa(m=7)'",
+                            column=dangling.start() + 1) from None
         col = max(1, (e.offset or 2) - 1) if (e.lineno or 1) == 1 else None
         raise SpecError(f"syntax error: {e.msg}", column=col) from None
     nodes = _flatten(tree.body)

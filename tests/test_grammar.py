@@ -44,6 +44,8 @@ def test_sequences_normalise_to_tuples():
     ("unet+scse(reduction={1: 2})", "only finite numbers", 11),
     ("unet+scse(reduction=1e999)", "only finite numbers", 11),
     ("unet(", "syntax error", None),
+    ("unet+lfa+", "a '+' with no term after it; expected e.g.", 9),
+    ("unet++", "a '+' with no term after it (smp's Unet++ is 'unetplusplus')", 5),
     ("unet-scse", "expected name or name(key=value, ...)", 1),
     ("scse", "a spec starts with an architecture", 1),
     ("unet+fpn", "only the first term", 6),
