@@ -50,11 +50,13 @@ def _option(name: str, annotation, text: str, default) -> inspect.Parameter:
 def with_train_options(skip: tuple[str, ...] = (), **defaults):
     """Decorator: the command gains the training options (less ``skip``; ``defaults`` override
     TrainConfig's) and ``--preset``, and receives them as ``cfg`` (its ``spec`` and ``out``
-    parameters included). A preset fills the options not given on the command line."""
+    parameters included). A preset fills the options not given on the command line. A
+    command with a ``given`` parameter also receives the names of the options set on the
+    command line or by the preset."""
 
     def deco(fn):
-        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
-               if p.name != "cfg"]
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name not in ("cfg", "given")]
         added = [_option(name, annotation, text, defaults.get(name, getattr(_DEFAULTS, name)))
                  for name, annotation, text in option_fields() if name not in skip]
         extra = [
@@ -69,8 +71,11 @@ def with_train_options(skip: tuple[str, ...] = (), **defaults):
             train = {p.name: kwargs.pop(p.name) for p in added}
             given = {name for name in train
                      if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
-            cfg = TrainConfig(spec=kwargs["spec"], out=kwargs["out"], **train)
-            cfg = apply_preset(cfg, preset, given | set(skip))
+            plain = TrainConfig(spec=kwargs["spec"], out=kwargs["out"], **train)
+            cfg = apply_preset(plain, preset, given | set(skip))
+            if "given" in signature.parameters:
+                kwargs["given"] = given | {name for name in train if getattr(cfg, name) !=
+                                           getattr(plain, name)} | ({"preset"} if preset else set())
             return fn(cfg=cfg, **kwargs)
 
         params = own + added + extra

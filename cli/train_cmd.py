@@ -20,17 +20,20 @@ console = Console(stderr=True)
 def train_command(
     spec: o.Spec,
     cfg: TrainConfig,
+    given: set[str],
     out: o.Out = "runs/latest",
-    resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="continue the run in --out with the options it was trained with (--epochs may "
+             "extend it)")] = False,
 ) -> None:
     """Train SPEC; writes best.pt, last.pt, metrics.csv, curves.png, config.json into --out."""
     from ..engine import distributed
     from ..engine.train import Trainer
 
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, given=given)
     try:
         if distributed.is_main():
-            _train_with_progress(trainer, cfg)
+            _train_with_progress(trainer, trainer.cfg)
         else:
             trainer.run()
     finally:

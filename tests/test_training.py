@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -60,6 +61,34 @@ def test_resume_equals_uninterrupted(tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["history"][-1]["val_miou"] == b["history"][-1]["val_miou"]
+
+
+def test_resume_takes_the_runs_options_and_refuses_other_ones(tmp_path, capsys):
+    from cellseg_plugins.errors import ConfigError
+
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", TINY, "--epochs", "1", "--lr", "0.01", "--loss",
+                       "dice+ce", "--fold", "2", "--out", out, *FAST)
+    assert code == 0, err
+    # only --resume, --epochs and the device: the rest comes from the run, not the defaults
+    code, _, err = cli(capsys, "train", TINY, "--out", out, "--resume", "--epochs", "2",
+                       "--device", "cpu")
+    assert code == 0, err
+    ckpt = load_checkpoint(out / "last.pt")
+    config = json.loads((out / "config.json").read_text())
+    for c in (ckpt["config"], config):
+        assert (c["lr"], c["loss"], c["fold"], c["crop"], c["batch_size"], c["epochs"]) == (
+            0.01, "dice+ce", 2, 64, 32, 2)
+    assert ckpt["epoch"] == 2 and ckpt["split"]["test"] == [8, 9, 10, 11]  # fold 2's block
+    before = (out / "last.pt").stat().st_mtime, (out / "config.json").read_text()
+    code, _, err = cli(capsys, "train", TINY, "--out", out, "--resume", "--epochs", "3",
+                       "--lr", "0.1", "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1
+    assert f"--lr 0.1: the run in '{out}' was trained with 0.01; leave it out" in err
+    assert ((out / "last.pt").stat().st_mtime, (out / "config.json").read_text()) == before
+    with pytest.raises(ConfigError, match="batch_size=8: the run in"):  # the engine: all given
+        Trainer(replace(tiny_config(out, epochs=3, lr=0.01, loss="dice+ce", fold=2),
+                        batch_size=8), resume=True)
 
 
 @pytest.mark.slow

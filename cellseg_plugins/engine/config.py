@@ -9,7 +9,8 @@ so a choice is written once. A bad value raises :class:`ConfigError` naming the 
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Annotated, Literal
 
 from ..errors import ConfigError
@@ -79,6 +80,36 @@ class TrainConfig:
             raise ConfigError("workers", self.workers, "loader workers with --data-on-device, "
                               "where the crops are drawn on the device: use one of the two")
         self.spec = str(parse_spec(self.spec))
+
+
+# What a run learns from: a resumed run keeps these (the other options say how it runs —
+# device, precision, layout, compile, workers, checkpoint interval — and may change).
+RUN_OPTIONS = ("preset", "data", "classes", "class_map", "batch_size", "lr", "optimizer",
+               "schedule", "loss", "class_weights", "seed", "fold", "folds", "crop", "augment")
+
+
+def resumed_config(cfg: TrainConfig, saved: dict, given: set[str] | None = None) -> TrainConfig:
+    """The configuration that continues the run whose last.pt holds ``saved``: RUN_OPTIONS
+    and ``epochs`` not in ``given`` come from the run (``given`` None: every option was
+    given); a given RUN_OPTION that differs from the run's raises ConfigError (``epochs`` may
+    differ: it extends or shortens the run)."""
+    taken = {}
+    for name in RUN_OPTIONS + ("epochs",):
+        if name not in saved:
+            continue
+        if given is not None and name not in given:
+            taken[name] = saved[name]
+        elif name != "epochs" and not _same(name, getattr(cfg, name), saved[name]):
+            was = "none" if saved[name] is None else repr(saved[name])
+            raise ConfigError(name, getattr(cfg, name), f"the run in {cfg.out!r} was trained "
+                              f"with {was}; leave it out to continue that run, or use another --out")
+    return replace(cfg, **taken)
+
+
+def _same(name: str, a, b) -> bool:
+    if name == "data" and a not in ("synthetic", "sstem") and b not in ("synthetic", "sstem"):
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
 
 
 def option_fields() -> list[tuple[str, object, str]]:

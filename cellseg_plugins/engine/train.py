@@ -21,7 +21,7 @@ from .checkpoint import (FORMAT, load_checkpoint, remove_stale, save_atomic, wri
                          write_text_atomic)
 from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
-from .config import TrainConfig
+from .config import TrainConfig, resumed_config
 from .data import CropDataset, DataError, channel_stats, class_shares, load_split
 from .device_data import DeviceCrops, fits_on_device
 from .metrics import confusion, scores
@@ -147,14 +147,20 @@ class Trainer:
     matrices are all-reduced, and only rank 0 writes files.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, given: set[str] | None = None):
+        """``resume`` continues the run in ``cfg.out`` with the options it was trained with
+        (:func:`resumed_config`: those not in ``given`` are taken from its last.pt)."""
         cfg.check()
-        self.cfg, self.out = cfg, Path(cfg.out)
-        if not resume and (Path(cfg.out) / "last.pt").exists():
+        self.out = Path(cfg.out)
+        if not resume and (self.out / "last.pt").exists():
             raise DataError(f"--out {str(self.out)!r} already holds a run; use --resume or "
                             "another --out")
         if resume and not (self.out / "last.pt").exists():
             raise DataError(f"--resume: no last.pt in {str(self.out)!r}")
+        last = load_checkpoint(self.out / "last.pt") if resume else None
+        if last is not None:
+            cfg = resumed_config(cfg, last["config"], given)
+        self.cfg = cfg
         remove_stale(self.out)  # half-written files of a killed run
         self.device = distributed.setup(resolve_device(cfg.device))
         cuda = self.device.type == "cuda"
@@ -207,8 +213,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16" and cuda)
         self.epoch, self.step, self.best, self.history = 0, 0, -1.0, []
         self._plotted = 0.0
-        if resume:
-            self._restore(load_checkpoint(self.out / "last.pt"))
+        if last is not None:
+            self._restore(last)
 
     def _data_on_device(self) -> bool:
         """--data-on-device as given; else the loader when --workers asks for it, else on the
