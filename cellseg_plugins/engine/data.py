@@ -247,7 +247,9 @@ def index_names(masks: list[np.ndarray], mask_dir: Path) -> tuple[str, ...]:
     """class0 … classK for masks whose values are class indices (K the largest). Values that
     would leave most of those classes empty are grey levels (0/255 would make 256 classes,
     254 of them empty): DataError asks for a --class-map."""
-    values = sorted(set().union(*(np.unique(m).tolist() for m in masks)))
+    top = max(int(m.max()) for m in masks)
+    counts = sum(np.bincount(m.ravel(), minlength=top + 1) for m in masks)
+    values = np.flatnonzero(counts).tolist()
     empty = values[-1] + 1 - len(values)
     if empty > len(values):
         shown = ", ".join(str(v) for v in values[:8]) + (", …" if len(values) > 8 else "")

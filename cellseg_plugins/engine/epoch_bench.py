@@ -4,8 +4,8 @@ The engine epoch is what ``cellseg train`` runs (training, validation, checkpoin
 files). The bare loop (:func:`bare_epoch`, written here without engine code) is what a user
 would write: the same model, crops, batch size, optimiser, loss, precision and memory format
 (channels-last when the engine's is), shuffled batches with random rot90/flip, then an
-argmax-and-bincount validation. The two alternate
-epoch by epoch so that both see the same machine load.
+argmax-and-bincount validation. The two alternate epoch by epoch so that both see the same
+machine load.
 """
 
 from __future__ import annotations
