@@ -84,9 +84,10 @@ def test_resume_takes_the_runs_options_and_refuses_other_ones(tmp_path, capsys):
     code, _, err = cli(capsys, "train", TINY, "--out", out, "--resume", "--epochs", "3",
                        "--lr", "0.1", "--device", "cpu")
     assert code == 2 and err.count("\n") == 1
-    assert f"--lr 0.1: the run in '{out}' was trained with 0.01; leave it out" in err
+    assert (f"--lr 0.1: the run in '{out}' was trained with 0.01; leave the option out to "
+            "continue it, or use another --out") in err
     assert ((out / "last.pt").stat().st_mtime, (out / "config.json").read_text()) == before
-    with pytest.raises(ConfigError, match="batch_size=8: the run in"):  # the engine: all given
+    with pytest.raises(ConfigError, match="batch_size=8: .* with 32; continue it with that"):
         Trainer(replace(tiny_config(out, epochs=3, lr=0.01, loss="dice+ce", fold=2),
                         batch_size=8), resume=True)
 

@@ -101,9 +101,10 @@ def resumed_config(cfg: TrainConfig, saved: dict, given: set[str] | None = None)
             taken[name] = saved[name]
         elif name != "epochs" and not _same(name, getattr(cfg, name), saved[name]):
             was = "none" if saved[name] is None else repr(saved[name])
-            raise ConfigError(name, getattr(cfg, name),
-                              f"the run in {cfg.out!r} was trained with {was}; leave it out "
-                              "to continue that run, or use another --out")
+            advice = ("continue it with that value" if given is None
+                      else "leave the option out to continue it")
+            raise ConfigError(name, getattr(cfg, name), f"the run in {cfg.out!r} was trained "
+                              f"with {was}; {advice}, or use another --out")
     return replace(cfg, **taken)
 
 
