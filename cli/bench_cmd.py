@@ -45,6 +45,8 @@ def bench_command(
     ] = False,
     compile_mode: Annotated[str, typer.Option(
         help="--epoch, with --compile: default, reduce-overhead or max-autotune")] = "default",
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for the timed models (default: torch's, one per core)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Time a training step and an eval forward; report their FLOPs, peak memory and parameters.
@@ -57,7 +59,8 @@ def bench_command(
     from ..registry import create_model, parse_spec
 
     for name, value in (("--size", size), ("--batch", batch), ("--in-channels", in_channels),
-                        ("--classes", classes), ("--steps", steps), ("--epochs", epochs)):
+                        ("--classes", classes), ("--steps", steps), ("--epochs", epochs),
+                        ("--threads", 1 if threads is None else threads)):
         _positive(name, value)
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise CLIError(f"--precision {precision!r}: expected auto, fp32, bf16 or fp16")
@@ -78,6 +81,10 @@ def bench_command(
     if note:
         Console(stderr=True).print(note)
     if epoch:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         _epoch_bench(TrainConfig(spec=spec, data=data, crop=size, batch_size=batch,
                                  device=device, precision=precision,
                                  channels_last=channels_last,
@@ -93,7 +100,7 @@ def bench_command(
         except ValueError as e:
             raise CLIError(f"{e} ({s})") from None
     cfg = BenchConfig(size, batch, in_channels, classes, dev.type, steps,
-                      resolve_precision(precision, dev), channels_last)
+                      resolve_precision(precision, dev), channels_last, threads)
     if as_json:
         results = run_bench(specs, cfg)
         print(json.dumps(report(results, cfg), indent=2))

@@ -8,7 +8,8 @@ from cellseg_plugins.cli.main import main
 def test_bench_json_with_ratio(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "unet(encoder='plain4')+frem(B=4)", "--vs", "unet(encoder='plain4')",
-              "--size", "32", "--batch", "2", "--steps", "2", "--device", "cpu", "--json"])
+              "--size", "32", "--batch", "2", "--steps", "2", "--device", "cpu", "--threads", "1",
+              "--json"])
     assert exit_info.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["spec"] == "unet(encoder='plain4')+frem(B=4)"
@@ -19,6 +20,7 @@ def test_bench_json_with_ratio(capsys):
     assert report["train_flops"] > 2 * report["eval_flops"] > 0  # backward costs about 2 forwards
     assert report["ratio"]["train_flops"] == 1.0  # FREM multiplies; it adds no conv or matmul
     assert report["precision"] == "fp32" and report["channels_last"]  # train's defaults on CPU
+    assert report["torch_threads"] == report["vs"]["torch_threads"] == 1  # each worker's
 
 
 def test_bench_steps_run_under_the_precision_asked_for(monkeypatch):
@@ -64,6 +66,7 @@ def test_count_flops_of_a_convolution_is_two_per_multiply_add():
 
 @pytest.mark.parametrize("argv, fragment", [
     (["bench", "unet", "--steps", "0"], "--steps 0: must be at least 1"),
+    (["bench", "unet", "--threads", "0"], "--threads 0: must be at least 1"),
     (["bench", "unet", "--device", "tpu"], "--device 'tpu': expected auto, cpu or cuda"),
     (["bench", "unet(encoder='plain8')+frem(B=999)"], "B=999 is larger than the bottleneck's 128"),
     (["bench", "unet", "--precision", "tf32"], "--precision 'tf32': expected auto, fp32, bf16"),

@@ -31,6 +31,7 @@ class BenchConfig:
     steps: int = 10
     precision: str = "fp32"  # fp32, or bf16 / fp16 autocast (the engine's; loss in fp32)
     channels_last: bool = True  # the engine's memory format
+    threads: int | None = None  # CPU threads of each worker (None: torch's default)
 
 
 def _sync(device: str) -> None:
@@ -43,6 +44,8 @@ def worker(spec: str, cfg: BenchConfig) -> None:
     from .. import create_model, step_start, training_loss
     from .train import DTYPES
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
     device = cfg.device
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -81,7 +84,8 @@ def worker(spec: str, cfg: BenchConfig) -> None:
     flops = {f"{name}_flops": count_flops(action) for name, action in actions.items()}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _reply({"ready": True, "rss_start": rss_start, **flops})
+    _reply({"ready": True, "rss_start": rss_start, "torch_threads": torch.get_num_threads(),
+            **flops})
     for line in sys.stdin:
         command = line.strip()
         if command == "done":
@@ -185,7 +189,8 @@ def run_bench(specs: list[str], cfg: BenchConfig, progress=None) -> list[dict]:
                     progress(phase, i + 1, WARMUP_STEPS + cfg.steps)
         for w, r in zip(workers, results):
             r["peak_memory"] = w.close()["peak_memory"]
-            r.update({k: w.info[k] for k in ("rss_start", "train_flops", "eval_flops")})
+            r.update({k: w.info[k] for k in ("rss_start", "torch_threads", "train_flops",
+                                           "eval_flops")})
     finally:
         for w in workers:
             if w.proc.poll() is None:
@@ -201,8 +206,7 @@ def report(results: list[dict], cfg: BenchConfig) -> dict:
     out = {"device": cfg.device, "precision": cfg.precision,
            "channels_last": cfg.channels_last, "size": cfg.size,
            "batch": cfg.batch, "steps": cfg.steps, "in_channels": cfg.in_channels,
-           "classes": cfg.classes,
-           "torch_threads": torch.get_num_threads(), **results[0]}
+           "classes": cfg.classes, **results[0]}  # torch_threads: the workers'
     if len(results) > 1:
         a, b = results
         out["vs"] = b
