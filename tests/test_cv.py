@@ -86,3 +86,40 @@ def test_a_bad_fold_count_is_one_line_before_any_run(tmp_path, capsys, folds, fr
     code, _, err = cli(capsys, "cv", TINY, "--folds", folds, "--out", tmp_path / "out", *FAST)
     assert code == 2 and fragment in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_kept_runs_of_other_settings_are_refused_before_any_run(tmp_path, capsys):
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from cellseg_plugins.engine.checkpoint import FORMAT
+    from cellseg_plugins.engine.cv import check_kept_runs
+    from conftest import tiny_config
+
+    out = tmp_path / "cv"
+    kept = tiny_config(out / "fold0_seed0", epochs=1, folds=3, fold=0, seed=0)
+    kept.check()
+    kept.out = str(kept.out)
+    (out / "fold0_seed0").mkdir(parents=True)
+    (out / "fold0_seed0" / "config.json").write_text(json.dumps(asdict(kept)))
+    (out / "fold0_seed0" / "test.json").write_text("{}")
+    argv = ["cv", TINY, "--folds", "3", "--seeds", "1", "--out", out, *FAST]
+    for option, value, was in (("--lr", "0.02", "0.001"), ("--epochs", "2", "1"),
+                               ("--folds", "4", "3")):
+        code, _, err = cli(capsys, *argv, "--epochs", "1", option, value)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {option} {value}: fold 0 seed 0 in "), err
+        assert f"(finished) was trained with {was}; give that value" in err, err
+        assert sorted(p.name for p in out.iterdir()) == ["fold0_seed0"]  # nothing ran
+    unfinished = tmp_path / "u" / "fold0_seed0"
+    unfinished.mkdir(parents=True)
+    torch.save({"format": FORMAT, "config": {**asdict(kept), "out": str(unfinished)}},
+               unfinished / "last.pt")
+    longer = tiny_config(unfinished, epochs=5, folds=3, fold=0, seed=0)
+    check_kept_runs([(longer, "run")])  # an unfinished run may train longer, as --resume does
+    for other in ({"lr": 0.02}, {"spec": "unet(encoder='plain4')+frem(B=2)"}):
+        cfg = tiny_config(unfinished, epochs=1, **{"folds": 3, "fold": 0, **other})
+        with pytest.raises(Exception, match=r"run in .* \(unfinished\) was trained with "):
+            check_kept_runs([(cfg, "run")])

@@ -160,6 +160,19 @@ def test_study_run_then_report_end_to_end(tmp_path, capsys):
         main(["study", "run", str(path), "--out", str(out)])
     assert e.value.code == 0 and (out / "table.md").read_text() == table
     assert (out / "base" / "fold0_seed0" / "test.json").stat().st_mtime == stamp
+    record = (out / "study.json").read_text()
+    capsys.readouterr()
+    for old, new, setting in (("epochs = 1", "epochs = 2", "epochs = 2"),
+                              ("batch_size = 32", "batch_size = 16", "batch_size = 16"),
+                              ("width=4", "width=6", "spec = 'classic_unet(width=6)'")):
+        changed = write(tmp_path, TINY.replace(old, new), "changed.toml")
+        with pytest.raises(SystemExit) as e:  # kept runs of other settings: refused up front
+            main(["study", "run", str(changed), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: study setting {setting}: base fold 0 seed 0 in "), err
+        assert "(finished) was trained with " in err and "or use another --out" in err
+        assert (out / "study.json").read_text() == record  # nothing rewritten
 
 
 def test_row_training_options_sit_between_study_and_scale():

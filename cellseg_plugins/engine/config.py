@@ -93,19 +93,35 @@ def resumed_config(cfg: TrainConfig, saved: dict, given: set[str] | None = None)
     and ``epochs`` not in ``given`` come from the run (``given`` None: every option was
     given); a given RUN_OPTION that differs from the run's raises ConfigError (``epochs`` may
     differ: it extends or shortens the run)."""
-    taken = {}
-    for name in RUN_OPTIONS + ("epochs",):
+    taken = {name: saved[name] for name in RUN_OPTIONS + ("epochs",)
+             if name in saved and given is not None and name not in given}
+    cfg = replace(cfg, **taken)
+    differs = first_difference(cfg, saved, RUN_OPTIONS)
+    if differs:
+        advice = ("continue it with that value" if given is None
+                  else "leave the option out to continue it")
+        raise ConfigError(differs, getattr(cfg, differs), f"the run in {cfg.out!r} was trained "
+                          f"with {shown(saved[differs])}; {advice}, or use another --out")
+    return cfg
+
+
+def first_difference(cfg: TrainConfig, saved: dict, names) -> str | None:
+    """The first of ``names`` whose value in ``saved`` (a run's stored configuration) is not
+    cfg's; names the run did not store are skipped. A spec is compared canonically."""
+    from ..registry import parse_spec
+
+    for name in names:
         if name not in saved:
             continue
-        if given is not None and name not in given:
-            taken[name] = saved[name]
-        elif name != "epochs" and not _same(name, getattr(cfg, name), saved[name]):
-            was = "none" if saved[name] is None else repr(saved[name])
-            advice = ("continue it with that value" if given is None
-                      else "leave the option out to continue it")
-            raise ConfigError(name, getattr(cfg, name), f"the run in {cfg.out!r} was trained "
-                              f"with {was}; {advice}, or use another --out")
-    return replace(cfg, **taken)
+        ours = str(parse_spec(cfg.spec)) if name == "spec" else getattr(cfg, name)
+        if not _same(name, ours, saved[name]):
+            return name
+    return None
+
+
+def shown(value) -> str:
+    """A stored option value as a message shows it."""
+    return "none" if value is None else repr(value)
 
 
 def _same(name: str, a, b) -> bool:

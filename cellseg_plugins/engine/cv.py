@@ -10,7 +10,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import write_text_atomic
+from ..errors import DataError
+from .checkpoint import load_checkpoint, write_text_atomic
+from .config import RUN_OPTIONS, first_difference, shown
 from .data import load_split
 from .evaluation import evaluate_checkpoint
 from .jobs import run_jobs
@@ -61,6 +63,47 @@ def train_and_test(cfg: TrainConfig, label: str | None = None) -> dict:
     return result
 
 
+def stored_config(rd: Path) -> tuple[dict, bool] | None:
+    """(configuration, finished) of the run kept in ``rd``: a finished run's config.json, an
+    unfinished run's last.pt; None where there is none or it cannot be read (the run itself
+    then reports why)."""
+    try:
+        if (rd / "test.json").is_file():
+            return json.loads((rd / "config.json").read_text()), True
+        if (rd / "last.pt").is_file():
+            return load_checkpoint(rd / "last.pt")["config"], False
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def as_option(name: str, value) -> str:
+    """A setting as the cv command line gives it."""
+    return f"SPEC {value}" if name == "spec" else f"--{name.replace('_', '-')} {value}"
+
+
+def check_kept_runs(planned: list[tuple[TrainConfig, str]], setting=as_option) -> None:
+    """Refuse, before anything trains, settings that differ from a run already in its folder
+    (DataError naming the setting as ``setting(name, value)`` writes it, the run and the
+    run's value). A finished run is kept as it is, so it must match in spec, RUN_OPTIONS and
+    epochs: a summary must not average runs of other settings. An unfinished run resumes,
+    so it must match in spec and RUN_OPTIONS (its epochs may change, as with ``train
+    --resume``)."""
+    for cfg, label in planned:
+        kept = stored_config(Path(cfg.out))
+        if kept is None:
+            continue
+        saved, finished = kept
+        names = ("spec", *RUN_OPTIONS, *(("epochs",) if finished else ()))
+        differs = first_difference(cfg, saved, names)
+        if differs:
+            state = "finished" if finished else "unfinished"
+            ours = cfg.spec if differs == "spec" else getattr(cfg, differs)
+            raise DataError(f"{setting(differs, shown(ours))}: {label} in "
+                            f"{cfg.out!r} ({state}) was trained with {shown(saved[differs])}; "
+                            "give that value to keep its runs, or use another --out")
+
+
 def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jobs: int = 1,
            threads: int | None = None) -> dict:
     """Train and test every (fold, seed), ``jobs`` runs at a time; finished runs (with
@@ -73,10 +116,11 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
     base.folds = folds
     base.check()
     load_split(replace(base, fold=0, seed=0))  # bad data or --folds: one error, first
-    pending = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),
-                f"fold {f} seed {s}")
-               for f in range(folds) for s in range(seeds)
-               if not (run_dir(out, f, s) / "test.json").exists()]
+    planned = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),
+                f"fold {f} seed {s}") for f in range(folds) for s in range(seeds)]
+    check_kept_runs(planned)
+    pending = [(cfg, label) for cfg, label in planned
+               if not (Path(cfg.out) / "test.json").exists()]
     failed = []
     for (cfg, _), ok, value in run_jobs(train_and_test, pending, jobs, threads):
         if not ok:

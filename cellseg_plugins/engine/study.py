@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..registry import SpecError, parse_spec
 from .config import TrainConfig, option_fields
-from .cv import run_dir, train_and_test
+from .cv import check_kept_runs, run_dir, train_and_test
 from .data import DataError, load_split
 from .jobs import job_threads, run_jobs
 from .presets import apply_preset
@@ -227,9 +227,14 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
     scores)`` as each run finishes. Runs report their progress on stderr (progress_lines)."""
     selected = select_rows(study, rows)
     load_split(replace(study.config, folds=study.folds, fold=0, seed=0))  # bad data or folds
-    pending = [(row, f, s) for s in range(study.seeds) for f in range(study.folds)
-               for row in selected  # fold by fold: a study stopped early has paired runs
-               if not (run_dir(out / row.slug, f, s) / "test.json").exists()]
+    planned = [(replace(study.config, spec=row.spec, fold=f, seed=s,
+                        out=str(run_dir(out / row.slug, f, s)), **row.train),
+                f"{row.name} fold {f} seed {s}")
+               for s in range(study.seeds) for f in range(study.folds)
+               for row in selected]  # fold by fold: a study stopped early has paired runs
+    check_kept_runs(planned, setting=lambda name, value: f"study setting {name} = {value}")
+    pending = [(cfg, label) for cfg, label in planned
+               if not (Path(cfg.out) / "test.json").exists()]
     if on_start:
         on_start(selected, len(pending))
     out.mkdir(parents=True, exist_ok=True)
@@ -240,9 +245,6 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
     if (pending and this not in ran) or not ran:
         ran.append(this)
     record.write_text(json.dumps({**study.to_json(), "invocations": ran}, indent=2))
-    pending = [(replace(study.config, spec=row.spec, fold=f, seed=s,
-                        out=str(run_dir(out / row.slug, f, s)), **row.train),
-                f"{row.name} fold {f} seed {s}") for row, f, s in pending]
     failed = []
     for (cfg, label), ok, value in run_jobs(train_and_test, pending, jobs, threads):
         if not ok:
