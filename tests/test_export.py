@@ -70,6 +70,50 @@ def test_a_mismatching_export_is_refused_and_not_kept(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+def test_lfa_exports_to_onnx_by_trace_and_global_attention_by_torch_export(monkeypatch):
+    import cellseg_plugins as cs
+    from cellseg_plugins.engine import export
+
+    def model(spec):
+        return cs.create_model(spec, classes=3).eval()
+
+    lfa = model("classic_unet(width=4)+lfa(m=3,stages=(1,))")
+    assert export.traced_onnx_fits(lfa, 18) and not export.traced_onnx_fits(lfa, 23)
+    assert not export.traced_onnx_fits(model("classic_unet(width=4)"), 18)
+    assert not export.traced_onnx_fits(model("classic_unet(width=4)+lfa+bottleneck_attention"),
+                                       18)  # its Attention node needs the torch.export one
+    ckpt = {"in_channels": 1}
+    graph = export.traced_onnx(lfa, ckpt, 18, fixed=False).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, "height", "width"]
+    real = torch.onnx.export
+
+    def legacy_gone(*args, dynamo=True, **kw):
+        if not dynamo:
+            raise RuntimeError("the TorchScript-based exporter was removed")
+        return real(*args, dynamo=dynamo, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", legacy_gone)
+    assert export.traced_onnx(lfa, ckpt, 18, fixed=False) is None  # write_onnx falls back
+
+
+def test_export_tolerance_follows_the_logits_scale(tmp_path, monkeypatch):
+    from cellseg_plugins.engine import export
+
+    class Loud(torch.nn.Module):  # logits of 10³, as a deep untrained encoder gives
+        def forward(self, x):
+            return 1000 * x.repeat(1, 3, 1, 1)
+
+    ckpt = {"in_channels": 1}
+    for shift, ok in ((0.05, True), (0.5, False)):  # 5e-5 and 5e-4 of the scale
+        monkeypatch.setattr(export, "run_exported", lambda p, f, x: 1000 * x.repeat(3, 1) + shift)
+        if ok:
+            assert export.verify(Loud(), ckpt, tmp_path, "onnx") <= export.TOLERANCE
+        else:
+            with pytest.raises(ExportError, match="of its logits' scale"):
+                export.verify(Loud(), ckpt, tmp_path, "onnx")
+
+
 def test_bioimageio_package_passes_the_zoo_model_test(tmp_path):
     from bioimageio.core import test_model
     from bioimageio.spec import load_model_description
@@ -89,8 +133,8 @@ def test_bioimageio_package_passes_the_zoo_model_test(tmp_path):
 
 
 def test_predict_with_onnx_runtime_agrees_with_torch(tmp_path, capsys):
-    # LFA at one skip: its ONNX export at two skips is the test above
-    path, _ = checkpoint(tmp_path, "classic_unet(width=4)+lfa(m=3,stages=(1,))")
+    # the paper's LFA window at every skip, exported by trace, at tiles of another size
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)+lfa(m=7)")
     image = tmp_path / "image.tif"
     tifffile.imwrite(image, (np.random.default_rng(0).random((300, 200)) * 255).astype(np.uint8))
     for runtime in ("torch", "onnx"):

@@ -23,6 +23,8 @@ class LocalFeatureAggregation(nn.Module):
     (N, C_P, H, W), (N, C_Q, h, w) → (N, C_P, H, W): it replaces the skip.
     """
 
+    onnx_by_trace = True  # its m² window slices are slow for the torch.export-based exporter
+
     def __init__(self, skip_channels: int, decoder_channels: int, m: int, query: str,
                  residual: str, reduction: int):
         super().__init__()
