@@ -24,6 +24,18 @@ def test_study_runs_resumes_and_prints_a_buildable_spec(tmp_path, capsys):
     assert code == 0, err
     assert json.loads(stdout)["n_trials"] == 3  # exactly one more trial
     assert sorted(p.name for p in out.glob("trial*")) == ["trial0000", "trial0001", "trial0002"]
+    db = (out / "study.db").read_bytes()
+    search = ["--search", "frem.B=int:1:8", SEARCH[2], SEARCH[3]]
+    for argv, fragment in (  # another setting with the same --out: refused, nothing touched
+            ([SPEC, *SEARCH, *FAST, "--lr", "0.1"], "--lr 0.1: the tune study in "
+             f"{str(out)!r} ran its trials with 0.001; give that value to continue it"),
+            ([SPEC, *SEARCH, *FAST, "--epochs", "2"], "--epochs 2: the tune study in "),
+            ([SPEC + "(B=2)", *SEARCH, *FAST], "SPEC \"unet(encoder='plain4')+frem(B=2)\": "),
+            ([SPEC, *search, *FAST], "--search frem.B=int:1:8 frem.X=float:1:1000:log: the "
+             "tune study in ")):
+        code, _, err = cli(capsys, "tune", *argv, "--trials", "4", "--out", out)
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
+    assert (out / "study.db").read_bytes() == db and len(list(out.glob("trial*"))) == 3
 
 
 @pytest.mark.slow

@@ -119,6 +119,11 @@ def first_difference(cfg: TrainConfig, saved: dict, names) -> str | None:
     return None
 
 
+def as_option(name: str, value) -> str:
+    """A setting as a command line gives it: ``--lr 0.1``, ``SPEC 'unet'``."""
+    return f"SPEC {value}" if name == "spec" else f"--{name.replace('_', '-')} {value}"
+
+
 def shown(value) -> str:
     """A stored option value as a message shows it."""
     return "none" if value is None else repr(value)

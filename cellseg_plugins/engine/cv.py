@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .checkpoint import load_checkpoint, write_text_atomic
-from .config import RUN_OPTIONS, first_difference, shown
+from .config import RUN_OPTIONS, as_option, first_difference, shown
 from .data import load_split
 from .evaluation import evaluate_checkpoint
 from .jobs import run_jobs
@@ -75,11 +75,6 @@ def stored_config(rd: Path) -> tuple[dict, bool] | None:
     except (OSError, ValueError, KeyError):
         pass
     return None
-
-
-def as_option(name: str, value) -> str:
-    """A setting as the cv command line gives it."""
-    return f"SPEC {value}" if name == "spec" else f"--{name.replace('_', '-')} {value}"
 
 
 def check_kept_runs(planned: list[tuple[TrainConfig, str]], setting=as_option) -> None:

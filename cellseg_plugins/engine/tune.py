@@ -12,11 +12,13 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..registry import SpecError, get_entry, parse_spec
 from ..registry.spec import Spec, Term
+from .checkpoint import write_text_atomic
+from .config import RUN_OPTIONS, as_option, first_difference, shown
 from .data import DataError, load_split
 from .jobs import run_jobs
 from .train import TrainConfig, Trainer, TrainingError
@@ -139,6 +141,35 @@ def open_storage(url: str):
             time.sleep(0.2 + random.random())
 
 
+def claim_folder(out: Path, name: str, searches: list[str], spaces: list[SearchSpace],
+                 cfg: TrainConfig) -> None:
+    """Record in ``out``/tune.json which study's trials the folder holds (its spec, searches,
+    RUN_OPTIONS and epochs), or refuse, in one line naming the setting, to continue a
+    recorded study with others: its trials would mix settings (another lr) or collide with
+    another study's trial folders (another spec, search or epochs)."""
+    record = out / "tune.json"
+    ours = {"study": name, "search": searches, "spaces": [asdict(s) for s in spaces],
+            **{n: getattr(cfg, n) for n in ("spec", *RUN_OPTIONS, "epochs")}}
+    if record.is_file():
+        kept = json.loads(record.read_text())
+        if json.dumps(kept["spaces"], default=str) != json.dumps(ours["spaces"], default=str):
+            raise DataError(f"--search {' '.join(searches)}: the tune study in {str(out)!r} "
+                            f"searched {' '.join(kept['search'])}; give those searches to "
+                            "continue it, or use another --out")
+        differs = first_difference(cfg, kept, ("spec", *RUN_OPTIONS, "epochs"))
+        if differs:
+            ours_value = cfg.spec if differs == "spec" else getattr(cfg, differs)
+            raise DataError(f"{as_option(differs, shown(ours_value))}: the tune study in "
+                            f"{str(out)!r} ran its trials with {shown(kept[differs])}; give "
+                            "that value to continue it, or use another --out")
+        if kept["study"] != name:  # recorded under another study name: trial folders collide
+            raise DataError(f"--out {str(out)!r} holds the trials of another tune study; use "
+                            "another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(record, json.dumps(ours, indent=2, default=str))
+
+
 def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig, out: Path,
               storage: str | None = None, prune: bool = False, on_trial=None, jobs: int = 1,
               threads: int | None = None):
@@ -163,8 +194,8 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
         out.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{(out / 'study.db').resolve()}"
     opened = open_storage(storage)  # a bad URL fails here, before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     name = study_name(str(spec), spaces, cfg)
+    claim_folder(out, name, searches, spaces, cfg)
     study = optuna.create_study(study_name=name, storage=opened, direction="maximize",
                                 load_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
