@@ -79,11 +79,13 @@ def test_bad_data_leaves_nothing_behind(tmp_path, capsys, command):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("folds, fragment", [
-    ("2", "--folds 2: need at least 3 (test, validation and training blocks)"),
-    ("500", "source images cannot be split into 500 folds")])
-def test_a_bad_fold_count_is_one_line_before_any_run(tmp_path, capsys, folds, fragment):
-    code, _, err = cli(capsys, "cv", TINY, "--folds", folds, "--out", tmp_path / "out", *FAST)
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--folds", "2", "--folds 2: need at least 3 (test, validation and training blocks)"),
+    ("--folds", "500", "source images cannot be split into 500 folds"),
+    ("--seeds", "0", "--seeds 0: must be ≥ 1")])
+def test_a_bad_fold_or_seed_count_is_one_line_before_any_run(tmp_path, capsys, option, value,
+                                                             fragment):
+    code, _, err = cli(capsys, "cv", TINY, option, value, "--out", tmp_path / "out", *FAST)
     assert code == 2 and fragment in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 

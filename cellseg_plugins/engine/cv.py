@@ -108,6 +108,8 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
     fails is reported with its (fold, seed) and error after the others have finished
     (TrainingError); the summary then covers the finished runs.
     """
+    if seeds < 1:
+        raise DataError(f"--seeds {seeds}: must be ≥ 1")
     base.folds = folds
     base.check()
     load_split(replace(base, fold=0, seed=0))  # bad data or --folds: one error, first
