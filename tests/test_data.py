@@ -56,6 +56,9 @@ def test_fetch_refuses_a_corrupt_copy_and_leaves_nothing(tmp_path, sstem_root):
     with pytest.raises(DataError, match="05.tif: SHA-256 mismatch"):
         fetch_sstem(root, str(bad))
     assert not root.exists()
+    with pytest.raises(DataError, match="--from '/no/such/dir': no such folder"):
+        fetch_sstem(root, "/no/such/dir")
+    assert not root.exists()
 
 
 def test_fetch_download_code_with_a_file_url(tmp_path, sstem_root):

@@ -87,6 +87,9 @@ def fetch_sstem(root: Path | None = None, source: str | None = None, progress=No
     sums = sstem_checksums()
     if target.is_dir() and all((target / p).is_file() for p in sums):
         return target
+    if source is not None and "://" not in source and not Path(source).is_dir():
+        raise DataError(f"--from {source!r}: no such folder (give a local copy of ssTEM "
+                        "with stack1/raw and stack1/labels, or a URL)")
     made_root = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".sstem-", dir=target.parent))
