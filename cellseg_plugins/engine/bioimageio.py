@@ -96,12 +96,11 @@ def write_package(model: nn.Module, ckpt: dict, path: Path, author: str | None =
     from bioimageio.spec import save_bioimageio_package
     from PIL import Image
 
-    from .export import run_exported, verify, write_onnx, write_torchscript
+    from .export import input_sizes, run_exported, verify, write_onnx, write_torchscript
 
     wrapped = Probabilities(model).eval()
-    fixed = any(getattr(m, "strict_img_size", False) for m in model.modules())
+    fixed, stride = input_sizes(model)
     size = probe_size(model) if fixed else 256
-    stride = getattr(model.encoder, "output_stride", 32)
     c, names = ckpt["in_channels"], ckpt["class_names"]
     norm = ckpt["norm"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,10 +4,9 @@ Every export is the checkpoint's model in eval mode, so training-only parts vani
 returns its input, auxiliary heads and round-1 losses are not computed, dropout is off), and
 it is checked when written: the exported model's output must equal PyTorch's within
 :data:`TOLERANCE` of the logits' scale on random inputs at two sizes, else nothing is left
-on disk. The model takes the
-normalised image ((x − mean) / std, x scaled to [0, 1]) and returns class logits; the
-normalisation, class names and spec travel with it (TorchScript extra file, ONNX metadata,
-the BioImage.IO preprocessing).
+on disk. The model takes the normalised image ((x − mean) / std, x scaled to [0, 1]) and
+returns class logits; the normalisation, class names and spec travel with it (TorchScript
+extra file, ONNX metadata, the BioImage.IO preprocessing).
 """
 
 from __future__ import annotations
@@ -42,6 +41,13 @@ def metadata(ckpt: dict) -> dict:
             "in_channels": ckpt["in_channels"], "norm": ckpt["norm"]}
 
 
+def input_sizes(model) -> tuple[bool, int]:
+    """(fixed, stride): whether the arch takes one input size only (a ViT encoder's
+    ``strict_img_size``), else the stride its height and width must be multiples of."""
+    fixed = any(getattr(m, "strict_img_size", False) for m in model.modules())
+    return fixed, getattr(getattr(model, "encoder", None), "output_stride", 32)
+
+
 def example_input(model, ckpt: dict, batch: int = 2, seed: int = 0) -> torch.Tensor:
     size = probe_size(model)
     g = torch.Generator().manual_seed(seed)
@@ -66,13 +72,12 @@ def write_onnx(model, ckpt: dict, path: Path, opset: int | None = None) -> None:
     :func:`traced_onnx_fits`, else (or if that exporter fails) by the torch.export-based one."""
     import onnx
 
-    fixed = any(getattr(m, "strict_img_size", False) for m in model.modules())
+    fixed, stride = input_sizes(model)
     opset = opset or default_opset(model)
     proto = traced_onnx(model, ckpt, opset, fixed) if traced_onnx_fits(model, opset) else None
     if proto is None:
         dims = {0: torch.export.Dim("batch", min=1, max=1024)}
         if not fixed:  # any multiple of the arch's stride
-            stride = getattr(getattr(model, "encoder", None), "output_stride", 32)
             dims[2] = stride * torch.export.Dim("h", min=1, max=4096 // stride)
             dims[3] = stride * torch.export.Dim("w", min=1, max=4096 // stride)
         with torch.no_grad():
@@ -135,11 +140,11 @@ def verify(model, ckpt: dict, path: Path, fmt: str) -> float:
     size with batch 1, and batch 2 one stride taller (the same size where the arch fixes it);
     ExportError above TOLERANCE. Relative to the logits' scale, as a deep untrained encoder's
     logits reach 10³ and fp32 rounding grows with them."""
-    fixed = any(getattr(m, "strict_img_size", False) for m in model.modules())
-    stride = 0 if fixed else getattr(getattr(model, "encoder", None), "output_stride", 32)
+    fixed, stride = input_sizes(model)
     x = example_input(model, ckpt, batch=1, seed=1)
     g = torch.Generator().manual_seed(2)
-    taller = torch.randn(2, x.shape[1], x.shape[2] + stride, x.shape[3], generator=g)
+    taller = torch.randn(2, x.shape[1], x.shape[2] + (0 if fixed else stride), x.shape[3],
+                         generator=g)
     error = 0.0
     for x in (x, taller):
         with torch.no_grad():
