@@ -228,3 +228,13 @@ def test_rows_runs_only_the_matching_rows_and_a_bad_pattern_is_one_line(tmp_path
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--folds 2: need at least 3" in err and err.count("\n") == 1
     assert not (tmp_path / "two").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name
+                                           for p in (ROOT / "results").glob("*/study.json")))
+def test_the_published_tables_rebuild_from_their_stored_runs(folder, tmp_path):
+    """results/*/table.{md,csv} are what `cellseg study report` makes of the committed runs."""
+    stored = ROOT / "results" / folder
+    report(stored, tmp_path)
+    for name in ("table.md", "table.csv"):
+        assert (tmp_path / name).read_text() == (stored / name).read_text(), name
