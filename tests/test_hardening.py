@@ -16,7 +16,7 @@ import cellseg_plugins as cs
 from cellseg_plugins.engine.checkpoint import load_checkpoint
 from cellseg_plugins.engine.train import Trainer, TrainingError
 from cellseg_plugins.input_rules import input_rules
-from conftest import FAST, cli, small_spec, tiny_config
+from conftest import FAST, checkpoint, cli, small_spec, tiny_config
 
 TINY = "classic_unet(width=4)"
 
@@ -63,6 +63,38 @@ def test_predict_pads_what_the_model_cannot_take(tmp_path, capsys):
     image = np.random.default_rng(0).random((70, 50)).astype(np.float32)
     labels = predict_image(model, image, [0.5], [0.2], tile=64, rules=input_rules(model))
     assert labels.shape == (70, 50)
+
+
+def test_predict_never_writes_over_an_input_or_one_output_twice(tmp_path, capsys):
+    ckpt, _ = checkpoint(tmp_path, TINY)
+    image = (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)
+    for sub in ("day1", "day2"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(image).save(tmp_path / sub / "a.tif")
+    Image.fromarray(image).save(tmp_path / "day1" / "a_overlay.png")
+    before = (tmp_path / "day1" / "a.tif").read_bytes()
+    cases = [
+        ((tmp_path / "day1", tmp_path / "day2"), tmp_path / "pred",
+         f"{tmp_path / 'day1' / 'a.tif'} and {tmp_path / 'day2' / 'a.tif'} would both be "
+         f"written to {tmp_path / 'pred' / 'a.tif'}; predict them into separate --out folders"),
+        ((tmp_path / "day1" / "a.tif",), tmp_path / "day1",
+         f"would overwrite the input {tmp_path / 'day1' / 'a.tif'}; choose another --out"),
+        ((tmp_path / "day2" / "a.tif", tmp_path / "day1" / "a_overlay.png"), tmp_path / "day1",
+         f"would overwrite the input {tmp_path / 'day1' / 'a_overlay.png'}"),  # --overlay's PNG
+        ((tmp_path / "day1" / "a.tif",), tmp_path / "a.tif",
+         f"--out '{tmp_path / 'a.tif'}': must be a folder (each label TIFF is named after"),
+    ]
+    for inputs, out, fragment in cases:
+        code, _, err = cli(capsys, "predict", ckpt, *inputs, "--out", out, "--tile", 32,
+                           "--overlap", 8, "--overlay")
+        assert code == 2 and fragment in err and err.count("\n") == 1, err
+    assert (tmp_path / "day1" / "a.tif").read_bytes() == before
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "a.tif").exists()
+    assert sorted(p.name for p in (tmp_path / "day1").iterdir()) == ["a.tif", "a_overlay.png"]
+    code, _, err = cli(capsys, "predict", ckpt, tmp_path / "day1" / "a.tif", "--out",
+                       tmp_path / "pred", "--tile", 32, "--overlap", 8, "--overlay")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["a.tif", "a_overlay.png"]
 
 
 # ---------------------------------------------------------------- eval mirrors training

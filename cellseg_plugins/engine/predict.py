@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
+from .checkpoint import write_atomic
 from .data import DataError, SUFFIXES, _to_unit, read_image
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -153,7 +154,8 @@ def write_labels(path: Path, pages: list[np.ndarray], meta: dict | None = None) 
     """Label TIFF (a stack for several pages) carrying the model's class names and spec in
     its metadata (``read_labels`` and the napari reader use them)."""
     info = meta and {"cellseg": {"class_names": list(meta["class_names"]), "spec": meta["spec"]}}
-    tifffile.imwrite(path, np.stack(pages) if len(pages) > 1 else pages[0], metadata=info)
+    write_atomic(path, lambda tmp: tifffile.imwrite(
+        tmp, np.stack(pages) if len(pages) > 1 else pages[0], metadata=info))
 
 
 def labels_info(path: str | Path) -> dict | None:
@@ -241,6 +243,34 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
         return OnnxModel(onnx_path), meta, input_rules(model)
 
 
+def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool = False
+                 ) -> list[tuple[Path, list[Path]]]:
+    """(label TIFF, overlay PNGs) in ``out`` for each (input path, page count): OUT/STEM.tif,
+    OUT/STEM[_k]_overlay.png. Refuses (DataError) an ``out`` named like an image, two inputs
+    that would write one file, and a file that would overwrite an input."""
+    if out.suffix.lower() in SUFFIXES and not out.is_dir():
+        raise ConfigError("out", str(out), "must be a folder (each label TIFF is named "
+                          "after its input image), e.g. --out predictions")
+    sources = {path.resolve(): path for path, _ in inputs}
+    taken: dict[Path, Path] = {}
+    result = []
+    for path, n in inputs:
+        target = out / f"{path.stem}.tif"
+        pngs = [out / f"{path.stem}{f'_{k}' if n > 1 else ''}_overlay.png"
+                for k in range(n)] if with_overlay else []
+        for file in (target, *pngs):
+            key = file.resolve()
+            if key in sources:
+                raise DataError(f"--out {str(out)!r}: {file} would overwrite the input "
+                                f"{sources[key]}; choose another --out")
+            if key in taken:
+                raise DataError(f"{taken[key]} and {path} would both be written to {file}; "
+                                "predict them into separate --out folders")
+            taken[key] = path
+        result.append((target, pngs))
+    return result
+
+
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None) -> list[Path]:
@@ -257,17 +287,16 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
             raise DataError(f"{path}: {channels} channel(s), the model expects "
                             f"{meta['in_channels']}")
     out = Path(out)
+    targets = output_paths([(path, len(pages)) for path, pages, _ in items], out, with_overlay)
     out.mkdir(parents=True, exist_ok=True)
     norm, written = meta["norm"], []
-    for path, pages, _ in items:
+    for (path, pages, _), (target, overlays) in zip(items, targets):
         labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device)
                   for p in pages]
-        write_labels(out / f"{path.stem}.tif", labels, meta)
-        written.append(out / f"{path.stem}.tif")
-        if with_overlay:
-            for k, (p, lab) in enumerate(zip(pages, labels)):
-                suffix = f"_{k}" if len(pages) > 1 else ""
-                Image.fromarray(overlay(p, lab)).save(out / f"{path.stem}{suffix}_overlay.png")
+        write_labels(target, labels, meta)
+        written.append(target)
+        for p, lab, png in zip(pages, labels, overlays):
+            write_atomic(png, lambda tmp: Image.fromarray(overlay(p, lab)).save(tmp, format="PNG"))
         if on_image:
             on_image(path, written[-1], labels)
     return written
