@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import options as o
 from .errors import CLIError
 
 data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True)
@@ -17,7 +18,8 @@ data_app = typer.Typer(help="Fetch and inspect data sets.", no_args_is_help=True
 @data_app.command("fetch")
 def fetch_command(
     name: Annotated[str, typer.Argument(help="data set name: sstem")],
-    root: Annotated[str | None, typer.Option(help="data root (default $CELLSEG_DATA or cache)")] = None,
+    root: Annotated[str | None, typer.Option(help="data root (default $CELLSEG_DATA or cache)",
+                                             callback=o.folder)] = None,
     from_: Annotated[str | None, typer.Option("--from", help="a local copy (folder) or base URL")] = None,
 ) -> None:
     """Download a data set (or import a local copy), verifying every file's SHA-256."""

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="cellseg", standalone_mode=False)
     except UsageError as e:
-        hint = f" (see 'cellseg {e.ctx.info_name} --help')" if e.ctx and e.ctx.parent else ""
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx and e.ctx.parent else ""
         print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
         sys.exit(2)
     except Abort:
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the file system refused (full disk, permissions, …): one line
+        where = f"{e.filename!r}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import typing
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -19,8 +21,26 @@ import typer
 from ..engine.config import TrainConfig, option_fields
 from ..engine.presets import apply_preset, describe_presets
 
+
+def folder(value: str | None) -> str | None:
+    """Typer callback of the options that name a folder to write into: refuses, before any
+    work, a path that is a file, lies under one, or lies in a folder that cannot be written."""
+    if value is None:
+        return value
+    path = Path(value)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            what = "" if existing == path else f" lies in {str(existing)!r}, which"
+            if not existing.is_dir():
+                raise typer.BadParameter(f"{value!r}{what} is a file, not a folder")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise typer.BadParameter(f"{value!r}{what} is not writable")
+            return value
+    return value
+
+
 Spec = Annotated[str, typer.Argument(help="model spec, e.g. 'unet+lfa(m=7)'")]
-Out = Annotated[str, typer.Option(help="output folder")]
+Out = Annotated[str, typer.Option(help="output folder", callback=folder)]
 
 _DEFAULTS = TrainConfig(spec="unet")
 PRESET_HELP = (f"a paper's training settings for the options not given ({describe_presets()}); "

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from . import options as o
 from .errors import CLIError
 
 console = Console(stderr=True)
@@ -16,7 +17,7 @@ def predict_command(
     checkpoint: Annotated[str, typer.Argument(
         help="a best.pt / last.pt, an exported .onnx or a BioImage Model Zoo .zip")],
     inputs: Annotated[list[str], typer.Argument(help="images, folders or TIFF stacks")],
-    out: Annotated[str, typer.Option(help="output folder")] = "predictions",
+    out: o.Out = "predictions",
     tile: Annotated[int, typer.Option(help="tile size")] = 256,
     overlap: Annotated[int, typer.Option(help="tile overlap in pixels")] = 32,
     overlay: Annotated[bool, typer.Option(help="also write colour overlay PNGs")] = False,

@@ -22,7 +22,7 @@ def study_run(
     threads: Annotated[int | None, typer.Option(
         help="CPU threads per run (default: the cores split between the jobs)")] = None,
     out: Annotated[str | None, typer.Option(
-        help="output folder (default: runs/study/<file>-<scale>)")] = None,
+        help="output folder (default: runs/study/<file>-<scale>)", callback=o.folder)] = None,
     rows: Annotated[list[str] | None, typer.Option(
         "--rows", help="run only the rows whose names match (shell pattern, repeatable)")] = None,
     then_report: Annotated[bool, typer.Option("--report/--no-report",
@@ -57,8 +57,8 @@ def study_run(
 @study_app.command("report")
 def study_report(
     folder: Annotated[str, typer.Argument(help="a study's output folder")],
-    out: Annotated[str | None, typer.Option(help="where to write the table (default: FOLDER)")
-                   ] = None,
+    out: Annotated[str | None, typer.Option(help="where to write the table (default: FOLDER)",
+                                            callback=o.folder)] = None,
 ) -> None:
     """Write table.md, table.csv and gains.png from the finished runs (no training)."""
     from ..engine.study import report

@@ -91,3 +91,44 @@ def test_cli_bad_input(capsys, tmp_path, argv, fragment):
     code, _, err = cli(capsys, *argv, *(["--out", tmp_path / "o"] if argv[0] == "train" else []))
     assert code == 2 and fragment in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "unet"], ["cv", "unet"], ["tune", "unet", "--search", "train.lr=float:1e-4:1e-2"],
+    ["study", "run", "studies/sstem5.toml"], ["study", "report", "results/sstem5-cpu"],
+    ["predict", "m.pt", "x.tif"], ["data", "fetch", "sstem", "--root"],
+])
+@pytest.mark.parametrize("under", [False, True])
+def test_a_folder_option_naming_a_file_is_one_line_before_any_work(capsys, tmp_path, argv, under):
+    """--out (--root) that is a file, or lies under one, is refused before anything runs."""
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    target = file / "sub" if under else file
+    args = [*argv, target] if argv[-1] == "--root" else [*argv, "--out", target]
+    code, _, err = cli(capsys, *args)
+    what = f" lies in '{file}', which" if under else ""
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"Invalid value for '--{'root' if argv[-1] == '--root' else 'out'}': " \
+           f"'{target}'{what} is a file, not a folder (see 'cellseg {argv[0]}" in err, err
+    assert file.read_text() == "keep me" and list(tmp_path.iterdir()) == [file]
+
+
+def test_an_unwritable_folder_and_a_refusing_file_system_are_one_line(capsys, tmp_path,
+                                                                       monkeypatch):
+    import os
+    from pathlib import Path
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: p != tmp_path and real_access(p, mode))
+    code, _, err = cli(capsys, "train", "unet", "--out", tmp_path / "run")
+    assert code == 2 and f"'{tmp_path / 'run'}' lies in '{tmp_path}', which is not writable" \
+        in err and err.count("\n") == 1, err
+    monkeypatch.undo()
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    code, _, err = cli(capsys, "data", "fetch", "sstem", "--from", tmp_path, "--root",
+                       tmp_path / "data")
+    assert code == 1 and err == f"error: '{tmp_path / 'data'}': No space left on device\n", err
