@@ -59,6 +59,15 @@ def _root(version: Annotated[bool, typer.Option(
     """Cell-image segmentation methods as plugins for any smp model."""
 
 
+INTERRUPTED = {  # what continues an interrupted command; its files on disk are whole
+    "train": "; the run's files are whole: the same command with --resume continues from "
+             "its last finished epoch",
+    "cv": "; finished runs are kept: the same command resumes the others",
+    "study run": "; finished runs are kept: the same command resumes the others",
+    "tune": "; finished trials are kept in the study: the same command goes on",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the Typer app; usage errors are printed on one line (exit code 2)."""
     try:
@@ -77,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{e.filename!r}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+    if code == 130:  # Ctrl-C (Typer's exit code for KeyboardInterrupt)
+        words = argv if argv is not None else sys.argv[1:]
+        what = INTERRUPTED.get(" ".join(words[:2]), INTERRUPTED.get(" ".join(words[:1]), ""))
+        print(f"error: interrupted{what}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -1,5 +1,11 @@
 """Cross-validation: the fold × seed grid, its summary, resume, jobs, failed runs."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from conftest import FAST, TINY, cli
@@ -125,3 +131,58 @@ def test_kept_runs_of_other_settings_are_refused_before_any_run(tmp_path, capsys
         cfg = tiny_config(unfinished, epochs=1, **{"folds": 3, "fold": 0, **other})
         with pytest.raises(Exception, match=r"run in .* \(unfinished\) was trained with "):
             check_kept_runs([(cfg, "run")])
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (from /proc)."""
+    from pathlib import Path
+
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+@pytest.mark.parametrize("how", ["SIGKILL to cv", "Ctrl-C"])
+def test_the_workers_of_cv_jobs_stop_with_it(tmp_path, how):
+    """SIGKILL of `cellseg cv --jobs 2` (it cannot pass the signal on): its workers stop too
+    instead of training on, unseen, into the folder a restarted cv would resume. Ctrl-C (SIGINT
+    to every process of the command): one line, no worker's traceback, exit code 130."""
+    out = tmp_path / "cv"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cellseg_plugins.cli.main", "cv", TINY, "--data", "synthetic",
+         "--folds", "3", "--seeds", "1", "--epochs", "200", "--jobs", "2", "--threads", "1",
+         "--out", out, *FAST], start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    deadline = time.time() + 120
+    while len(list(out.glob("fold*_seed0/metrics.csv"))) < 2 and time.time() < deadline:
+        time.sleep(0.5)  # both workers are training
+    assert len(list(out.glob("fold*_seed0/metrics.csv"))) == 2
+    assert len(_group(process.pid)) >= 3  # cv, its two workers (and the resource tracker)
+    if how == "Ctrl-C":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.kill()
+    try:
+        _, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # orphaned workers still hold its stderr
+        err = None
+    deadline = time.time() + 15
+    while _group(process.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _group(process.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes still running after cv was stopped: {left}"
+    if how == "Ctrl-C":
+        assert process.returncode == 130 and "Traceback" not in err, err
+        assert err.endswith("error: interrupted; finished runs are kept: the same command "
+                            "resumes the others\n"), err
