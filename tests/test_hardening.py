@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import cellseg_plugins as cs
-from cellseg_plugins.engine.checkpoint import load_checkpoint
+from cellseg_plugins.engine.checkpoint import LOCK_NAME, TMP_SUFFIX, hold_folder, load_checkpoint
 from cellseg_plugins.engine.train import Trainer, TrainingError
 from cellseg_plugins.input_rules import input_rules
 from conftest import FAST, checkpoint, cli, small_spec, tiny_config
@@ -152,9 +152,28 @@ def test_a_full_disk_keeps_the_last_good_files(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(out / "last.pt")["epoch"] == good["epoch"] == 1
     assert (out / "metrics.csv").read_text() == metrics
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [LOCK_NAME]
     Trainer(tiny(out, epochs=2), resume=True).run()  # space again: the run finishes
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_a_second_process_training_into_a_run_folder_is_refused(tmp_path, capsys):
+    """Two commands training into one folder (a study started twice, `train --resume` while a
+    cv trains that run) would write the same files; the second is refused in one line."""
+    out = tmp_path / "run"
+    Trainer(tiny(out, epochs=1)).run()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / f".last.pt.x{TMP_SUFFIX}").write_bytes(b"the other process's file being written")
+    other = hold_folder(out)  # as another process would hold it while it trains there
+    code, _, err = cli(capsys, "train", TINY, "--out", out, "--resume", "--epochs", 2, *FAST)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"'{out}' is being trained by another process (pid {os.getpid()})" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if TMP_SUFFIX not in p.name} == before
+    assert (out / f".last.pt.x{TMP_SUFFIX}").exists()  # its half-written file is left alone
+    other.close()  # it ended (the OS releases the lock of a process that dies in any way)
+    Trainer(tiny(out, epochs=2), resume=True).run()
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    assert not list(out.glob(f"*{TMP_SUFFIX}"))  # stale now: removed before training
 
 
 def test_truncated_checkpoints_and_corrupt_metrics(tmp_path, capsys):

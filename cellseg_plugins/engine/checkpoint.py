@@ -13,6 +13,7 @@ from .data import DataError
 
 FORMAT = "cellseg-checkpoint-1"
 TMP_SUFFIX = ".partial"
+LOCK_NAME = ".cellseg.lock"
 
 
 def publish(tmp: str | Path, path: str | Path) -> None:
@@ -47,6 +48,39 @@ def save_atomic(obj, path: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def hold_folder(folder: Path):
+    """Lock ``folder`` for this process: an exclusive advisory lock (flock) on
+    FOLDER/.cellseg.lock, which the OS releases when the process ends, however it ends. Returns
+    the open lock file (closing it releases the lock); None where the platform has no flock.
+    Raises DataError naming the folder and the holder's pid when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise DataError(f"{str(folder)!r} is being trained by another process (pid {holder}); "
+                        "wait for it, or stop it and resume") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def release(lock) -> None:
+    """Release a lock from :func:`hold_folder` (None: nothing to release)."""
+    if lock is not None:
+        lock.close()
 
 
 def remove_stale(folder: Path) -> list[Path]:

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..registry import create_model, epoch_start, step_start, training_loss
 from . import distributed
-from .checkpoint import (FORMAT, load_checkpoint, remove_stale, save_atomic, write_atomic,
-                         write_text_atomic)
+from .checkpoint import (FORMAT, hold_folder, load_checkpoint, release, remove_stale,
+                         save_atomic, write_atomic, write_text_atomic)
 from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
 from .config import TrainConfig, resumed_config
@@ -152,6 +152,9 @@ class Trainer:
         (:func:`resumed_config`: those not in ``given`` are taken from its last.pt)."""
         cfg.check()
         self.out = Path(cfg.out)
+        self.lock = None  # cfg.out's lock: held by run() while it writes there
+        if self.out.is_dir() and distributed.is_main():
+            release(hold_folder(self.out))  # refused now, before any work, if another has it
         if not resume and (self.out / "last.pt").exists():
             raise DataError(f"--out {str(self.out)!r} already holds a run; use --resume or "
                             "another --out")
@@ -161,7 +164,6 @@ class Trainer:
         if last is not None:
             cfg = resumed_config(cfg, last["config"], given)
         self.cfg = cfg
-        remove_stale(self.out)  # half-written files of a killed run
         self.device = distributed.setup(resolve_device(cfg.device))
         cuda = self.device.type == "cuda"
         self.sources, self.split = load_split(cfg)
@@ -294,10 +296,17 @@ class Trainer:
         for x, y in batches:
             yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
+    def hold_out(self) -> None:
+        """Lock cfg.out (rank 0 only; a second process training into it is refused in one line
+        instead of both writing the same files), then remove what a killed run half-wrote."""
+        if self.lock is None and distributed.is_main():
+            self.lock = hold_folder(self.out)
+            remove_stale(self.out)
+
     def write_config(self) -> None:
         if not distributed.is_main():
             return
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.hold_out()
         info = {**asdict(self.cfg), "versions": versions(), "split": self.split,
                 "class_names": list(self.class_names), "norm": {"mean": self.mean, "std": self.std},
                 "resolved": {"device": str(self.device), "precision": self.precision,
@@ -342,7 +351,14 @@ class Trainer:
         return float(losses.mean())
 
     def run(self, on_step=None, on_epoch=None) -> dict:
-        """Train until cfg.epochs; returns the last history row."""
+        """Train until cfg.epochs; returns the last history row. Releases cfg.out's lock."""
+        try:
+            return self._run(on_step, on_epoch)
+        finally:
+            release(self.lock)
+            self.lock = None
+
+    def _run(self, on_step, on_epoch) -> dict:
         self.write_config()
         while self.epoch < self.cfg.epochs:
             t0 = time.perf_counter()
