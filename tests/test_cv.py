@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from cellseg_plugins.engine.checkpoint import hold_folder
 from conftest import FAST, TINY, cli
 
 
@@ -31,6 +32,13 @@ def test_cv_grid_summary_and_resume(tmp_path, capsys):
     code, _, err = cli(capsys, *argv)
     assert code == 0 and "fold 0 seed 0: resuming after epoch 1 of 1" in err
     assert "epoch 1/1" not in err and "fold 1 seed 0" not in err
+    (out / "fold0_seed0" / "test.json").unlink()
+    other = hold_folder(out)  # another cv (or study) working in this folder
+    code, _, err = cli(capsys, *argv)
+    other.close()
+    assert code == 2 and err.count("\n") == 1 and "resuming" not in err, err
+    assert f"error: '{out}' is in use by another cellseg process (pid {os.getpid()})" in err
+    assert not (out / "fold0_seed0" / "test.json").exists()  # nothing ran
 
 
 def test_progress_lines_come_after_the_first_epoch_and_then_at_most_every_interval(capsys):

@@ -167,7 +167,7 @@ def test_a_second_process_training_into_a_run_folder_is_refused(tmp_path, capsys
     other = hold_folder(out)  # as another process would hold it while it trains there
     code, _, err = cli(capsys, "train", TINY, "--out", out, "--resume", "--epochs", 2, *FAST)
     assert code == 2 and err.count("\n") == 1, err
-    assert f"'{out}' is being trained by another process (pid {os.getpid()})" in err
+    assert f"'{out}' is in use by another cellseg process (pid {os.getpid()})" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if TMP_SUFFIX not in p.name} == before
     assert (out / f".last.pt.x{TMP_SUFFIX}").exists()  # its half-written file is left alone
     other.close()  # it ended (the OS releases the lock of a process that dies in any way)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,7 +69,7 @@ def hold_folder(folder: Path):
         lock.seek(0)
         holder = lock.read().strip() or "?"
         lock.close()
-        raise DataError(f"{str(folder)!r} is being trained by another process (pid {holder}); "
+        raise DataError(f"{str(folder)!r} is in use by another cellseg process (pid {holder}): "
                         "wait for it, or stop it and resume") from None
     lock.seek(0)
     lock.truncate()
@@ -81,6 +82,16 @@ def release(lock) -> None:
     """Release a lock from :func:`hold_folder` (None: nothing to release)."""
     if lock is not None:
         lock.close()
+
+
+@contextmanager
+def holding(folder: Path):
+    """``with holding(folder):`` :func:`hold_folder` for the block."""
+    lock = hold_folder(folder)
+    try:
+        yield
+    finally:
+        release(lock)
 
 
 def remove_stale(folder: Path) -> list[Path]:

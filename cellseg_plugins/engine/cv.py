@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 import sys
@@ -11,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import DataError
-from .checkpoint import load_checkpoint, write_text_atomic
+from .checkpoint import holding, load_checkpoint, write_text_atomic
 from .config import RUN_OPTIONS, as_option, first_difference, shown
 from .data import load_split
 from .evaluation import evaluate_checkpoint
@@ -116,20 +117,22 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
     planned = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),
                 f"fold {f} seed {s}") for f in range(folds) for s in range(seeds)]
     check_kept_runs(planned)
-    pending = [(cfg, label) for cfg, label in planned
-               if not (Path(cfg.out) / "test.json").exists()]
-    failed = []
-    for (cfg, _), ok, value in run_jobs(train_and_test, pending, jobs, threads):
-        if not ok:
-            failed.append(f"fold {cfg.fold} seed {cfg.seed}: {value}")
-        elif on_run:
-            on_run({"fold": cfg.fold, "seed": cfg.seed, **value})
-    results = [{"fold": f, "seed": s, **json.loads((run_dir(out, f, s) / "test.json").read_text())}
-               for f in range(folds) for s in range(seeds)
-               if (run_dir(out, f, s) / "test.json").exists()]
-    summary = summarise(results) if results else None
-    if summary:
-        write_summary(summary, results, out)
+    with holding(out):  # a second cv into this folder: refused before it trains anything
+        pending = [(cfg, label) for cfg, label in planned
+                   if not (Path(cfg.out) / "test.json").exists()]
+        failed = []
+        for (cfg, _), ok, value in run_jobs(train_and_test, pending, jobs, threads):
+            if not ok:
+                failed.append(f"fold {cfg.fold} seed {cfg.seed}: {value}")
+            elif on_run:
+                on_run({"fold": cfg.fold, "seed": cfg.seed, **value})
+        results = [{"fold": f, "seed": s,
+                    **json.loads((run_dir(out, f, s) / "test.json").read_text())}
+                   for f in range(folds) for s in range(seeds)
+                   if (run_dir(out, f, s) / "test.json").exists()]
+        summary = summarise(results) if results else None
+        if summary:
+            write_summary(summary, results, out)
     if failed:
         raise TrainingError(f"{len(failed)} of {folds * seeds} runs failed: " + "; ".join(failed))
     return summary
@@ -150,11 +153,13 @@ def summarise(results: list[dict]) -> dict:
 
 
 def write_summary(summary: dict, results: list[dict], out: Path) -> None:
-    with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "mean_iou", "std_iou", "runs"])
-        for name, s in summary["classes"].items():
-            w.writerow([name, s["mean"], s["std"], s["n"]])
+    """out/summary.csv and out/summary.md, each written atomically."""
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["class", "mean_iou", "std_iou", "runs"])
+    for name, s in summary["classes"].items():
+        w.writerow([name, s["mean"], s["std"], s["n"]])
+    write_text_atomic(out / "summary.csv", table.getvalue())
     lines = [f"# {summary['spec']}: {summary['runs']} runs (folds × seeds), test IoU %", "",
              "| class | mean ± std |", "|---|---|"]
     for name, s in summary["classes"].items():
@@ -162,4 +167,4 @@ def write_summary(summary: dict, results: list[dict], out: Path) -> None:
         lines.append(f"| {name} | {value} |")
     lines += ["", "| fold | seed | mIoU |", "|---|---|---|"]
     lines += [f"| {r['fold']} | {r['seed']} | {100 * r['miou']:.2f} |" for r in results]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..registry import SpecError, parse_spec
+from .checkpoint import holding, write_text_atomic
 from .config import TrainConfig, option_fields
 from .cv import check_kept_runs, run_dir, train_and_test
 from .data import DataError, load_split
@@ -237,20 +238,21 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
                if not (Path(cfg.out) / "test.json").exists()]
     if on_start:
         on_start(selected, len(pending))
-    out.mkdir(parents=True, exist_ok=True)
-    record = out / "study.json"
-    ran = invocations(json.loads(record.read_text())) if record.is_file() else []
-    this = {"command": shlex.join(["cellseg", *sys.argv[1:]]),
-            "machine": {**machine(), "jobs": jobs, "threads_per_run": job_threads(jobs, threads)}}
-    if (pending and this not in ran) or not ran:
-        ran.append(this)
-    record.write_text(json.dumps({**study.to_json(), "invocations": ran}, indent=2))
-    failed = []
-    for (cfg, label), ok, value in run_jobs(train_and_test, pending, jobs, threads):
-        if not ok:
-            failed.append(f"{label}: {value}")
-        elif on_run:
-            on_run(label, value)
+    with holding(out):  # a second study into this folder: refused before it writes anything
+        record = out / "study.json"
+        ran = invocations(json.loads(record.read_text())) if record.is_file() else []
+        this = {"command": shlex.join(["cellseg", *sys.argv[1:]]),
+                "machine": {**machine(), "jobs": jobs,
+                            "threads_per_run": job_threads(jobs, threads)}}
+        if (pending and this not in ran) or not ran:
+            ran.append(this)
+        write_text_atomic(record, json.dumps({**study.to_json(), "invocations": ran}, indent=2))
+        failed = []
+        for (cfg, label), ok, value in run_jobs(train_and_test, pending, jobs, threads):
+            if not ok:
+                failed.append(f"{label}: {value}")
+            elif on_run:
+                on_run(label, value)
     if failed:
         raise TrainingError(f"{len(failed)} of {len(pending)} runs failed: " + "; ".join(failed))
 
