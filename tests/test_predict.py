@@ -1,7 +1,8 @@
-"""Tiled prediction: any image size, tiles blend to the untiled prediction."""
+"""Tiled prediction: any image size, tiles blend to the untiled prediction; files in, files out."""
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 import cellseg_plugins as cs
@@ -23,3 +24,53 @@ def test_tiles_blend_to_the_untiled_prediction():
     whole = predict_image(model, image, [0.5], [0.2], tile=96, overlap=0)
     tiled = predict_image(model, image, [0.5], [0.2], tile=64, overlap=32)
     assert (whole == tiled).mean() > 0.9  # same model, different tiling: near-identical labels
+
+
+def _images(folder):
+    """One file of each layout predict takes: grey, 16-bit, RGB(A), palette, stacks."""
+    import tifffile
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    u8 = lambda *shape: (rng.random(shape) * 255).astype(np.uint8)  # noqa: E731
+    tifffile.imwrite(folder / "grey.tif", u8(20, 30))
+    tifffile.imwrite(folder / "float.tif", rng.random((20, 30)).astype(np.float32) * 1e4)
+    tifffile.imwrite(folder / "stack.tif", u8(3, 20, 30))
+    tifffile.imwrite(folder / "imagej.tif", u8(4, 20, 30), imagej=True)
+    tifffile.imwrite(folder / "rgb_stack.tif", u8(2, 20, 30, 3))
+    Image.fromarray((rng.random((20, 30)) * 60000).astype(np.uint16)).save(folder / "g16.png")
+    Image.fromarray(u8(20, 30, 4)).save(folder / "rgba.png")
+    Image.fromarray(u8(20, 30)).convert("P").save(folder / "palette.png")
+    return sorted(folder.iterdir())
+
+
+def test_image_headers_give_the_shape_of_the_pixels(tmp_path):
+    from cellseg_plugins.engine.data import image_shape, read_image
+
+    for path in _images(tmp_path / "in"):
+        assert image_shape(path) == read_image(path).shape, path.name
+
+
+def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_path, monkeypatch):
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    paths = [p for p in _images(tmp_path / "in") if "rgb" not in p.name]
+    reads, events = [], []
+    real = predict.read_pages
+    monkeypatch.setattr(predict, "read_pages", lambda p: reads.append(p.name) or real(p))
+    written = predict.predict_paths(ckpt, [str(p) for p in paths], tmp_path / "out", tile=32,
+                                    overlap=8, on_image=lambda p, *_: events.append(len(reads)))
+    assert events == list(range(1, len(paths) + 1))  # each image read just before its labels
+    pages = {"stack.tif": 3, "imagej.tif": 4}
+    for path, out in zip(paths, written):
+        assert out.name == f"{path.stem}.tif"
+        labels = tifffile.imread(out)
+        assert labels.shape == ((pages[path.name],) if path.name in pages else ()) + (20, 30)
+    reads.clear()
+    with pytest.raises(predict.DataError, match="rgb_stack.tif: 3 channel"):  # 6th of 8
+        predict.predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "refused", tile=32,
+                              overlap=8)
+    assert reads == [] and not (tmp_path / "refused").exists()

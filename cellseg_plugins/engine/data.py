@@ -155,6 +155,20 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
+def image_shape(path: Path) -> tuple[int, ...]:
+    """The shape :func:`read_image` returns for ``path``, from the file's header only (no pixel
+    data is decoded); raises DataError."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as f:
+                return tuple(f.series[0].shape)
+        with Image.open(path) as im:
+            bands, (w, h) = len(im.getbands()), im.size
+            return (h, w) if bands == 1 else (h, w, bands)
+    except Exception as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
+
+
 def _to_unit(a: np.ndarray) -> np.ndarray:
     """uint8/uint16/float → float32 in [0, 1]; RGBA loses alpha."""
     if a.ndim == 3 and a.shape[-1] == 4:

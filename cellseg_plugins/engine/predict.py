@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import DataError, SUFFIXES, _to_unit, read_image
+from .data import DataError, SUFFIXES, _to_unit, image_shape, read_image
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -80,8 +80,8 @@ def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap:
     return (probs / norm).argmax(0)[:h, :w].numpy().astype(np.uint8)
 
 
-def iter_inputs(inputs: list[str]):
-    """(name, image float (H, W[, C])) for files, folders and every page of TIFF stacks."""
+def input_paths(inputs: list[str]) -> list[Path]:
+    """The image files of ``inputs`` (files, and the PNG / TIFF files of folders)."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -93,10 +93,24 @@ def iter_inputs(inputs: list[str]):
             raise DataError(f"input {item!r} does not exist")
     if not paths:
         raise DataError(f"no PNG or TIFF images in {', '.join(inputs)}")
-    for p in paths:
-        a = read_image(p)
-        stack = (a.ndim == 3 and a.shape[-1] not in (3, 4)) or a.ndim == 4
-        yield p, ([_to_unit(page) for page in a] if stack else [_to_unit(a)]), stack
+    return paths
+
+
+def _is_stack(shape: tuple[int, ...]) -> bool:
+    """A multi-page TIFF (pages, H, W[, C]) rather than one image (H, W[, C])."""
+    return (len(shape) == 3 and shape[-1] not in (3, 4)) or len(shape) == 4
+
+
+def image_layout(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(pages, channels) of an image of this shape (RGBA counts as RGB: alpha is dropped)."""
+    page = shape[1:] if _is_stack(shape) else shape
+    return (shape[0] if _is_stack(shape) else 1), (1 if len(page) == 2 else min(page[-1], 3))
+
+
+def read_pages(path: Path) -> list[np.ndarray]:
+    """Float (H, W[, C]) pages in [0, 1] of an image file: one, or each page of a stack."""
+    a = read_image(path)
+    return [_to_unit(page) for page in a] if _is_stack(a.shape) else [_to_unit(a)]
 
 
 def check_tiling(tile: int, overlap: int) -> None:
@@ -275,22 +289,25 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks) in ``out``, with colour
-    overlay PNGs if asked. Every input is read and checked before anything is written."""
+    overlay PNGs if asked. Every input's header (size, pages, channels) and every output name
+    is checked before anything is written; then the images are read one at a time."""
     from PIL import Image
 
     check_tiling(tile, overlap)
     model, meta, rules = load_predictor(source, runtime, device)
-    items = list(iter_inputs(inputs))
-    for path, pages, _ in items:
-        channels = 1 if pages[0].ndim == 2 else pages[0].shape[-1]
+    paths = input_paths(inputs)
+    layouts = [image_layout(image_shape(path)) for path in paths]  # headers only
+    for path, (_, channels) in zip(paths, layouts):
         if channels != meta["in_channels"]:
             raise DataError(f"{path}: {channels} channel(s), the model expects "
                             f"{meta['in_channels']}")
     out = Path(out)
-    targets = output_paths([(path, len(pages)) for path, pages, _ in items], out, with_overlay)
+    targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
+                           with_overlay)
     out.mkdir(parents=True, exist_ok=True)
     norm, written = meta["norm"], []
-    for (path, pages, _), (target, overlays) in zip(items, targets):
+    for path, (target, overlays) in zip(paths, targets):
+        pages = read_pages(path)  # one image in memory at a time
         labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device)
                   for p in pages]
         write_labels(target, labels, meta)
