@@ -100,6 +100,8 @@ def test_user_folder_tiff_stack(tmp_path):
              "them with --class-map, e.g. '0:class0,128:class1,255:class2'"),
     ("probabilities", "c0.tif: mask value 0.5 is not an integer"),
     ("negative", "c0.tif: mask value -1 is negative"),
+    ("colour", "c1.png: a colour-coded mask (pixel (3, 7) is (255, 0, 0)); masks hold one "
+               "class index or grey level per pixel"),
 ])
 def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
     make_folder(tmp_path)
@@ -112,6 +114,10 @@ def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
         (tmp_path / "images" / "c2.png").write_bytes(b"not a png")
     elif breakage == "unmapped":
         class_map = "0:bg,128:a"
+    elif breakage == "colour":  # red for one class, black for another: R alone would do
+        mask = np.zeros((40, 40, 3), np.uint8)
+        mask[3, 7] = (255, 0, 0)
+        Image.fromarray(mask).save(tmp_path / "masks" / "c1.png")
     else:  # masks without a class map: grey levels, or values that are no class index
         class_map = None
         if breakage != "grey":
@@ -122,6 +128,28 @@ def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
     with pytest.raises(DataError) as err:
         load_folder(tmp_path, class_map)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_grey_masks_saved_as_rgb_and_hidden_files(tmp_path):
+    """A grey mask saved as RGB(A) is the grey mask; hidden files (macOS' ._c0.png) are not
+    images, in training folders as in predict's."""
+    make_folder(tmp_path / "grey")
+    make_folder(tmp_path / "rgb")
+    for i in range(3):
+        grey = np.asarray(Image.open(tmp_path / "rgb" / "masks" / f"c{i}.png"))
+        alpha = np.full_like(grey, 255)
+        Image.fromarray(np.stack([grey, grey, grey, alpha], -1)).save(
+            tmp_path / "rgb" / "masks" / f"c{i}.png")
+    (tmp_path / "rgb" / "images" / "._c0.png").write_bytes(b"\0\5\x16\7 AppleDouble")
+    (tmp_path / "rgb" / "masks" / ".c9.png").write_bytes(b"")
+    grey, rgb = (load_folder(tmp_path / name, "0:bg,128:a,255:b") for name in ("grey", "rgb"))
+    assert rgb.names == grey.names == ["c0", "c1", "c2"]
+    for a, b in zip(grey.masks, rgb.masks):
+        np.testing.assert_array_equal(a, b)
+    from cellseg_plugins.engine.predict import input_paths
+
+    assert [p.name for p in input_paths([str(tmp_path / "rgb" / "images")])] == [
+        "c0.png", "c1.png", "c2.png"]
 
 
 def test_class_map_syntax_error():

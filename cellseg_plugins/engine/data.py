@@ -198,9 +198,25 @@ def parse_class_map(text: str) -> tuple[tuple[str, ...], dict[int, int]]:
     return tuple(names), value_map
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The PNG and TIFF files of ``folder``, sorted; hidden files (macOS' ``._name.png``
+    resource forks, ...) are not images."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
 def map_values(mask: np.ndarray, value_map: dict[int, int] | None, path: Path) -> np.ndarray:
-    """(H, W) int64 class indices of a mask (its first channel), through ``value_map``."""
+    """(H, W) int64 class indices of a mask through ``value_map``. A colour mask is taken only
+    if it is grey (its colour channels equal; alpha is ignored): a colour-coded one is refused,
+    as its first channel alone would merge classes."""
     if mask.ndim == 3:
+        colour = mask[..., :3]
+        if not (colour == colour[..., :1]).all():
+            y, x = np.argwhere((colour != colour[..., :1]).any(-1))[0]
+            raise DataError(f"{path}: a colour-coded mask (pixel ({y}, {x}) is "
+                            f"{tuple(int(v) for v in colour[y, x])}); masks hold one class "
+                            "index or grey level per pixel: save it as grey levels and name "
+                            "them with --class-map")
         mask = mask[..., 0]
     if mask.dtype.kind == "f" and not np.array_equal(mask, np.round(mask)):
         bad = float(mask[mask != np.round(mask)].flat[0])
@@ -234,10 +250,10 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
     if not root.is_dir():
         raise DataError(f"--data {str(root)!r}: not 'synthetic', 'sstem' or an existing folder")
     image_dir, mask_dir = _find_dir(root, IMAGE_DIRS, "image"), _find_dir(root, MASK_DIRS, "mask")
-    masks_by_stem = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in SUFFIXES}
+    masks_by_stem = {p.stem: p for p in image_files(mask_dir)}
     names, value_map = parse_class_map(class_map) if class_map else ((), None)
     images, masks, stems = [], [], []
-    for path in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in SUFFIXES):
+    for path in image_files(image_dir):
         if path.stem not in masks_by_stem:
             raise DataError(f"{path}: no mask with stem {path.stem!r} in {mask_dir}")
         image, mask = read_image(path), read_image(masks_by_stem[path.stem])

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import DataError, SUFFIXES, _to_unit, image_shape, read_image
+from .data import SUFFIXES, DataError, _to_unit, image_files, image_shape, read_image
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -86,7 +86,7 @@ def input_paths(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in SUFFIXES)
+            paths += image_files(p)
         elif p.is_file():
             paths.append(p)
         else:
