@@ -176,6 +176,19 @@ def test_a_second_process_training_into_a_run_folder_is_refused(tmp_path, capsys
     assert not list(out.glob(f"*{TMP_SUFFIX}"))  # stale now: removed before training
 
 
+def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")  # some NFS mounts
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert hold_folder(tmp_path / "run") is None
+    Trainer(tiny(tmp_path / "run", epochs=1)).run()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
 def test_truncated_checkpoints_and_corrupt_metrics(tmp_path, capsys):
     out = tmp_path / "run"
     Trainer(tiny(out, epochs=1)).run()

@@ -54,7 +54,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 def hold_folder(folder: Path):
     """Lock ``folder`` for this process: an exclusive advisory lock (flock) on
     FOLDER/.cellseg.lock, which the OS releases when the process ends, however it ends. Returns
-    the open lock file (closing it releases the lock); None where the platform has no flock.
+    the open lock file (closing it releases the lock); None where the platform or the file
+    system has no flock (the folder is then used unlocked, as before locks).
     Raises DataError naming the folder and the holder's pid when another process holds it."""
     try:
         import fcntl
@@ -71,6 +72,9 @@ def hold_folder(folder: Path):
         lock.close()
         raise DataError(f"{str(folder)!r} is in use by another cellseg process (pid {holder}): "
                         "wait for it, or stop it and resume") from None
+    except OSError:  # a file system without locks (some NFS mounts): go on unlocked
+        lock.close()
+        return None
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
