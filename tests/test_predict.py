@@ -36,9 +36,9 @@ def _images(folder):
     u8 = lambda *shape: (rng.random(shape) * 255).astype(np.uint8)  # noqa: E731
     tifffile.imwrite(folder / "grey.tif", u8(20, 30))
     tifffile.imwrite(folder / "float.tif", rng.random((20, 30)).astype(np.float32) * 1e4)
-    tifffile.imwrite(folder / "stack.tif", u8(3, 20, 30))
+    tifffile.imwrite(folder / "stack.tif", u8(3, 20, 30), photometric="minisblack")
     tifffile.imwrite(folder / "imagej.tif", u8(4, 20, 30), imagej=True)
-    tifffile.imwrite(folder / "rgb_stack.tif", u8(2, 20, 30, 3))
+    tifffile.imwrite(folder / "rgb_stack.tif", u8(2, 20, 30, 3), photometric="rgb")
     Image.fromarray((rng.random((20, 30)) * 60000).astype(np.uint16)).save(folder / "g16.png")
     Image.fromarray(u8(20, 30, 4)).save(folder / "rgba.png")
     Image.fromarray(u8(20, 30)).convert("P").save(folder / "palette.png")
