@@ -155,6 +155,11 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
+def is_stack(shape: tuple[int, ...]) -> bool:
+    """A multi-page TIFF (pages, H, W[, C]) rather than one image (H, W[, C])."""
+    return (len(shape) == 3 and shape[-1] not in (3, 4)) or len(shape) == 4
+
+
 def image_shape(path: Path) -> tuple[int, ...]:
     """The shape :func:`read_image` returns for ``path``, from the file's header only (no pixel
     data is decoded); raises DataError."""
@@ -257,7 +262,7 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
         if path.stem not in masks_by_stem:
             raise DataError(f"{path}: no mask with stem {path.stem!r} in {mask_dir}")
         image, mask = read_image(path), read_image(masks_by_stem[path.stem])
-        stack = image.ndim == 3 and image.shape[-1] not in (3, 4) or image.ndim == 4
+        stack = is_stack(image.shape)
         pages = list(zip(image, mask)) if stack else [(image, mask)]
         for k, (im, ms) in enumerate(pages):
             ms = map_values(ms, value_map, masks_by_stem[path.stem])

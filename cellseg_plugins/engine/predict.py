@@ -16,7 +16,8 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import SUFFIXES, DataError, _to_unit, image_files, image_shape, read_image
+from .data import (SUFFIXES, DataError, _to_unit, image_files, image_shape, is_stack,
+                   read_image)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -96,21 +97,16 @@ def input_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def _is_stack(shape: tuple[int, ...]) -> bool:
-    """A multi-page TIFF (pages, H, W[, C]) rather than one image (H, W[, C])."""
-    return (len(shape) == 3 and shape[-1] not in (3, 4)) or len(shape) == 4
-
-
 def image_layout(shape: tuple[int, ...]) -> tuple[int, int]:
     """(pages, channels) of an image of this shape (RGBA counts as RGB: alpha is dropped)."""
-    page = shape[1:] if _is_stack(shape) else shape
-    return (shape[0] if _is_stack(shape) else 1), (1 if len(page) == 2 else min(page[-1], 3))
+    page = shape[1:] if is_stack(shape) else shape
+    return (shape[0] if is_stack(shape) else 1), (1 if len(page) == 2 else min(page[-1], 3))
 
 
 def read_pages(path: Path) -> list[np.ndarray]:
     """Float (H, W[, C]) pages in [0, 1] of an image file: one, or each page of a stack."""
     a = read_image(path)
-    return [_to_unit(page) for page in a] if _is_stack(a.shape) else [_to_unit(a)]
+    return [_to_unit(page) for page in a] if is_stack(a.shape) else [_to_unit(a)]
 
 
 def check_tiling(tile: int, overlap: int) -> None:
