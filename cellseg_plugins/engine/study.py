@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import io
 import json
 import math
 import platform
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..registry import SpecError, parse_spec
-from .checkpoint import holding, write_text_atomic
+from .checkpoint import holding, write_atomic, write_text_atomic
 from .config import TrainConfig, option_fields
 from .cv import check_kept_runs, run_dir, train_and_test
 from .data import DataError, load_split
@@ -334,7 +335,7 @@ def report(folder: Path, out: Path | None = None) -> dict:
         rows.append(line)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, classes, out / "table.csv")
-    (out / "table.md").write_text(_markdown(info, rows, classes, run_seconds(folder, info)))
+    write_text_atomic(out / "table.md", _markdown(info, rows, classes, run_seconds(folder, info)))
     _plot_gains(info, rows, out / "gains.png")
     return {"rows": rows, "classes": classes}
 
@@ -355,17 +356,18 @@ def _p(value) -> str:
 
 
 def _write_csv(rows, classes, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "spec", "base", "runs", *[f"{c}_{k}" for c in classes + ["mIoU"]
-                                                       for k in ("mean", "std")],
-                    "gain_mean", "gain_std", "t_p", "wilcoxon_p", "paper_miou", "paper_gain"])
-        for r in rows:
-            g = r.get("gain", {})
-            w.writerow([r["name"], r["spec"], r["base"] or "", r["runs"],
-                        *[v for c in classes + ["mIoU"] for v in r[c]],
-                        g.get("mean"), g.get("std"), g.get("t_p"), g.get("wilcoxon_p"),
-                        r["paper"], r.get("paper_gain")])
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["row", "spec", "base", "runs", *[f"{c}_{k}" for c in classes + ["mIoU"]
+                                                   for k in ("mean", "std")],
+                "gain_mean", "gain_std", "t_p", "wilcoxon_p", "paper_miou", "paper_gain"])
+    for r in rows:
+        g = r.get("gain", {})
+        w.writerow([r["name"], r["spec"], r["base"] or "", r["runs"],
+                    *[v for c in classes + ["mIoU"] for v in r[c]],
+                    g.get("mean"), g.get("std"), g.get("t_p"), g.get("wilcoxon_p"),
+                    r["paper"], r.get("paper_gain")])
+    write_text_atomic(path, table.getvalue())
 
 
 def _machine(m: dict) -> str:
@@ -429,6 +431,6 @@ def _plot_gains(info, rows, path: Path) -> None:
     if gained:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
