@@ -22,20 +22,27 @@ from ..engine.config import TrainConfig, option_fields
 from ..engine.presets import apply_preset, describe_presets
 
 
-def folder(value: str | None) -> str | None:
-    """Typer callback of the options that name a folder to write into: refuses, before any
-    work, a path that is a file, lies under one, or lies in a folder that cannot be written."""
-    if value is None:
-        return value
+def folder_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a folder to write into (a file, under a file, in a folder that
+    cannot be written), or None."""
     path = Path(value)
     for existing in (path, *path.parents):
         if existing.exists():
             what = "" if existing == path else f" lies in {str(existing)!r}, which"
             if not existing.is_dir():
-                raise typer.BadParameter(f"{value!r}{what} is a file, not a folder")
+                return f"{value!r}{what} is a file, not a folder"
             if not os.access(existing, os.W_OK | os.X_OK):
-                raise typer.BadParameter(f"{value!r}{what} is not writable")
-            return value
+                return f"{value!r}{what} is not writable"
+            return None
+    return None
+
+
+def folder(value: str | None) -> str | None:
+    """Typer callback of the options that name a folder to write into: refuses, before any
+    work, a path :func:`folder_problem` finds fault with."""
+    problem = None if value is None else folder_problem(value)
+    if problem:
+        raise typer.BadParameter(problem)
     return value
 
 

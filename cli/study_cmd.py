@@ -31,10 +31,14 @@ def study_run(
     """Train and test every row × fold × seed not finished yet; finished runs are kept."""
     from ..engine.study import load_study, report, run_study
     from ..engine.train import emulation_note
+    from .errors import CLIError
 
     o.check_jobs(jobs, threads)
     study = load_study(file, scale)
     folder = Path(out or f"runs/study/{study.name}-{study.scale}")
+    problem = None if out else o.folder_problem(str(folder))
+    if problem:
+        raise CLIError(f"--out (default {folder}): {problem}; pass --out DIR")
     console = Console(stderr=True)
 
     def start(selected, pending):

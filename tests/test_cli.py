@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,24 @@ def test_a_folder_option_naming_a_file_is_one_line_before_any_work(capsys, tmp_p
     assert f"Invalid value for '--{'root' if argv[-1] == '--root' else 'out'}': " \
            f"'{target}'{what} is a file, not a folder (see 'cellseg {argv[0]}" in err, err
     assert file.read_text() == "keep me" and list(tmp_path.iterdir()) == [file]
+
+
+@pytest.mark.parametrize("argv, default", [
+    (["train", "unet"], "runs/latest"),
+    (["study", "run", "STUDY"], "runs/study/sstem5-cpu"),
+])
+def test_a_default_output_folder_blocked_by_a_file_is_one_line(capsys, tmp_path, monkeypatch,
+                                                               argv, default):
+    """Without --out, the default folder is checked up front like a given one."""
+    study = Path("studies/sstem5.toml").resolve()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("keep me")
+    code, _, err = cli(capsys, *[str(study) if a == "STUDY" else a for a in argv],
+                       *(["--scale", "cpu"] if argv[0] == "study" else []))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"'{default}' lies in 'runs', which is a file, not a folder" in err, err
+    assert (tmp_path / "runs").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
 def test_an_unwritable_folder_and_a_refusing_file_system_are_one_line(capsys, tmp_path,
