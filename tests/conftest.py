@@ -73,20 +73,21 @@ def small_spec(arch: str) -> str:
     return f"{arch}(encoder='{enc}'{extra})"
 
 
-def checkpoint(tmp_path, spec, name="model.pt", classes=3):
+def checkpoint(tmp_path, spec, name="model.pt", classes=3, in_channels=1):
     """A checkpoint as training writes it, of a model with BatchNorm statistics that are not
     0/1 (one forward in training mode); returns (path, the model in eval mode)."""
     import cellseg_plugins as cs
     from cellseg_plugins.engine.checkpoint import FORMAT
 
     torch.manual_seed(0)
-    model = cs.create_model(spec, classes=classes)
+    model = cs.create_model(spec, in_channels=in_channels, classes=classes)
     model.train()
     with torch.no_grad():
-        model(torch.randn(2, 1, 64, 64))
-    ckpt = {"format": FORMAT, "spec": model.cellseg_spec, "in_channels": 1,
+        model(torch.randn(2, in_channels, 64, 64))
+    ckpt = {"format": FORMAT, "spec": model.cellseg_spec, "in_channels": in_channels,
             "class_names": [f"c{i}" for i in range(classes)],
-            "norm": {"mean": [0.5], "std": [0.2]}, "model": model.state_dict(),
+            "norm": {"mean": [0.5] * in_channels, "std": [0.2] * in_channels},
+            "model": model.state_dict(),
             "config": {"data": "synthetic"}}
     torch.save(ckpt, tmp_path / name)
     return tmp_path / name, model.eval()

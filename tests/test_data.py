@@ -152,6 +152,36 @@ def test_grey_masks_saved_as_rgb_and_hidden_files(tmp_path):
         "c0.png", "c1.png", "c2.png"]
 
 
+def test_alpha_palette_and_mixed_grey_and_colour_folders(tmp_path):
+    """Grey with alpha (LA PNG) is grey, image and mask alike, not a stack of 2-pixel-wide
+    pages; a palette mask holds its indices; a folder of grey and colour images trains on
+    colour, each grey image repeated into RGB."""
+    make_folder(tmp_path / "grey")
+    make_folder(tmp_path / "mixed")
+    images, masks = tmp_path / "mixed" / "images", tmp_path / "mixed" / "masks"
+    first = np.asarray(Image.open(images / "c0.png"))
+    mask = np.asarray(Image.open(masks / "c0.png"))
+    Image.fromarray(np.dstack([first, first // 3]), mode="LA").save(images / "c0.png")
+    Image.fromarray(np.dstack([mask, mask // 2]), mode="LA").save(masks / "c0.png")
+    indices = (np.asarray(Image.open(masks / "c1.png")) > 0).astype(np.uint8)
+    palette = Image.fromarray(indices, mode="P")
+    palette.putpalette([0, 0, 0, 200, 10, 10])
+    palette.save(masks / "c1.png")
+    second = np.asarray(Image.open(images / "c1.png"))
+    colour = np.dstack([second, second // 2, 255 - second])
+    Image.fromarray(colour).save(images / "c1.png")
+    grey = load_folder(tmp_path / "grey", "0:bg,128:a,255:b")
+    mixed = load_folder(tmp_path / "mixed", "0:bg,1:a,128:a,255:b")
+    assert mixed.names == ["c0", "c1", "c2"] and mixed.in_channels == 3
+    assert all(im.shape == (40, 40, 3) for im in mixed.images)
+    for k in (0, 2):  # grey (c0 had alpha): the grey image in each of the three channels
+        for c in range(3):
+            np.testing.assert_array_equal(mixed.images[k][..., c], grey.images[k])
+    np.testing.assert_allclose(mixed.images[1], colour / 255.0, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(mixed.masks[0], grey.masks[0])
+    np.testing.assert_array_equal(mixed.masks[1], (grey.masks[1] > 0).astype(np.int64))
+
+
 def test_class_map_syntax_error():
     with pytest.raises(DataError, match="expected VALUE:NAME"):
         parse_class_map("0:bg,x")

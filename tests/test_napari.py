@@ -105,8 +105,8 @@ def test_bad_input_is_one_line_naming_the_value(tmp_path):
     cases = [
         (dict(image=layer(grey), model=tmp_path / "none.pt"), "none.pt"),
         (dict(image=layer(grey), model=Path()), "choose a cellseg checkpoint"),
-        (dict(image=layer(np.zeros((64, 64, 3), np.uint8), rgb=True), model=path),
-         "3 channel(s), the model expects 1"),
+        (dict(image=layer(np.dstack([grey, grey, grey + 1]), rgb=True), model=path),
+         "3 channel(s), the model expects 1 (a colour image, not grey saved as RGB)"),
         (dict(image=layer(grey), model=path, tile=16), "tile=16: must be at least 32"),
         (dict(image=None, model=path), "no image layer"),
         (dict(image=layer(grey), model=not_a_package), "not a BioImage Model Zoo package"),

@@ -27,7 +27,8 @@ def test_tiles_blend_to_the_untiled_prediction():
 
 
 def _images(folder):
-    """One file of each layout predict takes: grey, 16-bit, RGB(A), palette, stacks."""
+    """One file of each layout predict takes: grey, 16-bit, RGB(A), palette, grey with alpha,
+    stacks."""
     import tifffile
     from PIL import Image
 
@@ -42,6 +43,7 @@ def _images(folder):
     Image.fromarray((rng.random((20, 30)) * 60000).astype(np.uint16)).save(folder / "g16.png")
     Image.fromarray(u8(20, 30, 4)).save(folder / "rgba.png")
     Image.fromarray(u8(20, 30)).convert("P").save(folder / "palette.png")
+    Image.fromarray(u8(20, 30, 2), mode="LA").save(folder / "grey_alpha.png")
     return sorted(folder.iterdir())
 
 
@@ -70,7 +72,51 @@ def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_pa
         labels = tifffile.imread(out)
         assert labels.shape == ((pages[path.name],) if path.name in pages else ()) + (20, 30)
     reads.clear()
-    with pytest.raises(predict.DataError, match="rgb_stack.tif: 3 channel"):  # 6th of 8
+    with pytest.raises(predict.DataError, match="rgb_stack.tif: 3 channel"):  # 7th of 9
         predict.predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "refused", tile=32,
                               overlap=8)
     assert reads == [] and not (tmp_path / "refused").exists()
+
+
+def test_grey_saved_as_rgb_feeds_a_grey_model_and_grey_feeds_a_colour_one(tmp_path):
+    """Grey with alpha (LA) and grey saved as RGB(A) or as a palette give a grey model the
+    labels of the grey file; a colour model takes a grey file as RGB with equal channels; a
+    colour image for a grey model is one line before anything is written."""
+    from PIL import Image
+
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    rng = np.random.default_rng(0)
+    grey = (rng.random((40, 48)) * 255).astype(np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(grey).save(folder / "grey.png")
+    Image.fromarray(np.dstack([grey, grey, grey])).save(folder / "rgb.png")
+    Image.fromarray(np.dstack([grey, grey, grey, grey // 2])).save(folder / "rgba.png")
+    Image.fromarray(np.dstack([grey, grey // 2]), mode="LA").save(folder / "alpha.png")
+    Image.fromarray(grey).convert("P").save(folder / "palette.png")
+    files = sorted(folder.iterdir())
+    for in_channels in (1, 3):
+        ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)", name=f"m{in_channels}.pt",
+                             in_channels=in_channels)
+        written = predict.predict_paths(ckpt, [str(folder)], tmp_path / f"out{in_channels}",
+                                        tile=32, overlap=8)
+        labels = {p.stem: tifffile.imread(p) for p in written}
+        assert sorted(labels) == [p.stem for p in files]
+        assert all(np.array_equal(v, labels["grey"]) for v in labels.values()), in_channels
+        assert len(np.unique(labels["grey"])) > 1  # not a constant the check would miss
+        array = predict.predict_array(predict.load_predictor(ckpt), np.dstack([grey] * 3),
+                                      rgb=True, tile=32, overlap=8)
+        assert np.array_equal(array, labels["grey"])
+    colour = np.dstack([grey, grey, 255 - grey])
+    Image.fromarray(colour).save(folder / "zcolour.png")
+    ckpt = tmp_path / "m1.pt"
+    with pytest.raises(predict.DataError) as err:
+        predict.predict_paths(ckpt, [str(folder)], tmp_path / "refused", tile=32, overlap=8)
+    assert str(err.value) == (f"{folder / 'zcolour.png'}: 3 channel(s), the model expects 1 "
+                              "(a colour image, not grey saved as RGB)")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(predict.DataError, match="the model expects 1 \\(a colour image"):
+        predict.predict_array(predict.load_predictor(ckpt), colour, rgb=True, tile=32,
+                              overlap=8)

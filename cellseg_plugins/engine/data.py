@@ -137,20 +137,34 @@ def load_sstem(classes: str = "sstem5", root: Path | None = None) -> SourceSet:
     for path in raw:
         label = base / "stack1" / "labels" / f"labels{int(path.stem):08d}.png"
         images.append(_to_unit(read_image(path)))
-        masks.append(map_values(read_image(label), value_map, label))
+        masks.append(map_values(read_image(label, mask=True), value_map, label))
     return SourceSet(images, masks, names, [p.stem for p in raw])
 
 
 # ---------------------------------------------------------------- users' folders
 
 
-def read_image(path: Path) -> np.ndarray:
+GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _pil_array(im: Image.Image, mask: bool) -> np.ndarray:
+    """A PNG's pixels: grey as (H, W) (grey with alpha too: alpha is dropped), RGB(A) as
+    (H, W, 3|4); an image's palette or other colour space as RGB (a mask's palette indices
+    are its values)."""
+    if im.mode == "LA":
+        return np.asarray(im.getchannel("L"))
+    if im.mode in (*GREY_MODES, "RGB", "RGBA") or (mask and im.mode == "P"):
+        return np.asarray(im)
+    return np.asarray(im.convert("RGB"))
+
+
+def read_image(path: Path, mask: bool = False) -> np.ndarray:
     """(pages, H, W[, C]) for multi-page TIFF stacks, else (H, W[, C]); raises DataError."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             return tifffile.imread(path)
         with Image.open(path) as im:
-            return np.asarray(im)
+            return _pil_array(im, mask)
     except Exception as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
@@ -168,8 +182,8 @@ def image_shape(path: Path) -> tuple[int, ...]:
             with tifffile.TiffFile(path) as f:
                 return tuple(f.series[0].shape)
         with Image.open(path) as im:
-            bands, (w, h) = len(im.getbands()), im.size
-            return (h, w) if bands == 1 else (h, w, bands)
+            (w, h), grey = im.size, im.mode in (*GREY_MODES, "LA")
+            return (h, w) if grey else (h, w, 4 if im.mode == "RGBA" else 3)
     except Exception as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
@@ -185,6 +199,21 @@ def _to_unit(a: np.ndarray) -> np.ndarray:
     a = a.astype(np.float32)
     lo, hi = float(a.min()), float(a.max())
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def fit_channels(image: np.ndarray, channels: int, name) -> np.ndarray:
+    """A float image (H, W) or (H, W, 3) from :func:`_to_unit` as ``channels`` channels: grey
+    is repeated into RGB for a colour model; RGB whose channels are all equal (grey saved as
+    RGB) is taken as grey for a grey model; a colour image for a grey model raises DataError."""
+    have = 1 if image.ndim == 2 else image.shape[-1]
+    if have == channels:
+        return image
+    if have == 1 and channels == 3:
+        return np.repeat(image[..., None], 3, axis=-1)
+    if have == 3 and channels == 1 and (image == image[..., :1]).all():
+        return image[..., 0]
+    raise DataError(f"{name}: {have} channel(s), the model expects {channels}"
+                    + (" (a colour image, not grey saved as RGB)" if have == 3 else ""))
 
 
 def parse_class_map(text: str) -> tuple[tuple[str, ...], dict[int, int]]:
@@ -261,7 +290,7 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
     for path in image_files(image_dir):
         if path.stem not in masks_by_stem:
             raise DataError(f"{path}: no mask with stem {path.stem!r} in {mask_dir}")
-        image, mask = read_image(path), read_image(masks_by_stem[path.stem])
+        image, mask = read_image(path), read_image(masks_by_stem[path.stem], mask=True)
         stack = is_stack(image.shape)
         pages = list(zip(image, mask)) if stack else [(image, mask)]
         for k, (im, ms) in enumerate(pages):
@@ -274,8 +303,8 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
             stems.append(f"{path.stem}[{k}]" if stack else path.stem)
     if not images:
         raise DataError(f"{image_dir}: no PNG or TIFF images")
-    if len({im.ndim for im in images}) > 1:
-        raise DataError(f"{image_dir}: mixes grey and colour images")
+    if len({im.ndim for im in images}) > 1:  # grey and colour: all as colour
+        images = [fit_channels(im, 3, name) for im, name in zip(images, stems)]
     if not names:
         names = index_names(masks, mask_dir)
     return SourceSet(images, masks, names, stems)

@@ -16,8 +16,8 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import (SUFFIXES, DataError, _to_unit, image_files, image_shape, is_stack,
-                   read_image)
+from .data import (SUFFIXES, DataError, _to_unit, fit_channels, image_files, image_shape,
+                   is_stack, read_image)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -109,6 +109,17 @@ def read_pages(path: Path) -> list[np.ndarray]:
     return [_to_unit(page) for page in a] if is_stack(a.shape) else [_to_unit(a)]
 
 
+def check_channels(channels: int, expected: int, name, pixels) -> None:
+    """Raise DataError unless images of ``channels`` channels can feed a model that expects
+    ``expected``: grey feeds a colour model (repeated into RGB); colour feeds a grey model
+    only if every array of ``pixels()`` is grey saved as RGB (:func:`fit_channels`)."""
+    if (channels, expected) == (3, 1):
+        for page in pixels():
+            fit_channels(page, 1, name)
+    elif channels not in (1, expected):
+        raise DataError(f"{name}: {channels} channel(s), the model expects {expected}")
+
+
 def check_tiling(tile: int, overlap: int) -> None:
     """Raise ConfigError unless tile >= 32 and 0 <= overlap < tile."""
     if tile < 32:
@@ -134,10 +145,9 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
     if data.ndim < plane_ndim or 0 in data.shape:
         raise DataError(f"image of shape {data.shape}: expected (..., H, W)"
                         f"{', C' if rgb else ''}")
+    name = f"image of shape {data.shape}"
     channels = min(data.shape[-1], 3) if rgb else 1  # RGBA loses alpha, as in files
-    if channels != meta["in_channels"]:
-        raise DataError(f"image of shape {data.shape}: {channels} channel(s), the model "
-                        f"expects {meta['in_channels']}")
+    check_channels(channels, meta["in_channels"], name, lambda: [data[..., :3]])
     lead, (h, w) = data.shape[:-plane_ndim], data.shape[-plane_ndim:][:2]
     planes = data.reshape(-1, *data.shape[-plane_ndim:])
     _, _, _, rows, cols = tile_grid(h, w, tile, overlap, rules)
@@ -148,8 +158,9 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
         progress(done[0], total)
 
     norm = meta["norm"]
-    labels = [predict_image(model, _to_unit(plane), norm["mean"], norm["std"], tile, overlap,
-                            rules, device, on_tile if progress else None) for plane in planes]
+    labels = [predict_image(model, fit_channels(_to_unit(plane), meta["in_channels"], name),
+                            norm["mean"], norm["std"], tile, overlap, rules, device,
+                            on_tile if progress else None) for plane in planes]
     return np.stack(labels).reshape(*lead, h, w)
 
 
@@ -285,8 +296,9 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks) in ``out``, with colour
-    overlay PNGs if asked. Every input's header (size, pages, channels) and every output name
-    is checked before anything is written; then the images are read one at a time."""
+    overlay PNGs if asked. Every input's header (size, pages, channels; for a grey model the
+    pixels of RGB files too: grey saved as RGB is taken as grey) and every output name is
+    checked before anything is written; then the images are read one at a time."""
     from PIL import Image
 
     check_tiling(tile, overlap)
@@ -294,16 +306,15 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     paths = input_paths(inputs)
     layouts = [image_layout(image_shape(path)) for path in paths]  # headers only
     for path, (_, channels) in zip(paths, layouts):
-        if channels != meta["in_channels"]:
-            raise DataError(f"{path}: {channels} channel(s), the model expects "
-                            f"{meta['in_channels']}")
+        check_channels(channels, meta["in_channels"], path, lambda: [read_image(path)[..., :3]])
     out = Path(out)
     targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
                            with_overlay)
     out.mkdir(parents=True, exist_ok=True)
     norm, written = meta["norm"], []
     for path, (target, overlays) in zip(paths, targets):
-        pages = read_pages(path)  # one image in memory at a time
+        pages = [fit_channels(p, meta["in_channels"], path)
+                 for p in read_pages(path)]  # one image in memory at a time
         labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device)
                   for p in pages]
         write_labels(target, labels, meta)
