@@ -27,8 +27,8 @@ def test_tiles_blend_to_the_untiled_prediction():
 
 
 def _images(folder):
-    """One file of each layout predict takes: grey, 16-bit, RGB(A), palette, grey with alpha,
-    stacks."""
+    """One file of each layout predict takes: grey, 16-bit, RGB(A) (planar too), palette, grey
+    with alpha, stacks and a Z × C hyperstack."""
     import tifffile
     from PIL import Image
 
@@ -44,6 +44,12 @@ def _images(folder):
     Image.fromarray(u8(20, 30, 4)).save(folder / "rgba.png")
     Image.fromarray(u8(20, 30)).convert("P").save(folder / "palette.png")
     Image.fromarray(u8(20, 30, 2), mode="LA").save(folder / "grey_alpha.png")
+    tifffile.imwrite(folder / "alpha_grey.tif", u8(20, 30, 2), photometric="minisblack",
+                     extrasamples=["unassalpha"])
+    tifffile.imwrite(folder / "hyper.tif", u8(5, 2, 20, 30), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    tifffile.imwrite(folder / "planar_rgb.tif", u8(3, 20, 30), photometric="rgb",
+                     planarconfig="separate")
     return sorted(folder.iterdir())
 
 
@@ -52,6 +58,24 @@ def test_image_headers_give_the_shape_of_the_pixels(tmp_path):
 
     for path in _images(tmp_path / "in"):
         assert image_shape(path) == read_image(path).shape, path.name
+
+
+def test_tiff_layouts_by_their_axes(tmp_path):
+    """TIFFs are read by their axes: samples (RGB, planar RGB, grey + alpha) last, as in PNGs,
+    alpha dropped; every axis before Y (Z × C of a hyperstack) one axis of pages."""
+    from cellseg_plugins.engine.data import read_image
+
+    _images(tmp_path / "in")
+    raw = {name: tifffile.imread(tmp_path / "in" / name)
+           for name in ("alpha_grey.tif", "hyper.tif", "planar_rgb.tif", "rgb_stack.tif")}
+    read = {name: read_image(tmp_path / "in" / name) for name in raw}
+    assert raw["alpha_grey.tif"].shape == (20, 30, 2)
+    np.testing.assert_array_equal(read["alpha_grey.tif"], raw["alpha_grey.tif"][..., 0])
+    assert raw["hyper.tif"].shape == (5, 2, 20, 30)
+    np.testing.assert_array_equal(read["hyper.tif"], raw["hyper.tif"].reshape(10, 20, 30))
+    assert raw["planar_rgb.tif"].shape == (3, 20, 30)
+    np.testing.assert_array_equal(read["planar_rgb.tif"], np.moveaxis(raw["planar_rgb.tif"], 0, -1))
+    np.testing.assert_array_equal(read["rgb_stack.tif"], raw["rgb_stack.tif"])
 
 
 def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_path, monkeypatch):
@@ -66,13 +90,13 @@ def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_pa
     written = predict.predict_paths(ckpt, [str(p) for p in paths], tmp_path / "out", tile=32,
                                     overlap=8, on_image=lambda p, *_: events.append(len(reads)))
     assert events == list(range(1, len(paths) + 1))  # each image read just before its labels
-    pages = {"stack.tif": 3, "imagej.tif": 4}
+    pages = {"stack.tif": 3, "imagej.tif": 4, "hyper.tif": 10}
     for path, out in zip(paths, written):
         assert out.name == f"{path.stem}.tif"
         labels = tifffile.imread(out)
         assert labels.shape == ((pages[path.name],) if path.name in pages else ()) + (20, 30)
     reads.clear()
-    with pytest.raises(predict.DataError, match="rgb_stack.tif: 3 channel"):  # 7th of 9
+    with pytest.raises(predict.DataError, match="planar_rgb.tif: 3 channel"):  # 9th of 12
         predict.predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "refused", tile=32,
                               overlap=8)
     assert reads == [] and not (tmp_path / "refused").exists()

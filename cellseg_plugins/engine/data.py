@@ -158,11 +158,26 @@ def _pil_array(im: Image.Image, mask: bool) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def _tiff_layout(a: np.ndarray, axes: str) -> np.ndarray:
+    """A TIFF series' pixels as (pages, H, W[, C]) or (H, W[, C]): its samples axis (S: RGB(A),
+    or grey + alpha, which loses alpha) last, as in PNGs; the axes before Y (pages, Z, T, C)
+    flattened into one pages axis, each page an image."""
+    if "S" in axes:
+        a = np.moveaxis(a, axes.index("S"), -1)
+        axes = axes.replace("S", "") + "S"
+        if a.shape[-1] == 2:
+            a, axes = a[..., 0], axes[:-1]
+    lead = axes.index("Y") if "Y" in axes else 0
+    return a.reshape(-1, *a.shape[lead:]) if lead > 1 else a
+
+
 def read_image(path: Path, mask: bool = False) -> np.ndarray:
     """(pages, H, W[, C]) for multi-page TIFF stacks, else (H, W[, C]); raises DataError."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            return tifffile.imread(path)
+            with tifffile.TiffFile(path) as f:
+                series = f.series[0]
+                return _tiff_layout(series.asarray(), series.axes)
         with Image.open(path) as im:
             return _pil_array(im, mask)
     except Exception as e:
@@ -180,7 +195,9 @@ def image_shape(path: Path) -> tuple[int, ...]:
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as f:
-                return tuple(f.series[0].shape)
+                series = f.series[0]
+                pixels = np.broadcast_to(np.bool_(False), series.shape)  # no memory
+                return _tiff_layout(pixels, series.axes).shape
         with Image.open(path) as im:
             (w, h), grey = im.size, im.mode in (*GREY_MODES, "LA")
             return (h, w) if grey else (h, w, 4 if im.mode == "RGBA" else 3)
