@@ -102,6 +102,7 @@ def test_user_folder_tiff_stack(tmp_path):
     ("negative", "c0.tif: mask value -1 is negative"),
     ("colour", "c1.png: a colour-coded mask (pixel (3, 7) is (255, 0, 0)); masks hold one "
                "class index or grey level per pixel"),
+    ("nan", "c1.tif: 2 pixel(s) are NaN or infinite (the first at (4, 9): nan)"),
 ])
 def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
     make_folder(tmp_path)
@@ -114,6 +115,11 @@ def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
         (tmp_path / "images" / "c2.png").write_bytes(b"not a png")
     elif breakage == "unmapped":
         class_map = "0:bg,128:a"
+    elif breakage == "nan":  # a float image with holes: min/max scaling would be all NaN
+        image = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+        image[4, 9], image[30, 2] = np.nan, np.inf
+        (tmp_path / "images" / "c1.png").unlink()
+        tifffile.imwrite(tmp_path / "images" / "c1.tif", image)
     elif breakage == "colour":  # red for one class, black for another: R alone would do
         mask = np.zeros((40, 40, 3), np.uint8)
         mask[3, 7] = (255, 0, 0)

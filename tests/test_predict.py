@@ -144,3 +144,21 @@ def test_grey_saved_as_rgb_feeds_a_grey_model_and_grey_feeds_a_colour_one(tmp_pa
     with pytest.raises(predict.DataError, match="the model expects 1 \\(a colour image"):
         predict.predict_array(predict.load_predictor(ckpt), colour, rgb=True, tile=32,
                               overlap=8)
+
+
+def test_an_image_with_nan_pixels_is_one_line(tmp_path):
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    image = np.ones((40, 48), np.float32)
+    image[7, 3] = np.nan
+    tifffile.imwrite(tmp_path / "holes.tif", image)
+    with pytest.raises(predict.DataError) as err:
+        predict.predict_paths(ckpt, [str(tmp_path / "holes.tif")], tmp_path / "out", tile=32,
+                              overlap=8)
+    assert str(err.value) == (f"{tmp_path / 'holes.tif'}: 1 pixel(s) are NaN or infinite (the "
+                              "first at (7, 3): nan); replace them with a finite value")
+    assert not list((tmp_path / "out").glob("*"))
+    with pytest.raises(predict.DataError, match="image of shape \\(40, 48\\): 1 pixel"):
+        predict.predict_array(predict.load_predictor(ckpt), image, tile=32, overlap=8)

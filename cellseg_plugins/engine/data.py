@@ -136,7 +136,7 @@ def load_sstem(classes: str = "sstem5", root: Path | None = None) -> SourceSet:
     images, masks = [], []
     for path in raw:
         label = base / "stack1" / "labels" / f"labels{int(path.stem):08d}.png"
-        images.append(_to_unit(read_image(path)))
+        images.append(_to_unit(read_image(path), path))
         masks.append(map_values(read_image(label, mask=True), value_map, label))
     return SourceSet(images, masks, names, [p.stem for p in raw])
 
@@ -205,8 +205,9 @@ def image_shape(path: Path) -> tuple[int, ...]:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
-def _to_unit(a: np.ndarray) -> np.ndarray:
-    """uint8/uint16/float → float32 in [0, 1]; RGBA loses alpha."""
+def _to_unit(a: np.ndarray, name) -> np.ndarray:
+    """uint8/uint16/float → float32 in [0, 1]; RGBA loses alpha. An image ``name`` with NaN or
+    infinite pixels raises DataError (min/max scaling would make every pixel NaN)."""
     if a.ndim == 3 and a.shape[-1] == 4:
         a = a[..., :3]
     if a.dtype == np.uint8:
@@ -214,6 +215,11 @@ def _to_unit(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint16:
         return a.astype(np.float32) / 65535.0
     a = a.astype(np.float32)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{name}: {int(bad.sum())} pixel(s) are NaN or infinite (the first at "
+                        f"{where}: {a[where]}); replace them with a finite value")
     lo, hi = float(a.min()), float(a.max())
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
@@ -315,7 +321,7 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
             if im.shape[:2] != ms.shape[:2]:
                 raise DataError(f"{path}: image size {im.shape[:2]} differs from mask size "
                                 f"{ms.shape[:2]}")
-            images.append(_to_unit(im))
+            images.append(_to_unit(im, path))
             masks.append(ms)
             stems.append(f"{path.stem}[{k}]" if stack else path.stem)
     if not images:

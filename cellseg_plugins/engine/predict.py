@@ -106,7 +106,7 @@ def image_layout(shape: tuple[int, ...]) -> tuple[int, int]:
 def read_pages(path: Path) -> list[np.ndarray]:
     """Float (H, W[, C]) pages in [0, 1] of an image file: one, or each page of a stack."""
     a = read_image(path)
-    return [_to_unit(page) for page in a] if is_stack(a.shape) else [_to_unit(a)]
+    return [_to_unit(page, path) for page in a] if is_stack(a.shape) else [_to_unit(a, path)]
 
 
 def check_channels(channels: int, expected: int, name, pixels) -> None:
@@ -158,7 +158,8 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
         progress(done[0], total)
 
     norm = meta["norm"]
-    labels = [predict_image(model, fit_channels(_to_unit(plane), meta["in_channels"], name),
+    labels = [predict_image(model, fit_channels(_to_unit(plane, name), meta["in_channels"],
+                                                name),
                             norm["mean"], norm["std"], tile, overlap, rules, device,
                             on_tile if progress else None) for plane in planes]
     return np.stack(labels).reshape(*lead, h, w)
