@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg_plugins.engine.data import CropDataset, load_data
+from cellseg_plugins.engine.data import IGNORE, CropDataset, SourceSet, crop_starts, load_data
 from cellseg_plugins.engine.device_data import DeviceCrops, augment
 
 
@@ -82,3 +82,30 @@ def test_batched_augmentation_equals_per_sample_transforms():
         if flips[i]:
             rx, ry = rx.flip(2), ry.flip(1)
         assert torch.equal(ax[i], rx) and torch.equal(ay[i], ry)
+
+
+@pytest.mark.parametrize("h, w", [(96, 96), (100, 70), (64, 130)])
+def test_crops_cover_every_pixel_and_evaluation_counts_each_once(h, w):
+    """Sides the crop does not divide get a crop flush with the far edge (the remainder was
+    never trained on or evaluated); in validation / test sets its pixels that the grid
+    covers already are IGNORE, so every pixel counts exactly once, on both data paths."""
+    rng = np.random.default_rng(0)
+    sources = SourceSet([rng.random((h, w), dtype=np.float32)],
+                        [rng.integers(0, 3, (h, w))], ("a", "b", "c"))
+    for count_once in (False, True):
+        ds = CropDataset(sources, [0], 32, [0.5], [0.2], count_once=count_once)
+        times = np.zeros((h, w), int)  # reference: how often each pixel is counted
+        for k, (_, y, x, _) in enumerate(ds.items):
+            image, mask = ds.cut(k)
+            np.testing.assert_array_equal(image[0].numpy(), sources.images[0][y:y + 32, x:x + 32])
+            kept = mask.numpy() != IGNORE
+            np.testing.assert_array_equal(mask.numpy()[kept],
+                                          sources.masks[0][y:y + 32, x:x + 32][kept])
+            times[y:y + 32, x:x + 32] += kept
+        divides = h % 32 == 0 and w % 32 == 0
+        assert times.min() == 1 and (times.max() == 1) == (count_once or divides)
+        device = torch.cat([y for _, y in DeviceCrops(ds, torch.device("cpu")).batches(5)])
+        loader = torch.stack([ds[k][1] for k in range(len(ds))])
+        assert torch.equal(device.masked_fill(device == 255, IGNORE), loader)
+    assert crop_starts(100, 32) == [(0, 0), (32, 0), (64, 0), (68, 28)]
+    assert crop_starts(96, 32) == [(0, 0), (32, 0), (64, 0)]

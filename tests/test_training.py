@@ -25,6 +25,21 @@ def test_iou_from_accumulated_confusion():
     assert s["pixel_accuracy"] == pytest.approx(0.75)
 
 
+def test_confusion_leaves_ignored_targets_out():
+    """Targets outside [0, classes) (IGNORE as -1, or 255 in uint8 device masks) are not
+    counted; the rest as a slow loop counts them."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 3, (2, 9, 7), generator=g)
+    target = torch.randint(0, 3, (2, 9, 7), generator=g)
+    target[0, :4], target[1, :, :2] = -1, 255
+    slow = torch.zeros(3, 3, dtype=torch.int64)
+    for t, p in zip(target.flatten().tolist(), pred.flatten().tolist()):
+        if 0 <= t < 3:
+            slow[t, p] += 1
+    assert torch.equal(confusion(pred, target, 3), slow)
+    assert slow.sum() == 2 * 9 * 7 - 4 * 7 - 9 * 2
+
+
 def test_train_writes_run_files_and_eval_predict(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = cli(capsys, "train", TINY + "+frem(B=4)", "--epochs", "2", "--out", out, *FAST)

@@ -397,15 +397,31 @@ def load_split(cfg) -> tuple[SourceSet, dict[str, list[int]]]:
     return sources, fold_split(len(sources.images), cfg.folds, cfg.fold)
 
 
+IGNORE = -1  # mask value of pixels an evaluation crop leaves to an earlier crop
+
+
+def crop_starts(size: int, crop: int) -> list[tuple[int, int]]:
+    """(start, rows already covered) of the crops along one side: the non-overlapping grid,
+    then, where ``crop`` does not divide ``size``, one crop flush with the far edge, whose
+    first rows the grid's last crop covers already. Every pixel is in a crop."""
+    starts = [(s, 0) for s in range(0, size - crop + 1, crop)]
+    if size % crop:
+        starts.append((size - crop, starts[-1][0] + 2 * crop - size))
+    return starts
+
+
 class CropDataset(torch.utils.data.Dataset):
-    """Non-overlapping crops of the given sources, normalised; random rot90/flip if ``augment``.
+    """Crops covering every pixel of the given sources (:func:`crop_starts`), normalised;
+    random rot90/flip if ``augment``. With ``count_once`` (validation and test sets) the
+    pixels an edge crop shares with the grid are :data:`IGNORE` in its mask, so each pixel
+    counts once.
 
     Item: ((C, crop, crop) float32, (crop, crop) int64). Augmentation is drawn from
     (seed, epoch, index), so runs are reproducible with any number of workers.
     """
 
     def __init__(self, sources: SourceSet, indices: list[int], crop: int, mean, std,
-                 augment: bool = False, seed: int = 0):
+                 augment: bool = False, seed: int = 0, count_once: bool = False):
         self.sources, self.crop, self.augment, self.seed = sources, crop, augment, seed
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -415,18 +431,25 @@ class CropDataset(torch.utils.data.Dataset):
             h, w = sources.masks[i].shape
             if h < crop or w < crop:
                 raise DataError(f"source {sources.names[i]} is {h}×{w}, smaller than --crop {crop}")
-            self.items += [(i, y, x) for y in range(0, h - crop + 1, crop)
-                           for x in range(0, w - crop + 1, crop)]
+            self.items += [(i, y, x, (dy, dx) if count_once else (0, 0))
+                           for y, dy in crop_starts(h, crop) for x, dx in crop_starts(w, crop)]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, k: int):
-        i, y, x = self.items[k]
+    def cut(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop k as it lies in its source: image (C, crop, crop) in [0, 1], mask (crop, crop)
+        int64 (:data:`IGNORE` where an earlier crop counts the pixel)."""
+        i, y, x, (dy, dx) = self.items[k]
         c = self.crop
         image = torch.from_numpy(np.ascontiguousarray(self.sources.images[i][y:y + c, x:x + c]))
         image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
-        mask = torch.from_numpy(np.ascontiguousarray(self.sources.masks[i][y:y + c, x:x + c]))
+        mask = torch.from_numpy(np.array(self.sources.masks[i][y:y + c, x:x + c]))
+        mask[:dy], mask[:, :dx] = IGNORE, IGNORE
+        return image, mask
+
+    def __getitem__(self, k: int):
+        image, mask = self.cut(k)
         if self.augment:
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, k)) % 2**63)
             turns, flip = torch.randint(0, 4, (2,), generator=g).tolist()

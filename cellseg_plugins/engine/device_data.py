@@ -1,6 +1,6 @@
 """A split's crops held as tensors on the training device; batches cut with batched tensor ops.
 
-The crops are the ones :class:`.data.CropDataset` yields (the same non-overlapping grid), in
+The crops are the ones :class:`.data.CropDataset` yields (the same grid and masks), in
 the same per-epoch shuffled order semantics: every crop once per epoch. Augmentation draws the
 same distribution as the loader path (rot90 by 0–3 quarter turns, a left-right flip with
 probability ½) from a CPU ``torch.Generator`` seeded by (seed, epoch), so a run is reproducible
@@ -22,15 +22,12 @@ class DeviceCrops:
     (N, crop, crop) uint8 on ``device``; normalised per batch with ``mean`` / ``std``."""
 
     def __init__(self, dataset: CropDataset, device: torch.device):
-        c = dataset.crop
-        images, masks = [], []
-        for i, y, x in dataset.items:
-            image = torch.from_numpy(dataset.sources.images[i][y:y + c, x:x + c])
-            images.append(image[None] if image.ndim == 2 else image.permute(2, 0, 1))
-            masks.append(torch.from_numpy(dataset.sources.masks[i][y:y + c, x:x + c]))
+        images, masks = zip(*(dataset.cut(k) for k in range(len(dataset))))
         self.images = torch.stack(images).to(device)
-        self.masks = torch.stack(masks).to(torch.uint8 if len(dataset.sources.class_names) < 256
-                                           else torch.int64).to(device)
+        masks = torch.stack(masks)
+        if len(dataset.sources.class_names) < 255:  # as uint8, IGNORE stored as 255
+            masks = masks.masked_fill(masks < 0, 255).to(torch.uint8)
+        self.masks = masks.to(device)
         self.mean = dataset.mean.view(1, -1, 1, 1).to(device)
         self.std = dataset.std.view(1, -1, 1, 1).to(device)
         self.augment, self.seed, self.device = dataset.augment, dataset.seed, device
@@ -59,7 +56,7 @@ class DeviceCrops:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             x = (self.images[idx.to(self.device)] - self.mean) / self.std
-            y = self.masks[idx.to(self.device)].long()
+            y = self.masks[idx.to(self.device)].long()  # IGNORE: 255 (uint8) or -1
             yield augment(x, y, turns[start:start + batch_size], flips[start:start + batch_size])
 
 

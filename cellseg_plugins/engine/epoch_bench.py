@@ -25,12 +25,16 @@ from .train import DTYPES, Trainer
 
 def cut_crops(images: list[np.ndarray], masks: list[np.ndarray], indices: list[int], crop: int,
               mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-overlapping crops of the given sources: (N, C, crop, crop) normalised, (N, crop, crop)."""
+    """The crops of the given sources, (N, C, crop, crop) normalised, (N, crop, crop): a grid,
+    plus crops flush with the far edges where ``crop`` does not divide a side."""
+    def starts(size):
+        return [*range(0, size - crop + 1, crop), *([size - crop] if size % crop else [])]
+
     xs, ys = [], []
     for i in indices:
         h, w = masks[i].shape
-        for y in range(0, h - crop + 1, crop):
-            for x in range(0, w - crop + 1, crop):
+        for y in starts(h):
+            for x in starts(w):
                 image = torch.from_numpy(images[i][y:y + crop, x:x + crop])
                 xs.append(image[None] if image.ndim == 2 else image.permute(2, 0, 1))
                 ys.append(torch.from_numpy(masks[i][y:y + crop, x:x + crop]))

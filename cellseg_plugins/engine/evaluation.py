@@ -45,7 +45,8 @@ def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
         raise DataError(f"data classes {list(sources.class_names)} differ from the "
                         f"checkpoint's {ckpt['class_names']}")
     indices = ckpt["split"][split] if own else list(range(len(sources.images)))
-    dataset = CropDataset(sources, indices, cfg["crop"], ckpt["norm"]["mean"], ckpt["norm"]["std"])
+    dataset = CropDataset(sources, indices, cfg["crop"], ckpt["norm"]["mean"], ckpt["norm"]["std"],
+                          count_once=True)
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev, memory_format=torch.channels_last)  # as trained
     if round is not None:

@@ -7,9 +7,12 @@ import torch
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.Tensor:
     """(classes, classes) int64 counts on the inputs' device; rows = truth, columns =
-    prediction."""
-    idx = target.reshape(-1).long() * classes + pred.reshape(-1).long()
-    return torch.bincount(idx, minlength=classes * classes).reshape(classes, classes)
+    prediction. Targets outside [0, classes) (ignored pixels) are not counted."""
+    target, pred = target.reshape(-1).long(), pred.reshape(-1).long()
+    counted = (target >= 0) & (target < classes)
+    idx = torch.where(counted, target * classes + pred, classes * classes)  # no device sync
+    bins = torch.bincount(idx, minlength=classes * classes + 1)
+    return bins[:classes * classes].reshape(classes, classes)
 
 
 def scores(matrix: torch.Tensor, class_names) -> dict:

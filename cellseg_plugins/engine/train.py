@@ -172,7 +172,8 @@ class Trainer:
         n = len(self.class_names)
         self.train_set = CropDataset(self.sources, self.split["train"], cfg.crop, self.mean,
                                      self.std, augment=cfg.augment, seed=cfg.seed)
-        self.val_set = CropDataset(self.sources, self.split["val"], cfg.crop, self.mean, self.std)
+        self.val_set = CropDataset(self.sources, self.split["val"], cfg.crop, self.mean, self.std,
+                                   count_once=True)
         self.on_device = self._data_on_device()
         if self.on_device:
             self.train_crops = DeviceCrops(self.train_set, self.device)
