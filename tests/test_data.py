@@ -188,6 +188,22 @@ def test_alpha_palette_and_mixed_grey_and_colour_folders(tmp_path):
     np.testing.assert_array_equal(mixed.masks[1], (grey.masks[1] > 0).astype(np.int64))
 
 
+def test_a_crop_larger_than_an_image_of_any_split_is_one_line_before_training(tmp_path,
+                                                                             capsys):
+    """The test split is checked too (it was found only when cv tested the trained model)."""
+    from conftest import cli
+
+    make_folder(tmp_path / "data", n=5, size=96)
+    Image.fromarray(np.zeros((48, 80), np.uint8)).save(tmp_path / "data" / "images" / "c0.png")
+    Image.fromarray(np.zeros((48, 80), np.uint8)).save(tmp_path / "data" / "masks" / "c0.png")
+    code, _, err = cli(capsys, "train", "unet(encoder='plain4')", "--data", tmp_path / "data",
+                       "--class-map", "0:bg,128:a,255:b", "--crop", "64", "--fold", "0",
+                       "--out", tmp_path / "run")
+    assert code == 2 and err == ("error: --crop 64: image c0 is 48×80; pass a --crop of at "
+                                 "most 48, the smallest side of these images\n"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_class_map_syntax_error():
     with pytest.raises(DataError, match="expected VALUE:NAME"):
         parse_class_map("0:bg,x")

@@ -410,6 +410,16 @@ def crop_starts(size: int, crop: int) -> list[tuple[int, int]]:
     return starts
 
 
+def check_crop(sources: SourceSet, indices: list[int], crop: int) -> None:
+    """DataError naming the image with the smallest side, if that side is below ``crop``."""
+    if indices:
+        side, i = min((min(sources.masks[i].shape), i) for i in indices)
+        if side < crop:
+            h, w = sources.masks[i].shape
+            raise DataError(f"--crop {crop}: image {sources.names[i]} is {h}×{w}; pass a "
+                            f"--crop of at most {side}, the smallest side of these images")
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Crops covering every pixel of the given sources (:func:`crop_starts`), normalised;
     random rot90/flip if ``augment``. With ``count_once`` (validation and test sets) the
@@ -427,10 +437,9 @@ class CropDataset(torch.utils.data.Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.epoch = 0
         self.items = []
+        check_crop(sources, indices, crop)
         for i in indices:
             h, w = sources.masks[i].shape
-            if h < crop or w < crop:
-                raise DataError(f"source {sources.names[i]} is {h}×{w}, smaller than --crop {crop}")
             self.items += [(i, y, x, (dy, dx) if count_once else (0, 0))
                            for y, dy in crop_starts(h, crop) for x, dx in crop_starts(w, crop)]
 

@@ -22,7 +22,8 @@ from .checkpoint import (FORMAT, hold_folder, load_checkpoint, release, remove_s
 from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
 from .config import TrainConfig, resumed_config
-from .data import CropDataset, DataError, channel_stats, class_shares, load_split
+from .data import (CropDataset, DataError, channel_stats, check_crop, class_shares,
+                   load_split)
 from .device_data import DeviceCrops, fits_on_device
 from .metrics import confusion, scores
 
@@ -167,6 +168,7 @@ class Trainer:
         self.device = distributed.setup(resolve_device(cfg.device))
         cuda = self.device.type == "cuda"
         self.sources, self.split = load_split(cfg)
+        check_crop(self.sources, sum(self.split.values(), []), cfg.crop)  # the test split too
         self.mean, self.std = channel_stats(self.sources, self.split["train"])
         self.class_names = self.sources.class_names
         n = len(self.class_names)
