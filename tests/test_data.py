@@ -103,6 +103,8 @@ def test_user_folder_tiff_stack(tmp_path):
     ("colour", "c1.png: a colour-coded mask (pixel (3, 7) is (255, 0, 0)); masks hold one "
                "class index or grey level per pixel"),
     ("nan", "c1.tif: 2 pixel(s) are NaN or infinite (the first at (4, 9): nan)"),
+    ("instances", "masks: 400 classes, more than the 255 a label image holds; one value per "
+                  "object is an instance mask"),
 ])
 def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
     make_folder(tmp_path)
@@ -120,6 +122,12 @@ def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
         image[4, 9], image[30, 2] = np.nan, np.inf
         (tmp_path / "images" / "c1.png").unlink()
         tifffile.imwrite(tmp_path / "images" / "c1.tif", image)
+    elif breakage == "instances":  # a uint16 label image of 400 objects, 0 … 399
+        class_map = None
+        for i in range(3):
+            ids = np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) % 400
+            tifffile.imwrite(tmp_path / "masks" / f"c{i}.tif", ids)
+            (tmp_path / "masks" / f"c{i}.png").unlink()
     elif breakage == "colour":  # red for one class, black for another: R alone would do
         mask = np.zeros((40, 40, 3), np.uint8)
         mask[3, 7] = (255, 0, 0)

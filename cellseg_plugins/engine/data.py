@@ -33,6 +33,7 @@ SSTEM_MAPS = {
     "sstem4": (("membrane", "mitochondria", "synapse", "cytoplasm"),
                {0: 0, 32: 0, 64: 0, 96: 0, 128: 0, 191: 1, 223: 2, 159: 3, 255: 3}),
 }
+MAX_CLASSES = 255  # labels are written as uint8 images
 IMAGE_DIRS = ("images", "image", "imgs", "img", "raw", "x")
 MASK_DIRS = ("masks", "mask", "labels", "label", "gt", "annotations", "y")
 SUFFIXES = (".png", ".tif", ".tiff")
@@ -330,6 +331,10 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
         images = [fit_channels(im, 3, name) for im, name in zip(images, stems)]
     if not names:
         names = index_names(masks, mask_dir)
+    if len(names) > MAX_CLASSES:
+        raise DataError(f"{mask_dir}: {len(names)} classes, more than the {MAX_CLASSES} a label "
+                        "image holds; one value per object is an instance mask, and cellseg "
+                        "segments classes: map the values to classes with --class-map")
     return SourceSet(images, masks, names, stems)
 
 
