@@ -30,6 +30,20 @@ def test_every_plugin_exports_to_torchscript_and_onnx(tmp_path, spec):
             assert "Attention" in {n.op_type for n in onnx.load(str(out)).graph.node}
 
 
+def test_torchscript_export_does_not_print_torchs_deprecation_notes(tmp_path, recwarn):
+    """TorchScript is what the user (or the BioImage Model Zoo) asked for: torch.jit's
+    FutureWarnings (eight lines an export on torch 2.14) are not shown; other warnings are."""
+    warnings.simplefilter("always")
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    out = export_checkpoint(path, "torchscript")
+    read_metadata(out, "torchscript")
+    run_exported(out, "torchscript", np.zeros((1, 1, 64, 64), np.float32))
+    assert not [w for w in recwarn if "torch.jit" in str(w.message)], [str(w.message)
+                                                                      for w in recwarn]
+    warnings.warn("`torch.jit.other` is deprecated", FutureWarning)  # the filter is scoped
+    assert [w for w in recwarn if "torch.jit.other" in str(w.message)]
+
+
 def test_training_only_modules_vanish_from_the_export(tmp_path):
     plain, _ = checkpoint(tmp_path, "classic_unet(width=4)", "plain.pt")
     extra, _ = checkpoint(tmp_path, "classic_unet(width=4)+frem+bottleneck_supervision"

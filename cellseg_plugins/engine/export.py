@@ -15,6 +15,8 @@ import importlib.util
 import json
 import os
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +56,20 @@ def example_input(model, ckpt: dict, batch: int = 2, seed: int = 0) -> torch.Ten
     return torch.randn(batch, ckpt["in_channels"], size, size, generator=g)
 
 
+@contextmanager
+def torchscript_calls():
+    """torch.jit's calls without PyTorch's notes that TorchScript is deprecated (eight lines
+    an export): TorchScript is the format the user asked for, and one of the two the
+    BioImage Model Zoo runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        yield
+
+
 def write_torchscript(model, ckpt: dict, path: Path) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), torchscript_calls():
         traced = torch.jit.trace(model, example_input(model, ckpt), check_trace=False)
-    torch.jit.save(traced, str(path), _extra_files={META: json.dumps(metadata(ckpt))})
+        torch.jit.save(traced, str(path), _extra_files={META: json.dumps(metadata(ckpt))})
 
 
 def default_opset(model) -> int:
@@ -106,7 +118,6 @@ def traced_onnx(model, ckpt: dict, opset: int, fixed: bool):
     or None where it fails or is gone. The trace keeps the input's shape symbolic (batch,
     and height and width unless ``fixed``); :func:`verify` checks it at a second size."""
     import io
-    import warnings
 
     import onnx
 
@@ -127,7 +138,7 @@ def traced_onnx(model, ckpt: dict, opset: int, fixed: bool):
 def run_exported(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
     """Logits of an exported model (``torchscript`` or ``onnx``) for x (N, C, H, W) float32."""
     if fmt == "torchscript":
-        with torch.no_grad():
+        with torch.no_grad(), torchscript_calls():
             return torch.jit.load(str(path))(torch.from_numpy(x)).numpy()
     import onnxruntime
 
@@ -212,7 +223,8 @@ def read_metadata(path: Path, fmt: str) -> dict:
     """The cellseg metadata stored in an exported TorchScript or ONNX file."""
     if fmt == "torchscript":
         files = {META: ""}
-        torch.jit.load(str(path), _extra_files=files)
+        with torchscript_calls():
+            torch.jit.load(str(path), _extra_files=files)
         return json.loads(files[META])
     import onnx
 
