@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -14,10 +15,26 @@ from ..engine.config import TrainConfig
 from . import options as o
 
 
+def train_command(spec: str, cfg: TrainConfig, given: set[str], params: dict) -> str:
+    """The ``cellseg train`` command of a trial: its spec, the training options the tune
+    command was given (a preset's values spelt out) and the trial's ``train.*`` values."""
+    values = {name: getattr(cfg, name) for name in sorted(given - {"preset"})}
+    values.update({k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("train.")})
+    words = ["cellseg", "train", f'"{spec}"' if '"' not in spec else shlex.quote(spec)]
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
 @o.with_train_options()
 def tune_command(
     spec: o.Spec,
     cfg: TrainConfig,
+    given: set[str],
     search: Annotated[list[str], typer.Option(
         help="PARAM=SPACE, e.g. frem.B=int:1:512, frem.X=float:1:1000:log, "
              "train.lr=float:1e-4:1e-2:log, train.optimizer=choice:adam,sgd (repeatable)")],
@@ -42,6 +59,9 @@ def tune_command(
                       on_trial=lambda s, t: console.print(trial_line(t), markup=False),
                       jobs=jobs, threads=threads)
     result = summary(study)
+    if result["best_spec"] is not None:
+        result["best_command"] = train_command(result["best_spec"], cfg, given,
+                                               result["best_params"])
     if as_json:
         print(json.dumps(result))
         return
@@ -52,5 +72,7 @@ def tune_command(
         table.add_row(str(t.number), t.state.name.lower(), json.dumps(t.params),
                       "" if t.value is None else f"{t.value:.4f}")
     Console().print(table)
-    Console().print(f"best: {result['best_value']}\ncellseg train \"{result['best_spec']}\"")
+    Console().print(f"best: {result['best_value']}")
+    if "best_command" in result:
+        print(result["best_command"])  # plain: the command is to be copied whole
     console.print(f"wrote {Path(out) / 'search.png'}")

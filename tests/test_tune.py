@@ -90,3 +90,24 @@ def test_a_bad_fold_is_one_line_before_any_trial(tmp_path, capsys):
                        "--out", tmp_path / "t", *FAST)
     assert code == 2 and err.strip() == "error: --fold 9: expected 0 … 4"
     assert not (tmp_path / "t").exists()  # no study.db of failed trials
+
+
+def test_the_best_trial_is_printed_as_a_train_command_that_runs(tmp_path, capsys):
+    """The command carries the trial's spec, its train.* values and the options tune was
+    given; run as printed, it trains with them."""
+    import shlex
+
+    out = tmp_path / "tune"
+    code, stdout, err = cli(capsys, "tune", SPEC, "--search", "frem.B=int:1:16", "--search",
+                            "train.lr=float:1e-4:1e-2:log", "--trials", "1", "--no-augment",
+                            "--out", out, *FAST)
+    assert code == 0, err
+    command = stdout.strip().splitlines()[-1]
+    words = shlex.split(command)
+    assert words[:2] == ["cellseg", "train"] and "(B=" in words[2] and "--no-augment" in words
+    lr = float(words[words.index("--lr") + 1])
+    assert 1e-4 <= lr <= 1e-2 and words[words.index("--crop") + 1] == "64"
+    code, _, err = cli(capsys, *words[1:], "--out", tmp_path / "again")
+    assert code == 0, err
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["lr"] == lr and config["spec"] == words[2] and config["augment"] is False
