@@ -42,7 +42,8 @@ def registry_rows() -> tuple[list[dict], dict[str, str]]:
 
 
 def collect(pattern: str, kind: Kind | None) -> tuple[dict[str, dict], dict[str, str]]:
-    """The entries matching ``pattern`` (and ``kind``), and third-party load errors."""
+    """The entries matching ``pattern`` (and ``kind``), and third-party load errors. A
+    pattern without wildcards matches names that contain it ('feedback': feedback_self, …)."""
     from .list_cache import cached_listing
 
     rows, errors = [], {}
@@ -51,7 +52,8 @@ def collect(pattern: str, kind: Kind | None) -> tuple[dict[str, dict], dict[str,
         rows += [r for r in entries if kind is None or r["kind"] == kind.value]
     if kind is Kind.encoder:
         rows += encoder_rows()
-    return {r["name"]: r for r in rows if fnmatch.fnmatch(r["name"], pattern.lower())}, errors
+    glob = pattern.lower() if any(c in pattern for c in "*?[") else f"*{pattern.lower()}*"
+    return {r["name"]: r for r in rows if fnmatch.fnmatch(r["name"], glob)}, errors
 
 
 def format_param(p: dict) -> str:
@@ -69,7 +71,8 @@ def format_param(p: dict) -> str:
 
 
 def list_command(
-    pattern: Annotated[str, typer.Argument(help="fnmatch pattern, e.g. '*net*'")] = "*",
+    pattern: Annotated[str, typer.Argument(
+        help="a name's part ('feedback') or a shell pattern ('*net', 'plain?')")] = "*",
     kind: Annotated[Kind | None, typer.Option("--kind", help="only this kind")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON document")] = False,
 ) -> None:
@@ -78,8 +81,13 @@ def list_command(
     for package, reason in errors.items():
         print(f"warning: plugin package {package!r} failed to load ({reason}); skipped",
               file=sys.stderr)
+    if not rows:
+        print(f"nothing matches {pattern!r}" + ("" if kind else
+              " (encoders are listed with --kind encoder)"), file=sys.stderr)
     if as_json:
         print(json.dumps(rows, indent=2))
+        return
+    if not rows:
         return
     table = Table(title=f"cellseg registry ({len(rows)} matching {pattern!r})", show_lines=True)
     for col in ("name", "kind", "parameters", "description", "supports / input"):

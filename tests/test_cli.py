@@ -25,6 +25,12 @@ def test_list_pattern_and_kind(capsys):
     assert "plain8" in json.loads(out)
     code, out, _ = cli(capsys, "list", "--kind", "plugin")
     assert code == 0 and "scse" in out and "unet " not in out
+    code, out, _ = cli(capsys, "list", "feedback", "--json")  # no wildcard: a name's part
+    assert sorted(json.loads(out)) == ["feedback_attention", "feedback_convlstm",
+                                       "feedback_self", "feedback_st"]
+    code, out, err = cli(capsys, "list", "resnet34")
+    assert code == 0 and out == "" and err == ("nothing matches 'resnet34' (encoders are "
+                                               "listed with --kind encoder)\n")
 
 
 @pytest.mark.parametrize("argv, fragment", [
