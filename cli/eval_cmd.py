@@ -27,11 +27,11 @@ def eval_command(
     from ..engine.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, split, device, round, classes, class_map)
-    crops, spec = result.pop("crops"), result.pop("spec")
+    images, crops, spec = result.pop("images"), result.pop("crops"), result.pop("spec")
     if as_json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{spec} — {split} split ({crops} crops)")
+    table = Table(title=f"{spec} — {split} split ({images} images, {crops} crops)")
     table.add_column("class")
     table.add_column("IoU", justify="right")
     for name, value in result["iou"].items():

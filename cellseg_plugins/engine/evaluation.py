@@ -15,7 +15,8 @@ from .train import evaluate, resolve_device
 def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
                         device: str = "auto", round: int | None = None,
                         classes: str | None = None, class_map: str | None = None) -> dict:
-    """{"miou", "iou": {class: IoU}, "pixel_accuracy", "crops", "spec"} over all pixels.
+    """{"miou", "iou": {class: IoU}, "pixel_accuracy", "images", "crops", "spec"} over all
+    pixels of the split's images, each counted once.
 
     With the checkpoint's own data, ``split`` picks its test or validation sources; with other
     ``data``, every image of it is used. ``classes`` / ``class_map`` take the values training
@@ -56,7 +57,7 @@ def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
             raise DataError(f"round={round}: {e}") from None
     loader = torch.utils.data.DataLoader(dataset, batch_size=8)
     result = scores(evaluate(model, loader, len(ckpt["class_names"]), dev), ckpt["class_names"])
-    return {**result, "crops": len(dataset), "spec": ckpt["spec"]}
+    return {**result, "images": len(indices), "crops": len(dataset), "spec": ckpt["spec"]}
 
 
 def _canonical(name: str, value: str | None):
