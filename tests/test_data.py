@@ -82,6 +82,23 @@ def test_user_folder_with_class_map(tmp_path):
     assert {int(v) for m in sources.masks for v in np.unique(m)} == {0, 1, 2}
 
 
+def test_masks_pair_by_stem_or_a_mask_suffix(tmp_path):
+    """c0 ↔ c0, c1 ↔ c1_mask, c2 ↔ c2_gt; nnU-Net's c3_0000 ↔ c3; an exact stem wins."""
+    make_folder(tmp_path, n=5)
+    masks = tmp_path / "masks"
+    for old, new in (("c1", "c1_mask"), ("c2", "c2_gt")):
+        (masks / f"{old}.png").rename(masks / f"{new}.png")
+    (tmp_path / "images" / "c3.png").rename(tmp_path / "images" / "c3_0000.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(masks / "c0_label.png")  # not c0's
+    reference = tmp_path / "reference"
+    make_folder(reference, n=5)
+    got = load_folder(tmp_path, "0:bg,128:a,255:b")
+    want = load_folder(reference, "0:bg,128:a,255:b")
+    assert got.names == ["c0", "c1", "c2", "c3_0000", "c4"]
+    for a, b in zip(got.masks, want.masks):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_user_folder_tiff_stack(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "labels").mkdir()
@@ -92,7 +109,7 @@ def test_user_folder_tiff_stack(tmp_path):
 
 
 @pytest.mark.parametrize("breakage, fragment", [
-    ("missing_mask", "c1.png: no mask with stem 'c1'"),
+    ("missing_mask", "c1.png: no mask named 'c1' in "),
     ("size", "differs from mask size"),
     ("unreadable", "c2.png: unreadable image"),
     ("unmapped", "mask value 255 is not in the class map"),

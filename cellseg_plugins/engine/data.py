@@ -303,8 +303,22 @@ def _find_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
     raise DataError(f"{root}: no {what} folder (expected one of {', '.join(names)})")
 
 
+MASK_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_gt", "_seg", "_segmentation",
+                 "-mask", "-label")
+
+
+def mask_of(stem: str, masks_by_stem: dict[str, Path]) -> Path | None:
+    """The mask of the image named ``stem``: the same stem, or it with a mask suffix
+    (``a_mask``, ``a_label``, ``a_gt``, …), or, for nnU-Net's channel-numbered images
+    (``a_0000``), ``a``; the first that exists."""
+    bases = (stem, stem[:-5]) if stem.endswith("_0000") else (stem,)
+    return next((masks_by_stem[b + s] for b in bases for s in MASK_SUFFIXES
+                 if b + s in masks_by_stem), None)
+
+
 def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
-    """An image folder and a mask folder paired by file stem; TIFF stacks give one source per page."""
+    """An image folder and a mask folder paired by file stem (:func:`mask_of`); TIFF stacks
+    give one source per page."""
     if not root.is_dir():
         raise DataError(f"--data {str(root)!r}: not 'synthetic', 'sstem' or an existing folder")
     image_dir, mask_dir = _find_dir(root, IMAGE_DIRS, "image"), _find_dir(root, MASK_DIRS, "mask")
@@ -312,13 +326,15 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
     names, value_map = parse_class_map(class_map) if class_map else ((), None)
     images, masks, stems = [], [], []
     for path in image_files(image_dir):
-        if path.stem not in masks_by_stem:
-            raise DataError(f"{path}: no mask with stem {path.stem!r} in {mask_dir}")
-        image, mask = read_image(path), read_image(masks_by_stem[path.stem], mask=True)
+        mask_path = mask_of(path.stem, masks_by_stem)
+        if mask_path is None:
+            raise DataError(f"{path}: no mask named {path.stem!r} in {mask_dir} (nor "
+                            f"{path.stem}_mask, _label, _gt, …)")
+        image, mask = read_image(path), read_image(mask_path, mask=True)
         stack = is_stack(image.shape)
         pages = list(zip(image, mask)) if stack else [(image, mask)]
         for k, (im, ms) in enumerate(pages):
-            ms = map_values(ms, value_map, masks_by_stem[path.stem])
+            ms = map_values(ms, value_map, mask_path)
             if im.shape[:2] != ms.shape[:2]:
                 raise DataError(f"{path}: image size {im.shape[:2]} differs from mask size "
                                 f"{ms.shape[:2]}")
