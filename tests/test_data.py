@@ -83,7 +83,8 @@ def test_user_folder_with_class_map(tmp_path):
 
 
 def test_masks_pair_by_stem_or_a_mask_suffix(tmp_path):
-    """c0 ↔ c0, c1 ↔ c1_mask, c2 ↔ c2_gt; nnU-Net's c3_0000 ↔ c3; an exact stem wins."""
+    """c0 ↔ c0, c1 ↔ c1_mask, c2 ↔ c2_gt; nnU-Net's c3_0000 ↔ c3; an exact stem wins;
+    nnU-Net's imagesTr / labelsTr folders, folder names in any letter case."""
     make_folder(tmp_path, n=5)
     masks = tmp_path / "masks"
     for old, new in (("c1", "c1_mask"), ("c2", "c2_gt")):
@@ -97,6 +98,11 @@ def test_masks_pair_by_stem_or_a_mask_suffix(tmp_path):
     assert got.names == ["c0", "c1", "c2", "c3_0000", "c4"]
     for a, b in zip(got.masks, want.masks):
         np.testing.assert_array_equal(a, b)
+    (tmp_path / "images").rename(tmp_path / "imagesTr")  # nnU-Net's folders, any case
+    masks.rename(tmp_path / "LABELSTR")
+    again = load_folder(tmp_path, "0:bg,128:a,255:b")
+    assert again.names == got.names and all(np.array_equal(a, b)
+                                            for a, b in zip(again.masks, got.masks))
 
 
 def test_user_folder_tiff_stack(tmp_path):

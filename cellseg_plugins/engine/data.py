@@ -34,8 +34,8 @@ SSTEM_MAPS = {
                {0: 0, 32: 0, 64: 0, 96: 0, 128: 0, 191: 1, 223: 2, 159: 3, 255: 3}),
 }
 MAX_CLASSES = 255  # labels are written as uint8 images
-IMAGE_DIRS = ("images", "image", "imgs", "img", "raw", "x")
-MASK_DIRS = ("masks", "mask", "labels", "label", "gt", "annotations", "y")
+IMAGE_DIRS = ("images", "image", "imgs", "img", "raw", "x", "imagesTr")  # imagesTr: nnU-Net's
+MASK_DIRS = ("masks", "mask", "labels", "label", "gt", "annotations", "y", "labelsTr")
 SUFFIXES = (".png", ".tif", ".tiff")
 
 
@@ -297,9 +297,11 @@ def map_values(mask: np.ndarray, value_map: dict[int, int] | None, path: Path) -
 
 
 def _find_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
+    """The first of ``names`` that is a folder of ``root``, in any letter case."""
+    folders = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir()}
     for name in names:
-        if (root / name).is_dir():
-            return root / name
+        if name.lower() in folders:
+            return folders[name.lower()]
     raise DataError(f"{root}: no {what} folder (expected one of {', '.join(names)})")
 
 
