@@ -31,6 +31,8 @@ def bench_command(
     epoch: Annotated[bool, typer.Option(
         "--epoch", help="time training epochs of the engine against a bare PyTorch loop")] = False,
     data: Annotated[str, typer.Option(help="--epoch: synthetic, sstem or a folder")] = "synthetic",
+    class_map: Annotated[str | None, typer.Option(
+        help="--epoch, a folder's masks: grey levels to classes, e.g. '0:bg,255:cell'")] = None,
     epochs: Annotated[int, typer.Option(help="--epoch: timed epochs (after 1 warm-up)")] = 3,
     precision: Annotated[str, typer.Option(
         help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")] = "auto",
@@ -68,6 +70,7 @@ def bench_command(
                  f"--in-channels {in_channels}": in_channels != 1,
                  f"--classes {classes}": classes != 5}
     epoch_only = {f"--data {data}": data != "synthetic", f"--epochs {epochs}": epochs != 3,
+                  f"--class-map {class_map}": class_map is not None,
                   "--data-on-device/--no-data-on-device": data_on_device is not None,
                   "--compile": compile, f"--compile-mode {compile_mode}": compile_mode != "default"}
     for flag, given in (step_only if epoch else epoch_only).items():
@@ -85,7 +88,8 @@ def bench_command(
             import torch
 
             torch.set_num_threads(threads)
-        _epoch_bench(TrainConfig(spec=spec, data=data, crop=size, batch_size=batch,
+        _epoch_bench(TrainConfig(spec=spec, data=data, class_map=class_map, crop=size,
+                                 batch_size=batch,
                                  device=device, precision=precision,
                                  channels_last=channels_last,
                                  data_on_device=data_on_device, compile=compile,

@@ -76,6 +76,7 @@ def test_count_flops_of_a_convolution_is_two_per_multiply_add():
      "error: --data-on-device/--no-data-on-device: only with --epoch"),
     (["bench", "unet", "--epoch", "--vs", "fpn"], "error: --vs fpn: only without --epoch"),
     (["bench", "unet", "--epoch", "--classes", "3"], "error: --classes 3: only without --epoch"),
+    (["bench", "unet", "--class-map", "0:a,1:b"], "error: --class-map 0:a,1:b: only with --epoch"),
 ])
 def test_bench_bad_input(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exit_info:
@@ -133,3 +134,30 @@ def test_bare_epoch_feeds_the_model_in_the_memory_format_asked_for():
         seen.clear()
         bare_epoch(model, opt, data, data, 2, torch.device("cpu"), channels_last=channels_last)
         assert seen == [(True, channels_last)] * 2 + [(False, channels_last)] * 2
+
+
+def test_epoch_bench_on_a_folder_with_a_class_map(tmp_path, capsys):
+    """A folder of grey-level masks needs --class-map, as in train; sides the crop does not
+    divide get their edge crops in the engine and the bare loop alike."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (48, 40), dtype=np.uint8)).save(
+            tmp_path / "images" / f"c{i}.png")
+        Image.fromarray(rng.choice([0, 255], (48, 40)).astype(np.uint8)).save(
+            tmp_path / "masks" / f"c{i}.png")
+    main_args = ["bench", "unet(encoder='plain4')", "--epoch", "--data", str(tmp_path),
+                 "--class-map", "0:bg,255:cell", "--size", "32", "--batch", "2", "--epochs", "1",
+                 "--json"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(main_args)
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, out
+    rep = json.loads(out)
+    assert rep["train_crops"] == 3 * 4 and rep["val_crops"] == 4  # 2 × 2 crops an image
