@@ -162,3 +162,17 @@ def test_an_image_with_nan_pixels_is_one_line(tmp_path):
     assert not list((tmp_path / "out").glob("*"))
     with pytest.raises(predict.DataError, match="image of shape \\(40, 48\\): 1 pixel"):
         predict.predict_array(predict.load_predictor(ckpt), image, tile=32, overlap=8)
+
+
+def test_a_data_set_folder_given_to_predict_points_to_its_images(tmp_path):
+    from PIL import Image
+
+    from cellseg_plugins.engine import predict
+
+    (tmp_path / "ds" / "Images").mkdir(parents=True)
+    (tmp_path / "ds" / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ds" / "Images" / "a.png")
+    with pytest.raises(predict.DataError) as err:
+        predict.input_paths([str(tmp_path / "ds")])
+    assert str(err.value) == (f"no PNG or TIFF images in {tmp_path / 'ds'} (its images are in "
+                              f"'{tmp_path / 'ds' / 'Images'}')")

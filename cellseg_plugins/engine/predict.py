@@ -16,8 +16,8 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import (SUFFIXES, DataError, _to_unit, fit_channels, image_files, image_shape,
-                   is_stack, read_image)
+from .data import (IMAGE_DIRS, SUFFIXES, DataError, _to_unit, fit_channels, image_files,
+                   image_shape, is_stack, read_image)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -93,7 +93,11 @@ def input_paths(inputs: list[str]) -> list[Path]:
         else:
             raise DataError(f"input {item!r} does not exist")
     if not paths:
-        raise DataError(f"no PNG or TIFF images in {', '.join(inputs)}")
+        subfolders = [d for item in inputs if Path(item).is_dir()
+                      for d in sorted(Path(item).iterdir())
+                      if d.is_dir() and d.name.lower() in {n.lower() for n in IMAGE_DIRS}]
+        hint = f" (its images are in {str(subfolders[0])!r})" if subfolders else ""
+        raise DataError(f"no PNG or TIFF images in {', '.join(inputs)}{hint}")
     return paths
 
 
