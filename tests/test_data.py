@@ -105,6 +105,22 @@ def test_masks_pair_by_stem_or_a_mask_suffix(tmp_path):
                                             for a, b in zip(again.masks, got.masks))
 
 
+def test_jpeg_and_bmp_images_train_with_lossless_masks(tmp_path):
+    make_folder(tmp_path / "png")
+    make_folder(tmp_path / "other")
+    images = tmp_path / "other" / "images"
+    Image.open(images / "c0.png").save(images / "c0.bmp")
+    Image.open(images / "c1.png").save(images / "c1.jpg", quality=100)
+    (images / "c0.png").unlink()
+    (images / "c1.png").unlink()
+    png, other = (load_folder(tmp_path / name, "0:bg,128:a,255:b") for name in ("png", "other"))
+    assert other.names == ["c0", "c1", "c2"]
+    np.testing.assert_array_equal(other.images[0], png.images[0])  # BMP: lossless
+    assert np.abs(other.images[1] - png.images[1]).mean() < 0.05  # JPEG: close
+    for a, b in zip(other.masks, png.masks):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_user_folder_tiff_stack(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "labels").mkdir()
@@ -126,6 +142,8 @@ def test_user_folder_tiff_stack(tmp_path):
     ("colour", "c1.png: a colour-coded mask (pixel (3, 7) is (255, 0, 0)); masks hold one "
                "class index or grey level per pixel"),
     ("nan", "c1.tif: 2 pixel(s) are NaN or infinite (the first at (4, 9): nan)"),
+    ("jpeg_mask", "c1.jpg: a JPEG mask (JPEG's compression blurs class values into each "
+                  "other); save masks as PNG or TIFF"),
     ("instances", "masks: 400 classes, more than the 255 a label image holds; one value per "
                   "object is an instance mask"),
 ])
@@ -145,6 +163,10 @@ def test_bad_user_data_gives_one_line_errors(tmp_path, breakage, fragment):
         image[4, 9], image[30, 2] = np.nan, np.inf
         (tmp_path / "images" / "c1.png").unlink()
         tifffile.imwrite(tmp_path / "images" / "c1.tif", image)
+    elif breakage == "jpeg_mask":
+        mask = tmp_path / "masks" / "c1.png"
+        Image.open(mask).save(tmp_path / "masks" / "c1.jpg")
+        mask.unlink()
     elif breakage == "instances":  # a uint16 label image of 400 objects, 0 … 399
         class_map = None
         for i in range(3):

@@ -28,7 +28,7 @@ def test_tiles_blend_to_the_untiled_prediction():
 
 def _images(folder):
     """One file of each layout predict takes: grey, 16-bit, RGB(A) (planar too), palette, grey
-    with alpha, stacks and a Z × C hyperstack."""
+    with alpha, JPEG, BMP, stacks and a Z × C hyperstack."""
     import tifffile
     from PIL import Image
 
@@ -44,6 +44,8 @@ def _images(folder):
     Image.fromarray(u8(20, 30, 4)).save(folder / "rgba.png")
     Image.fromarray(u8(20, 30)).convert("P").save(folder / "palette.png")
     Image.fromarray(u8(20, 30, 2), mode="LA").save(folder / "grey_alpha.png")
+    Image.fromarray(u8(20, 30)).save(folder / "photo.jpg")
+    Image.fromarray(u8(20, 30)).save(folder / "scan.bmp")
     tifffile.imwrite(folder / "alpha_grey.tif", u8(20, 30, 2), photometric="minisblack",
                      extrasamples=["unassalpha"])
     tifffile.imwrite(folder / "hyper.tif", u8(5, 2, 20, 30), imagej=True,
@@ -96,7 +98,7 @@ def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_pa
         labels = tifffile.imread(out)
         assert labels.shape == ((pages[path.name],) if path.name in pages else ()) + (20, 30)
     reads.clear()
-    with pytest.raises(predict.DataError, match="planar_rgb.tif: 3 channel"):  # 9th of 12
+    with pytest.raises(predict.DataError, match="planar_rgb.tif: 3 channel"):  # 10th of 14
         predict.predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "refused", tile=32,
                               overlap=8)
     assert reads == [] and not (tmp_path / "refused").exists()
@@ -174,5 +176,6 @@ def test_a_data_set_folder_given_to_predict_points_to_its_images(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ds" / "Images" / "a.png")
     with pytest.raises(predict.DataError) as err:
         predict.input_paths([str(tmp_path / "ds")])
-    assert str(err.value) == (f"no PNG or TIFF images in {tmp_path / 'ds'} (its images are in "
+    assert str(err.value) == (f"no PNG, TIFF, JPEG or BMP images in {tmp_path / 'ds'} (its "
+                              "images are in "
                               f"'{tmp_path / 'ds' / 'Images'}')")

@@ -36,7 +36,8 @@ SSTEM_MAPS = {
 MAX_CLASSES = 255  # labels are written as uint8 images
 IMAGE_DIRS = ("images", "image", "imgs", "img", "raw", "x", "imagesTr")  # imagesTr: nnU-Net's
 MASK_DIRS = ("masks", "mask", "labels", "label", "gt", "annotations", "y", "labelsTr")
-SUFFIXES = (".png", ".tif", ".tiff")
+SUFFIXES = (".png", ".tif", ".tiff")  # masks and labels: lossless formats
+IMAGE_SUFFIXES = (*SUFFIXES, ".jpg", ".jpeg", ".bmp")
 
 
 @dataclass
@@ -257,10 +258,10 @@ def parse_class_map(text: str) -> tuple[tuple[str, ...], dict[int, int]]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The PNG and TIFF files of ``folder``, sorted; hidden files (macOS' ``._name.png``
-    resource forks, ...) are not images."""
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and p.is_file())
+    """The image files of ``folder`` (PNG, TIFF, JPEG, BMP), sorted; hidden files (macOS'
+    ``._name.png`` resource forks, ...) are not images."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith(".") and p.is_file())
 
 
 def map_values(mask: np.ndarray, value_map: dict[int, int] | None, path: Path) -> np.ndarray:
@@ -305,7 +306,7 @@ def _find_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
     raise DataError(f"{root}: no {what} folder (expected one of {', '.join(names)})")
 
 
-MASK_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_gt", "_seg", "_segmentation",
+MASK_ENDINGS = ("", "_mask", "_masks", "_label", "_labels", "_gt", "_seg", "_segmentation",
                  "-mask", "-label")
 
 
@@ -314,7 +315,7 @@ def mask_of(stem: str, masks_by_stem: dict[str, Path]) -> Path | None:
     (``a_mask``, ``a_label``, ``a_gt``, …), or, for nnU-Net's channel-numbered images
     (``a_0000``), ``a``; the first that exists."""
     bases = (stem, stem[:-5]) if stem.endswith("_0000") else (stem,)
-    return next((masks_by_stem[b + s] for b in bases for s in MASK_SUFFIXES
+    return next((masks_by_stem[b + s] for b in bases for s in MASK_ENDINGS
                  if b + s in masks_by_stem), None)
 
 
@@ -332,6 +333,9 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
         if mask_path is None:
             raise DataError(f"{path}: no mask named {path.stem!r} in {mask_dir} (nor "
                             f"{path.stem}_mask, _label, _gt, …)")
+        if mask_path.suffix.lower() in (".jpg", ".jpeg"):
+            raise DataError(f"{mask_path}: a JPEG mask (JPEG's compression blurs class values "
+                            "into each other); save masks as PNG or TIFF")
         image, mask = read_image(path), read_image(mask_path, mask=True)
         stack = is_stack(image.shape)
         pages = list(zip(image, mask)) if stack else [(image, mask)]
@@ -344,7 +348,7 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
             masks.append(ms)
             stems.append(f"{path.stem}[{k}]" if stack else path.stem)
     if not images:
-        raise DataError(f"{image_dir}: no PNG or TIFF images")
+        raise DataError(f"{image_dir}: no PNG, TIFF, JPEG or BMP images")
     if len({im.ndim for im in images}) > 1:  # grey and colour: all as colour
         images = [fit_channels(im, 3, name) for im, name in zip(images, stems)]
     if not names:

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import (IMAGE_DIRS, SUFFIXES, DataError, _to_unit, fit_channels, image_files,
+from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, _to_unit, fit_channels, image_files,
                    image_shape, is_stack, read_image)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -97,7 +97,7 @@ def input_paths(inputs: list[str]) -> list[Path]:
                       for d in sorted(Path(item).iterdir())
                       if d.is_dir() and d.name.lower() in {n.lower() for n in IMAGE_DIRS}]
         hint = f" (its images are in {str(subfolders[0])!r})" if subfolders else ""
-        raise DataError(f"no PNG or TIFF images in {', '.join(inputs)}{hint}")
+        raise DataError(f"no PNG, TIFF, JPEG or BMP images in {', '.join(inputs)}{hint}")
     return paths
 
 
@@ -274,7 +274,7 @@ def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool =
     """(label TIFF, overlay PNGs) in ``out`` for each (input path, page count): OUT/STEM.tif,
     OUT/STEM[_k]_overlay.png. Refuses (DataError) an ``out`` named like an image, two inputs
     that would write one file, and a file that would overwrite an input."""
-    if out.suffix.lower() in SUFFIXES and not out.is_dir():
+    if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
         raise ConfigError("out", str(out), "must be a folder (each label TIFF is named "
                           "after its input image), e.g. --out predictions")
     sources = {path.resolve(): path for path, _ in inputs}
