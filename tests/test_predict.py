@@ -92,11 +92,11 @@ def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_pa
     written = predict.predict_paths(ckpt, [str(p) for p in paths], tmp_path / "out", tile=32,
                                     overlap=8, on_image=lambda p, *_: events.append(len(reads)))
     assert events == list(range(1, len(paths) + 1))  # each image read just before its labels
-    pages = {"stack.tif": 3, "imagej.tif": 4, "hyper.tif": 10}
+    pages = {"stack.tif": (3,), "imagej.tif": (4,), "hyper.tif": (5, 2)}  # Z × C kept
     for path, out in zip(paths, written):
         assert out.name == f"{path.stem}.tif"
         labels = tifffile.imread(out)
-        assert labels.shape == ((pages[path.name],) if path.name in pages else ()) + (20, 30)
+        assert labels.shape == pages.get(path.name, ()) + (20, 30)
     reads.clear()
     with pytest.raises(predict.DataError, match="planar_rgb.tif: 3 channel"):  # 10th of 14
         predict.predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "refused", tile=32,

@@ -207,6 +207,17 @@ def image_shape(path: Path) -> tuple[int, ...]:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
+def plane_axes(path: Path) -> tuple[int, ...]:
+    """The sizes of the axes in front of an image file's planes, as the file has them: (Z, C)
+    of a ZCYX TIFF hyperstack, (pages,) of a stack, () of one image (header only)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return ()
+    with tifffile.TiffFile(path) as f:
+        series = f.series[0]
+        front = series.axes[:series.axes.index("Y")] if "Y" in series.axes else ""
+        return tuple(n for n, axis in zip(series.shape, front) if axis != "S")
+
+
 def _to_unit(a: np.ndarray, name) -> np.ndarray:
     """uint8/uint16/float → float32 in [0, 1]; RGBA loses alpha. An image ``name`` with NaN or
     infinite pixels raises DataError (min/max scaling would make every pixel NaN)."""

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
 from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, _to_unit, fit_channels, image_files,
-                   image_shape, is_stack, read_image)
+                   image_shape, is_stack, plane_axes, read_image)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -176,12 +176,16 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.nda
     return ((1 - alpha) * rgb + alpha * colours).astype(np.uint8)
 
 
-def write_labels(path: Path, pages: list[np.ndarray], meta: dict | None = None) -> None:
-    """Label TIFF (a stack for several pages) carrying the model's class names and spec in
-    its metadata (``read_labels`` and the napari reader use them)."""
+def write_labels(path: Path, pages: list[np.ndarray], meta: dict | None = None,
+                 axes: tuple[int, ...] = ()) -> None:
+    """Label TIFF (a stack for several pages, shaped (*axes, H, W) when the input's planes
+    had more axes than one) carrying the model's class names and spec in its metadata
+    (``read_labels`` and the napari reader use them)."""
     info = meta and {"cellseg": {"class_names": list(meta["class_names"]), "spec": meta["spec"]}}
-    write_atomic(path, lambda tmp: tifffile.imwrite(
-        tmp, np.stack(pages) if len(pages) > 1 else pages[0], metadata=info))
+    labels = np.stack(pages) if len(pages) > 1 else pages[0]
+    if len(axes) > 1 and np.prod(axes) == len(pages):
+        labels = labels.reshape(*axes, *labels.shape[-2:])
+    write_atomic(path, lambda tmp: tifffile.imwrite(tmp, labels, metadata=info))
 
 
 def labels_info(path: str | Path) -> dict | None:
@@ -322,7 +326,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
                  for p in read_pages(path)]  # one image in memory at a time
         labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device)
                   for p in pages]
-        write_labels(target, labels, meta)
+        write_labels(target, labels, meta, plane_axes(path))
         written.append(target)
         for p, lab, png in zip(pages, labels, overlays):
             write_atomic(png, lambda tmp: Image.fromarray(overlay(p, lab)).save(tmp, format="PNG"))
