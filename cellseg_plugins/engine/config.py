@@ -60,7 +60,9 @@ class TrainConfig:
     seed: Annotated[int, Range(0), Doc("random seed")] = 0
     fold: Annotated[int, Range(0), Doc("test fold index")] = 0
     folds: Annotated[int, Doc("number of folds (split by source image)")] = 5
-    crop: Annotated[int, Range(1), Doc("non-overlapping crop size")] = 256
+    crop: Annotated[int, Range(1), Doc(
+        "crop side: crops tile each image, plus one flush with an edge the crop does not "
+        "divide")] = 256
     augment: Annotated[bool, Doc("random 90° rotations and flips")] = True
     workers: Annotated[int, Range(0), Doc(
         "data-loader worker processes (> 0 takes the loader path unless --data-on-device)")] = 0
