@@ -179,3 +179,22 @@ def test_a_data_set_folder_given_to_predict_points_to_its_images(tmp_path):
     assert str(err.value) == (f"no PNG, TIFF, JPEG or BMP images in {tmp_path / 'ds'} (its "
                               "images are in "
                               f"'{tmp_path / 'ds' / 'Images'}')")
+
+
+def test_ctrl_c_during_predict_says_what_is_on_disk(tmp_path, capsys, monkeypatch):
+    from cellseg_plugins.cli.main import main
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((32, 32), np.uint8))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "predict_image", interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(ckpt), str(tmp_path / "a.tif"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("error: interrupted; the label files written so far are "
+                                       "whole (the same command writes them all again)\n")
