@@ -97,6 +97,8 @@ def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_pa
         assert out.name == f"{path.stem}.tif"
         labels = tifffile.imread(out)
         assert labels.shape == pages.get(path.name, ()) + (20, 30)
+        with tifffile.TiffFile(out) as f:  # 3 or 4 label pages are pages, not RGB(A) samples
+            assert "S" not in f.series[0].axes, (out.name, f.series[0].axes)
     reads.clear()
     with pytest.raises(predict.DataError, match="planar_rgb.tif: 3 channel"):  # 10th of 14
         predict.predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "refused", tile=32,

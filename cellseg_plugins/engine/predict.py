@@ -185,7 +185,8 @@ def write_labels(path: Path, pages: list[np.ndarray], meta: dict | None = None,
     labels = np.stack(pages) if len(pages) > 1 else pages[0]
     if len(axes) > 1 and np.prod(axes) == len(pages):
         labels = labels.reshape(*axes, *labels.shape[-2:])
-    write_atomic(path, lambda tmp: tifffile.imwrite(tmp, labels, metadata=info))
+    write_atomic(path, lambda tmp: tifffile.imwrite(  # minisblack: 3 or 4 pages are not RGB
+        tmp, labels, metadata=info, photometric="minisblack"))
 
 
 def labels_info(path: str | Path) -> dict | None:
