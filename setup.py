@@ -6,8 +6,10 @@ from setuptools import find_packages, setup
 ROOTS = {"cellseg_plugins": "cellseg_plugins", "cellseg_plugins.registry": "registry",
          "cellseg_plugins.cli": "cli"}
 
+DATA = ["cellseg_plugins.data"]  # package data without code (the ssTEM checksums)
+
 setup(
     package_dir=ROOTS,
     packages=[f"{name}.{sub}" if sub else name
-              for name, folder in ROOTS.items() for sub in ["", *find_packages(folder)]],
+              for name, folder in ROOTS.items() for sub in ["", *find_packages(folder)]] + DATA,
 )
