@@ -207,6 +207,15 @@ def image_shape(path: Path) -> tuple[int, ...]:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
+def holds_floats(path: Path) -> bool:
+    """Whether an image file stores floating-point pixels (header only)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        with tifffile.TiffFile(path) as f:
+            return f.series[0].dtype.kind == "f"
+    with Image.open(path) as im:
+        return im.mode == "F"
+
+
 def plane_axes(path: Path) -> tuple[int, ...]:
     """The sizes of the axes in front of an image file's planes, as the file has them: (Z, C)
     of a ZCYX TIFF hyperstack, (pages,) of a stack, () of one image (header only)."""

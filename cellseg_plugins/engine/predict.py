@@ -16,8 +16,8 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, _to_unit, fit_channels, image_files,
-                   image_shape, is_stack, plane_axes, read_image)
+from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, _to_unit, fit_channels, holds_floats,
+                   image_files, image_shape, is_stack, plane_axes, read_image)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -306,9 +306,10 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks) in ``out``, with colour
-    overlay PNGs if asked. Every input's header (size, pages, channels; for a grey model the
-    pixels of RGB files too: grey saved as RGB is taken as grey) and every output name is
-    checked before anything is written; then the images are read one at a time."""
+    overlay PNGs if asked. Every input's header (size, pages, channels; the pixels of RGB files
+    for a grey model too, grey saved as RGB being taken as grey, and of float files, whose NaN
+    or infinite pixels are refused) and every output name are checked before anything is
+    written; then the images are read one at a time."""
     from PIL import Image
 
     check_tiling(tile, overlap)
@@ -317,6 +318,8 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     layouts = [image_layout(image_shape(path)) for path in paths]  # headers only
     for path, (_, channels) in zip(paths, layouts):
         check_channels(channels, meta["in_channels"], path, lambda: [read_image(path)[..., :3]])
+        if holds_floats(path):  # NaN or infinite pixels are refused before anything is written
+            _to_unit(read_image(path), path)
     out = Path(out)
     targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
                            with_overlay)
