@@ -5,7 +5,7 @@
 # Each command's JSON goes to OUT/log.txt after a '### name: command' line; a command that
 # fails or passes its time limit is logged and the next one runs. BUDGET (seconds, default
 # 420) stops starting new commands once it is spent; PARTS (default "compile epoch train
-# check plugins") picks the parts to run.
+# check plugins") picks the parts to run; STEPS (names, space-separated) runs only those steps.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-${OUT:-gpu-results}}
@@ -14,9 +14,11 @@ log="$out/log.txt"
 budget=${BUDGET:-420}
 parts=" ${PARTS:-compile epoch train check plugins} "
 want() { [[ $parts == *" $1 "* ]]; }
+steps=" ${STEPS:-} "
 step() {  # step NAME LIMIT_S ARGS...: one cellseg command, logged
     local name=$1 limit=$2
     shift 2
+    [[ -z ${STEPS:-} || $steps == *" $name "* ]] || return 0
     if (( SECONDS > budget )); then echo "### $name: skipped (budget spent)" >> "$log"; return; fi
     echo "### $name: cellseg $* (t=${SECONDS}s)" >> "$log"
     # -P: the checkout's cellseg_plugins/ (no cli/ in it) must not shadow the installed package
