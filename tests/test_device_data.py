@@ -76,12 +76,41 @@ def test_batched_augmentation_equals_per_sample_transforms():
     torch.manual_seed(0)
     x, y = torch.randn(6, 2, 5, 5), torch.randint(0, 3, (6, 5, 5))
     turns, flips = torch.tensor([0, 1, 2, 3, 1, 0]), torch.tensor([1, 0, 1, 1, 0, 0])
-    ax, ay = augment(x.clone(), y.clone(), turns, flips)
+    ax, ay = augment(x, y, 2 * turns + flips)
     for i in range(6):
         rx, ry = torch.rot90(x[i], int(turns[i]), (1, 2)), torch.rot90(y[i], int(turns[i]), (0, 1))
         if flips[i]:
             rx, ry = rx.flip(2), ry.flip(1)
         assert torch.equal(ax[i], rx) and torch.equal(ay[i], ry)
+
+
+def test_cutting_batches_never_waits_for_the_device(sources):
+    """On CUDA an op whose output size depends on the data (nonzero, item) or a blocking
+    copy from the host makes Python wait for the GPU, so the next step cannot be queued
+    while this one runs. The epoch's draws are copied once; per batch, only ops of fixed
+    shape run (the same number for every full batch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    crops = DeviceCrops(dataset(sources, augment=True), torch.device("cpu"))
+    batches = crops.batches(8, epoch=1, shuffle=True)
+    per_batch = []
+    next(batches)  # the epoch's draws
+    for _ in range(7):
+        with Ops() as ops:
+            x, y = next(batches)
+        per_batch.append(ops.names)
+    syncing = {"nonzero.default", "_local_scalar_dense.default", "masked_select.default"}
+    assert not syncing & {name for names in per_batch for name in names}
+    assert len({len(names) for names in per_batch}) == 1 and x.shape == (8, 1, 64, 64)
 
 
 @pytest.mark.parametrize("h, w", [(96, 96), (100, 70), (64, 130)])

@@ -9,6 +9,8 @@ and the device never waits on Python for a crop.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .data import CropDataset
@@ -50,31 +52,37 @@ class DeviceCrops:
     def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = False, rank: int = 0,
                 world: int = 1):
         """Yield (x (B, C, crop, crop) float32 normalised, y (B, crop, crop) int64); rank r of
-        ``world`` takes every world-th crop of the epoch's order."""
-        order, turns, flips = self.draws(epoch, shuffle)
-        order, turns, flips = order[rank::world], turns[rank::world], flips[rank::world]
-        for start in range(0, len(order), batch_size):
+        ``world`` takes every world-th crop of the epoch's order. The epoch's draws go to the
+        device in one copy, so cutting a batch never waits for the device."""
+        draws = torch.stack(self.draws(epoch, shuffle))[:, rank::world].to(self.device)
+        order, transforms = draws[0], 2 * draws[1] + draws[2]
+        for start in range(0, order.shape[0], batch_size):
             idx = order[start:start + batch_size]
-            x = (self.images[idx.to(self.device)] - self.mean) / self.std
-            y = self.masks[idx.to(self.device)].long()  # IGNORE: 255 (uint8) or -1
-            yield augment(x, y, turns[start:start + batch_size], flips[start:start + batch_size])
+            x = (self.images[idx] - self.mean) / self.std
+            y = self.masks[idx].long()  # IGNORE: 255 (uint8) or -1
+            yield augment(x, y, transforms[start:start + batch_size]) if self.augment else (x, y)
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, turns: torch.Tensor, flips: torch.Tensor):
-    """Rotate sample i by turns[i] quarter turns, then flip it left-right where flips[i]
-    (``turns`` and ``flips`` on the CPU, so choosing the samples never syncs the device)."""
-    x, y = x.clone(), y.clone()
-    for k in (1, 2, 3):
-        sel = torch.nonzero(turns == k).flatten()
-        if len(sel):
-            sel = sel.to(x.device)
-            x[sel] = torch.rot90(x[sel], k, (2, 3))
-            y[sel] = torch.rot90(y[sel], k, (1, 2))
-    sel = torch.nonzero(flips == 1).flatten()
-    if len(sel):
-        sel = sel.to(x.device)
-        x[sel], y[sel] = x[sel].flip(3), y[sel].flip(2)
-    return x, y
+@functools.lru_cache(maxsize=8)
+def dihedral_maps(size: int, device: torch.device) -> torch.Tensor:
+    """(8, size²) pixel maps: map 2k + f takes a flattened size × size crop to the crop rotated
+    by k quarter turns (torch.rot90 over its two axes), then flipped left-right if f. Made
+    once per (size, device); read-only."""
+    grid = torch.arange(size * size, device=device).view(size, size)
+    return torch.stack([torch.rot90(grid, k, (0, 1)).flip(1) if f else torch.rot90(grid, k, (0, 1))
+                        for k in range(4) for f in range(2)]).flatten(1)
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, transforms: torch.Tensor):
+    """Sample i rotated by transforms[i] // 2 quarter turns, then flipped left-right where
+    transforms[i] is odd; x (B, C, S, S), y (B, S, S), ``transforms`` (B,) on their device.
+    One gather each through :func:`dihedral_maps`: no per-sample Python, no device sync."""
+    b, c, h, w = x.shape
+    if h != w:
+        raise ValueError(f"augment: crops must be square, got {h}×{w}")
+    idx = dihedral_maps(h, x.device)[transforms]  # (B, S²)
+    return (x.flatten(2).gather(2, idx[:, None].expand(b, c, h * w)).view_as(x),
+            y.flatten(1).gather(1, idx).view_as(y))
 
 
 def fits_on_device(nbytes: int, device: torch.device) -> bool:
