@@ -33,7 +33,8 @@ class FeatureRandomEnhancement(PluginModule):
         generator = None
         if self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed + t)
-        self.selected.copy_(torch.randperm(self.C, generator=generator)[: self.B])
+        draw = torch.randperm(self.C, generator=generator)[: self.B]
+        self.selected.copy_(draw, non_blocking=True)  # from pageable memory: no device wait
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.per == "epoch" and not self.fixed:
