@@ -4,15 +4,15 @@
 #   CELLSEG_DATA=DIR bash docs/gpu_bench.sh [OUT]     (DIR holds sstem: cellseg data fetch sstem)
 # Each command's JSON goes to OUT/log.txt after a '### name: command' line; a command that
 # fails or passes its time limit is logged and the next one runs. BUDGET (seconds, default
-# 420) stops starting new commands once it is spent; PARTS (default "compile epoch train
-# check plugins") picks the parts to run; STEPS (names, space-separated) runs only those steps.
+# 420) stops starting new commands once it is spent; PARTS (default "compile epoch protocol
+# train check plugins") picks the parts to run; STEPS (names, space-separated) runs only those steps.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-${OUT:-gpu-results}}
 mkdir -p "$out"
 log="$out/log.txt"
 budget=${BUDGET:-420}
-parts=" ${PARTS:-compile epoch train check plugins} "
+parts=" ${PARTS:-compile epoch protocol train check plugins} "
 want() { [[ $parts == *" $1 "* ]]; }
 steps=" ${STEPS:-} "
 step() {  # step NAME LIMIT_S ARGS...: one cellseg command, logged
@@ -46,6 +46,29 @@ if want compile; then
 step epoch_w8_compile 240 bench "classic_unet" "${E[@]}" --compile
 step epoch_w8_cudagraphs 240 bench "classic_unet" "${E[@]}" --compile --compile-mode reduce-overhead
 step epoch_w8_lfa_compile 300 bench "classic_unet+lfa(m=7)" "${E[@]}" --compile
+fi
+
+# One model's protocol throughput (issue #11: under 30 minutes): ten 30-epoch runs of the
+# 8…128 U-Net (5 folds × 2 seeds) sharing the GPU through cellseg cv --jobs 10, eager and
+# with CUDA graphs. Logged: the call's wall time, and the median epoch of the runs (from their
+# metrics.csv, epoch 1 with its compile left out) with what it gives: 10 runs / that epoch.
+if want protocol; then
+for mode in eager cudagraphs; do
+    extra=(); [ $mode = cudagraphs ] && extra=(--compile --compile-mode reduce-overhead)
+    cv="/tmp/cv_$mode" t0=$SECONDS
+    step cv_$mode 300 cv classic_unet --data sstem --classes sstem4 --batch-size 8 --epochs 30 \
+        --folds 5 --seeds 2 --jobs 10 --threads 1 --device cuda --out "$cv" "${extra[@]}"
+    [ -d "$cv" ] && python3 - "$cv" $((SECONDS - t0)) >> "$log" <<'PY'
+import csv, pathlib, statistics, sys
+runs = sorted(pathlib.Path(sys.argv[1]).glob("fold*_seed*/metrics.csv"))
+epochs = [float(r["seconds"]) for p in runs for r in list(csv.DictReader(open(p)))[1:]]
+if epochs:
+    m = statistics.median(epochs)
+    print(f"{len(runs)} runs, wall {sys.argv[2]} s, median epoch {m:.3f} s, "
+          f"{len(runs) / m:.2f} epochs/s together, protocol (22 500 epochs) {22500 * m / len(runs) / 60:.0f} min")
+PY
+    rm -rf "$cv"
+done
 fi
 
 # cellseg train, eval and predict end to end on the GPU: the LFA paper's U-Net, 30 epochs.
