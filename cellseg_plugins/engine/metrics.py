@@ -10,7 +10,9 @@ def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.T
     prediction. Targets outside [0, classes) (ignored pixels) are not counted."""
     target, pred = target.reshape(-1).long(), pred.reshape(-1).long()
     counted = (target >= 0) & (target < classes)
-    idx = torch.where(counted, target * classes + pred, classes * classes)  # no device sync
+    # where, not a boolean mask (whose size the host would wait for); on CUDA, bincount
+    # itself still reads its input's min and max back to the host, once per call
+    idx = torch.where(counted, target * classes + pred, classes * classes)
     bins = torch.bincount(idx, minlength=classes * classes + 1)
     return bins[:classes * classes].reshape(classes, classes)
 
