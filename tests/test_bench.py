@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -116,6 +117,37 @@ def test_epoch_bench_times_each_engine_epoch_of_one_run_against_a_bare_epoch():
     assert len(rep["engine_epochs_s"]) == len(rep["bare_epochs_s"]) == 2
     assert 0 < rep["engine_files_s"] < rep["engine_epoch_s"]
     assert rep["ratio"] == rep["engine_epoch_s"] / rep["bare_epoch_s"]
+
+
+def test_a_slow_bare_loop_does_not_make_the_engine_write_more_files(monkeypatch):
+    """The engine redraws curves.png and writes checkpoints by its own elapsed time; a bare
+    epoch between two engine epochs must not count (an H200 run whose bare loop took 18 s an
+    epoch had the engine redraw its curves nearly every epoch). The engine's clock is made to
+    jump an hour in each bare epoch: only the first and the last epoch's curves are drawn."""
+    import types
+    from dataclasses import replace
+
+    import cellseg_plugins.engine.train as train
+    from cellseg_plugins.engine import epoch_bench
+    from conftest import tiny_config
+
+    jump = [0.0]
+    clock = types.SimpleNamespace(monotonic=lambda: time.monotonic() + jump[0],
+                                  perf_counter=time.perf_counter)
+    monkeypatch.setattr(train, "time", clock)
+
+    def slow_bare_epoch(*args, **kwargs):
+        jump[0] += 3600.0
+
+    monkeypatch.setattr(epoch_bench, "bare_epoch", slow_bare_epoch)
+    plots, saves = [], []
+    real_plot, real_save = train.plot_curves, train.save_atomic
+    monkeypatch.setattr(train, "plot_curves", lambda h, p: plots.append(len(h)) or real_plot(h, p))
+    monkeypatch.setattr(train, "save_atomic", lambda c, p: saves.append(p.name) or real_save(c, p))
+    cfg = replace(tiny_config("unused"), batch_size=8, checkpoint_every=600.0)
+    epoch_bench.run_epoch_bench(cfg, epochs=3)
+    assert plots == [1, 4] and saves.count("last.pt") == 1  # at the end only
+    assert jump[0] == 4 * 3600.0  # the bare loop ran, and the clock did jump
 
 
 def test_bare_epoch_feeds_the_model_in_the_memory_format_asked_for():

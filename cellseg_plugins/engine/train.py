@@ -386,6 +386,18 @@ class Trainer:
                 on_epoch(row)
         return self.history[-1] if self.history else {}
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in the block does not count towards the checkpoint and curve intervals
+        (``cellseg bench --epoch`` runs its bare epochs there)."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            spent = time.monotonic() - start
+            self._saved += spent
+            self._plotted += spent
+
     def save(self, improved: bool) -> None:
         """best.pt (if improved) and last.pt when ``checkpoint_every`` seconds have passed
         since the last write, and after the last epoch (until then the best epoch's checkpoint
