@@ -79,6 +79,12 @@ def test_scale_overrides_settings_and_vars(tmp_path):
     (("seeds = 1", "seeds = -1"), "[study] seeds: -1 is not a positive integer"),
     (("folds = 3", "folds = 3\nwat = 1"), "[study] wat: unknown key"),
     (("[[row]]", "[[row]]\nlabel = 1"), "row 1 label: unknown key"),
+    (("paper = 72.5", 'paper = 72.5\n[[compare]]\nrow = "+ frem"\nbase = "nope"'),
+     "compare 1 base: 'nope' is not a row of this file"),
+    (("paper = 72.5", 'paper = 72.5\n[[compare]]\nrow = "base"\nbase = "base"'),
+     "compare 1 base: 'base' is the row itself"),
+    (("paper = 72.5", 'paper = 72.5\n[[compare]]\nrow = "base"\nagainst = "x"'),
+     "compare 1 against: unknown key (valid: base, note, row)"),
 ])
 def test_bad_study_files_fail_in_one_line_naming_the_key(tmp_path, capsys, edit, fragment):
     path = write(tmp_path, TINY.replace(*edit, 1))
@@ -138,6 +144,51 @@ def test_report_from_stored_runs(tmp_path):
     assert (tmp_path / "table" / "gains.png").stat().st_size > 1000
     rows = (tmp_path / "table" / "table.csv").read_text().splitlines()
     assert rows[0].startswith("row,spec,base,runs,a_mean") and len(rows) == 3
+
+
+COMPARED = TINY + """
+[[row]]
+name = "+ frem 3"
+spec = "{net}+frem(B=3)"
+base = "base"
+paper = 71.0
+scales = ["two"]
+
+[[compare]]
+row = "+ frem"
+base = "+ frem 3"
+note = "two channel counts"
+
+[scale.one]
+seeds = 1
+"""
+
+
+def test_compare_entries_report_the_paired_gain_between_two_rows(tmp_path):
+    assert load_study(write(tmp_path, COMPARED), "one").comparisons == []  # no '+ frem 3' there
+    study = load_study(write(tmp_path, COMPARED), "two")
+    assert study.comparisons == [{"row": "+ frem", "base": "+ frem 3",
+                                  "note": "two channel counts"}]
+    # '+ frem' − '+ frem 3' over the (fold, seed) pairs both have: 0.01, 0.02, 0.03, as in
+    # the hand-computed test above; the paper figures differ by 72.5 − 71.0
+    fake_runs(tmp_path / "runs", study, {"base": [0.70] * 3, "+ frem": [0.71, 0.72, 0.73],
+                                        "+ frem 3": [0.70, 0.70, 0.70]})
+    result = report(tmp_path / "runs", tmp_path / "table")
+    gain = result["comparisons"][0]["gain"]
+    assert gain["n"] == 3 and math.isclose(gain["mean"], 0.02)
+    assert math.isclose(gain["t_p"], 0.074180, rel_tol=1e-4)
+    table = (tmp_path / "table" / "table.md").read_text()
+    assert "| + frem | + frem 3 | 3 | +2.00 ± 1.00 | 0.074 | 0.250 | +1.50 | two channel " \
+           "counts |" in table
+    lines = (tmp_path / "table" / "comparisons.csv").read_text().splitlines()
+    assert lines[0] == "row,base,pairs,gain_mean,gain_std,t_p,wilcoxon_p,paper_gain,note"
+    assert lines[1].startswith("+ frem,+ frem 3,3,0.02") and lines[1].endswith(
+        ",1.5,two channel counts")
+    fake_runs(tmp_path / "old", load_study(write(tmp_path, TINY)),
+              {"base": [0.7] * 3, "+ frem": [0.7] * 3})
+    report(tmp_path / "old", tmp_path / "old_table")  # a study without [[compare]]
+    assert "Other paired comparisons" not in (tmp_path / "old_table" / "table.md").read_text()
+    assert not (tmp_path / "old_table" / "comparisons.csv").exists()
 
 
 def test_study_run_then_report_end_to_end(tmp_path, capsys):
@@ -236,5 +287,7 @@ def test_the_published_tables_rebuild_from_their_stored_runs(folder, tmp_path):
     """results/*/table.{md,csv} are what `cellseg study report` makes of the committed runs."""
     stored = ROOT / "results" / folder
     report(stored, tmp_path)
-    for name in ("table.md", "table.csv"):
-        assert (tmp_path / name).read_text() == (stored / name).read_text(), name
+    for name in ("table.md", "table.csv", "comparisons.csv"):
+        assert (tmp_path / name).exists() == (stored / name).exists(), name
+        if (stored / name).exists():
+            assert (tmp_path / name).read_text() == (stored / name).read_text(), name

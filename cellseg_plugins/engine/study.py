@@ -4,14 +4,17 @@ A study file holds the shared settings (``[study]``: data, training options, fol
 a preset, ``vars`` substituted into specs), named rows (``[[row]]``: ``name``, ``spec``, its
 ``base`` row, the ``paper``'s reported mIoU % and ``paper_base`` (its paper's own base
 figure, where the base row's paper differs), ``scales`` it runs at, ``train`` options of its
-own, a ``note``) and ``[scale.NAME]`` tables whose keys override both (``vars`` merge):
-precedence [study] < row ``train`` < [scale.NAME]. Every row of a study runs on the same folds
-and seeds, so gains are paired over (fold, seed).
+own, a ``note``), ``[[compare]]`` entries (``row``, ``base``, ``note``: paired comparisons
+beside each row's own base, e.g. a paper's ablations against each other) and ``[scale.NAME]``
+tables whose keys override both (``vars`` merge): precedence [study] < row ``train`` <
+[scale.NAME]. Every row of a study runs on the same folds and seeds, so gains are paired over
+(fold, seed).
 
 Layout of a study's folder: ``study.json`` (the resolved study; the command and machine of
 every invocation that ran runs into it),
 ``<row slug>/fold<f>_seed<s>/`` (one cv run each: test.json, metrics.csv, config.json,
-checkpoints), and from ``report``: ``table.md``, ``table.csv``, ``gains.png``.
+checkpoints), and from ``report``: ``table.md``, ``table.csv``, ``gains.png`` (and
+``comparisons.csv`` where the study has ``[[compare]]`` entries).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .train import TrainingError, missing_cpu_units
 
 STUDY_KEYS = {"title", "paper", "folds", "seeds", "preset", "vars"}
 ROW_KEYS = {"name", "spec", "base", "paper", "paper_base", "scales", "train", "note"}
+COMPARE_KEYS = {"row", "base", "note"}
 
 
 class StudyError(DataError):
@@ -74,6 +78,7 @@ class Study:
     config: TrainConfig
     rows: list[Row]
     settings: dict = field(default_factory=dict)
+    comparisons: list[dict] = field(default_factory=list)  # {"row", "base", "note"}
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -81,7 +86,8 @@ class Study:
     def to_json(self) -> dict:
         return {"name": self.name, "scale": self.scale, "title": self.title,
                 "paper": self.paper, "folds": self.folds, "seeds": self.seeds,
-                "settings": self.settings, "rows": [r.__dict__ for r in self.rows]}
+                "settings": self.settings, "rows": [r.__dict__ for r in self.rows],
+                **({"comparisons": self.comparisons} if self.comparisons else {})}
 
 
 def _fail(path: Path, where: str, message: str):
@@ -103,8 +109,9 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise StudyError(f"{path}: not valid TOML ({' '.join(str(e).split())})") from None
     for key in doc:
-        if key not in ("study", "row", "scale"):
-            _fail(path, f"[{key}]", "unknown table (expected [study], [[row]], [scale.NAME])")
+        if key not in ("study", "row", "compare", "scale"):
+            _fail(path, f"[{key}]", "unknown table (expected [study], [[row]], [[compare]], "
+                  "[scale.NAME])")
     base = dict(doc.get("study", {}))
     scales = doc.get("scale", {})
     overrides = {}
@@ -117,6 +124,8 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
         _check_settings(path, overrides, f"[scale.{scale}]")
     settings = _check_settings(path, {**base, **overrides}, "[study]")
     rows = _check_rows(path, doc.get("row", []), scale, settings.get("vars", {}))
+    comparisons = _check_comparisons(path, doc.get("compare", []), doc.get("row", []),
+                                     {r.name for r in rows})
     train = {k: v for k, v in settings.items() if k not in STUDY_KEYS}
     cfg = apply_preset(TrainConfig(spec=rows[0].spec, **train), settings.get("preset"),
                        set(train))
@@ -129,7 +138,8 @@ def load_study(path: str | Path, scale: str | None = None) -> Study:
             _fail(path, f"row {row.name!r}" if row.train else "[study]", str(e))
     return Study(name=path.stem, scale=scale or "default", title=settings.get("title", path.stem),
                  paper=settings.get("paper", ""), folds=cfg.folds,
-                 seeds=settings.get("seeds", 1), config=cfg, rows=rows, settings=settings)
+                 seeds=settings.get("seeds", 1), config=cfg, rows=rows, settings=settings,
+                 comparisons=comparisons)
 
 
 def _check_settings(path: Path, settings: dict, where: str) -> dict:
@@ -142,6 +152,27 @@ def _check_settings(path: Path, settings: dict, where: str) -> dict:
         if key == "vars" and not all(isinstance(v, str) for v in value.values()):
             _fail(path, f"{where} vars", "every variable must be a string")
     return settings
+
+
+def _check_comparisons(path: Path, entries: list, rows: list, here: set[str]) -> list[dict]:
+    """[[compare]] entries as {"row", "base", "note"}; both must name rows of the file, and an
+    entry whose rows do not both run at this scale is left out."""
+    names = [r.get("name") for r in rows]
+    out = []
+    for k, entry in enumerate(entries, 1):
+        where = f"compare {k}"
+        unknown = set(entry) - COMPARE_KEYS
+        if unknown:
+            _fail(path, f"{where} {sorted(unknown)[0]}",
+                  f"unknown key (valid: {', '.join(sorted(COMPARE_KEYS))})")
+        for key in ("row", "base"):
+            if entry.get(key) not in names:
+                _fail(path, f"{where} {key}", f"{entry.get(key)!r} is not a row of this file")
+        if entry["row"] == entry["base"]:
+            _fail(path, f"{where} base", f"{entry['base']!r} is the row itself")
+        if entry["row"] in here and entry["base"] in here:
+            out.append({"row": entry["row"], "base": entry["base"], "note": entry.get("note", "")})
+    return out
 
 
 def _check_rows(path: Path, rows: list, scale: str | None, variables: dict) -> list[Row]:
@@ -333,11 +364,27 @@ def report(folder: Path, out: Path | None = None) -> dict:
             if row.get("paper") is not None and base_paper is not None:
                 line["paper_gain"] = row["paper"] - base_paper
         rows.append(line)
+    compared = [compare(c, runs, info) for c in info.get("comparisons", [])]
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, classes, out / "table.csv")
-    write_text_atomic(out / "table.md", _markdown(info, rows, classes, run_seconds(folder, info)))
+    if compared:
+        _write_comparisons_csv(compared, out / "comparisons.csv")
+    write_text_atomic(out / "table.md", _markdown(info, rows, classes, run_seconds(folder, info),
+                                                  compared))
     _plot_gains(info, rows, out / "gains.png")
-    return {"rows": rows, "classes": classes}
+    return {"rows": rows, "classes": classes, "comparisons": compared}
+
+
+def compare(entry: dict, runs: dict, info: dict) -> dict:
+    """One [[compare]] entry: the row's mIoU minus the base row's, paired over their common
+    (fold, seed) runs, and the papers' difference where both rows carry a paper figure."""
+    row, base = runs[entry["row"]], runs[entry["base"]]
+    pairs = sorted(set(row) & set(base))
+    papers = {r["name"]: r.get("paper") for r in info["rows"]}
+    a, b = papers[entry["row"]], papers[entry["base"]]
+    return {**entry, "gain": paired_tests([row[p]["miou"] for p in pairs],
+                                          [base[p]["miou"] for p in pairs]),
+            "paper_gain": None if a is None or b is None else a - b}
 
 
 def _pct(value, digits=2) -> str:
@@ -370,6 +417,24 @@ def _write_csv(rows, classes, path: Path) -> None:
     write_text_atomic(path, table.getvalue())
 
 
+def _write_comparisons_csv(compared, path: Path) -> None:
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["row", "base", "pairs", "gain_mean", "gain_std", "t_p", "wilcoxon_p",
+                "paper_gain", "note"])
+    for c in compared:
+        g = c["gain"]
+        w.writerow([c["row"], c["base"], g["n"], g["mean"], g["std"], g["t_p"],
+                    g["wilcoxon_p"], c["paper_gain"], c["note"]])
+    write_text_atomic(path, table.getvalue())
+
+
+def _gain(g) -> str:
+    if not g or g["mean"] is None:
+        return "–"
+    return f"{100 * g['mean']:+.2f}" + ("" if g["std"] is None else f" ± {100 * g['std']:.2f}")
+
+
 def _machine(m: dict) -> str:
     threads = (f"{m['threads_per_run']} thread(s) a run" if "threads_per_run" in m
                else f"{m.get('torch_threads', '?')} threads")  # an older study.json
@@ -379,7 +444,7 @@ def _machine(m: dict) -> str:
     return f"{where}{jobs}; torch {m.get('torch', '?')}"
 
 
-def _markdown(info, rows, classes, seconds) -> str:
+def _markdown(info, rows, classes, seconds, compared=()) -> str:
     ran = [f"- command: `{i['command']}`; machine: {_machine(i['machine'])}"
            for i in invocations(info)] or ["- command: ?"]
     lines = [f"# {info['title']} — scale {info['scale']}", "",
@@ -395,8 +460,7 @@ def _markdown(info, rows, classes, seconds) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         g = r.get("gain")
-        gain = "–" if not g or g["mean"] is None else (
-            f"{100 * g['mean']:+.2f}" + ("" if g["std"] is None else f" ± {100 * g['std']:.2f}"))
+        gain = _gain(g)
         runs = f"{r['runs']}/{r['expected']}"
         paper_gain = r.get("paper_gain")
         lines.append("| " + " | ".join([
@@ -404,6 +468,15 @@ def _markdown(info, rows, classes, seconds) -> str:
             _p(g and g["t_p"]), _p(g and g["wilcoxon_p"]),
             "–" if r["paper"] is None else f"{r['paper']:.2f}",
             "–" if paper_gain is None else f"{paper_gain:+.2f}"]) + " |")
+    if compared:
+        lines += ["", "Other paired comparisons (the same statistics over the (fold, seed) pairs "
+                  "both rows have; paper: the difference of the two rows' paper figures):", "",
+                  "| row | against | pairs | gain (pp) | t-test p | Wilcoxon p | paper gain | "
+                  "note |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['row']} | {c['base']} | {c['gain']['n']} | {_gain(c['gain'])} | "
+                  f"{_p(c['gain']['t_p'])} | {_p(c['gain']['wilcoxon_p'])} | "
+                  + ("–" if c["paper_gain"] is None else f"{c['paper_gain']:+.2f}")
+                  + f" | {c['note']} |" for c in compared]
     lines += ["", "| row | spec | note |", "|---|---|---|"]
     lines += [f"| {r['name']} | `{r['spec']}` | {r['note']} |" for r in rows]
     return "\n".join(lines) + "\n"
