@@ -54,8 +54,9 @@ def study_run(
     run_study(study, folder, jobs, threads, rows=rows, on_start=start,
               on_run=lambda label, r: console.print(f"{label}: test mIoU {r['miou']:.4f}"))
     if then_report:
-        report(folder)
-        console.print(f"wrote {folder / 'table.md'}, table.csv and gains.png")
+        compared = report(folder)["comparisons"]
+        console.print(f"wrote {folder / 'table.md'}, table.csv, "
+                      + ("comparisons.csv " if compared else "") + "and gains.png")
 
 
 @study_app.command("report")
@@ -64,7 +65,8 @@ def study_report(
     out: Annotated[str | None, typer.Option(help="where to write the table (default: FOLDER)",
                                             callback=o.folder)] = None,
 ) -> None:
-    """Write table.md, table.csv and gains.png from the finished runs (no training)."""
+    """Write table.md, table.csv and gains.png (and comparisons.csv for the study's compare entries)
+    from the finished runs (no training)."""
     from ..engine.study import report
 
     report(Path(folder), Path(out) if out else None)
