@@ -5,6 +5,8 @@
 Prints one JSON object per plugin: the largest |CUDA − CPU| of the logits (fp32, TF32 off),
 whether the bf16-autocast forward is finite, and the fp32 step time on each device. This
 checks the kernels the CPU suite cannot reach (SDPA's fused CUDA attention, cuDNN convolutions).
+First, one JSON object for the device-resident data path: an epoch's augmented batches cut
+on CUDA against the same epoch cut on the CPU (they must be identical).
 """
 
 import argparse
@@ -31,6 +33,22 @@ def timed(model, x, repeats=5):
     return out, (time.perf_counter() - start) / repeats
 
 
+def check_device_crops():
+    """An augmented, shuffled epoch of device-resident batches: CUDA against CPU, exactly."""
+    from cellseg_plugins.engine.data import CropDataset, load_data
+    from cellseg_plugins.engine.device_data import DeviceCrops
+
+    sources = load_data("synthetic")
+    dataset = CropDataset(sources, list(range(len(sources.images))), 64, [0.5], [0.2],
+                          augment=True, seed=1)
+    epochs = [[torch.cat(t) for t in zip(*DeviceCrops(dataset, torch.device(d)).batches(
+        8, epoch=3, shuffle=True))] for d in ("cpu", "cuda")]
+    (cx, cy), (gx, gy) = epochs
+    print(json.dumps({"check": "device_crops", "crops": len(cx),
+                      "images_equal": torch.equal(cx, gx.cpu()),
+                      "masks_equal": torch.equal(cy, gy.cpu())}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=128)
@@ -38,6 +56,7 @@ def main():
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    check_device_crops()
     x = torch.randn(2, 1, args.size, args.size)
     for name in ["", *cs.list_plugins()]:
         spec = args.arch + (f"+{name}{SMALL.get(name, '')}" if name else "")
