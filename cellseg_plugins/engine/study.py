@@ -371,7 +371,7 @@ def report(folder: Path, out: Path | None = None) -> dict:
         _write_comparisons_csv(compared, out / "comparisons.csv")
     write_text_atomic(out / "table.md", _markdown(info, rows, classes, run_seconds(folder, info),
                                                   compared))
-    _plot_gains(info, rows, out / "gains.png")
+    _plot_gains(info, rows, out / "gains.png", compared)
     return {"rows": rows, "classes": classes, "comparisons": compared}
 
 
@@ -482,28 +482,32 @@ def _markdown(info, rows, classes, seconds, compared=()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_gains(info, rows, path: Path) -> None:
+def _plot_gains(info, rows, path: Path, compared=()) -> None:
+    """Each row's gain over its base, then each [[compare]] entry's, with the papers'."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gained = [r for r in rows if r.get("gain") and r["gain"]["mean"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 0.6 * max(len(gained), 1) + 1.2))
-    for y, r in enumerate(gained):
-        g = r["gain"]
+    gained = [(f"{r['name']} vs {r['base']}", r["gain"], r.get("paper_gain"))
+              for r in rows if r.get("gain") and r["gain"]["mean"] is not None]
+    gained += [(f"{c['row']} vs {c['base']}", c["gain"], c["paper_gain"])
+               for c in compared if c["gain"]["mean"] is not None]
+    longest = max((len(label) for label, _, _ in gained), default=0)
+    fig, ax = plt.subplots(figsize=(max(7.0, 4 + 0.075 * longest), 0.5 * max(len(gained), 1) + 1.4))
+    for y, (_, g, paper_gain) in enumerate(gained):
         err = 0 if g["std"] is None else 100 * g["std"] / math.sqrt(g["n"])
         ax.errorbar(100 * g["mean"], y, xerr=err, fmt="o", color="tab:blue",
                     label="measured (± s.e.)" if y == 0 else None)
-        if r.get("paper_gain") is not None:
-            ax.plot(r["paper_gain"], y, "D", color="tab:red", label="paper" if y == 0 else None)
+        if paper_gain is not None:
+            ax.plot(paper_gain, y, "D", color="tab:red", label="paper" if y == 0 else None)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_yticks(range(len(gained)), [f"{r['name']} vs {r['base']}" for r in gained])
-    ax.set_xlabel("mIoU gain over the base row (percentage points)")
-    ax.set_title(f"{info['title']} — scale {info['scale']}")
+    ax.set_yticks(range(len(gained)), [label for label, _, _ in gained])
+    ax.invert_yaxis()  # the table's order, top to bottom
+    ax.set_xlabel("mIoU gain, percentage points")
+    ax.set_title(f"{info['title']} — scale {info['scale']}", fontsize=9, loc="right")
     if gained:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-
