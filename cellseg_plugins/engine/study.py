@@ -354,10 +354,7 @@ def report(folder: Path, out: Path | None = None) -> dict:
             line[c] = (statistics.mean(values) if values else None,
                        statistics.stdev(values) if len(values) > 1 else None)
         if row["base"]:
-            base = runs[row["base"]]
-            pairs = sorted(set(results) & set(base))
-            line["gain"] = paired_tests([results[p]["miou"] for p in pairs],
-                                        [base[p]["miou"] for p in pairs])
+            line["gain"] = paired_gain(results, runs[row["base"]])
             base_paper = row.get("paper_base")
             if base_paper is None:
                 base_paper = next(r.get("paper") for r in info["rows"] if r["name"] == row["base"])
@@ -375,15 +372,19 @@ def report(folder: Path, out: Path | None = None) -> dict:
     return {"rows": rows, "classes": classes, "comparisons": compared}
 
 
+def paired_gain(runs: dict, base: dict) -> dict:
+    """:func:`paired_tests` of the mIoU of ``runs`` against ``base`` ({(fold, seed): test
+    result} each) over the (fold, seed) pairs both have."""
+    pairs = sorted(set(runs) & set(base))
+    return paired_tests([runs[p]["miou"] for p in pairs], [base[p]["miou"] for p in pairs])
+
+
 def compare(entry: dict, runs: dict, info: dict) -> dict:
-    """One [[compare]] entry: the row's mIoU minus the base row's, paired over their common
-    (fold, seed) runs, and the papers' difference where both rows carry a paper figure."""
-    row, base = runs[entry["row"]], runs[entry["base"]]
-    pairs = sorted(set(row) & set(base))
+    """One [[compare]] entry: the row's mIoU minus the base row's, paired, and the papers'
+    difference where both rows carry a paper figure."""
     papers = {r["name"]: r.get("paper") for r in info["rows"]}
     a, b = papers[entry["row"]], papers[entry["base"]]
-    return {**entry, "gain": paired_tests([row[p]["miou"] for p in pairs],
-                                          [base[p]["miou"] for p in pairs]),
+    return {**entry, "gain": paired_gain(runs[entry["row"]], runs[entry["base"]]),
             "paper_gain": None if a is None or b is None else a - b}
 
 
