@@ -40,6 +40,18 @@ def test_confusion_leaves_ignored_targets_out():
     assert slow.sum() == 2 * 9 * 7 - 4 * 7 - 9 * 2
 
 
+
+def test_confusion_needs_no_value_from_the_device():
+    """The counts' size never depends on the data, so on CUDA the host never waits inside
+    validation: the meta device, which has shapes but no values, can run it (bincount, which
+    reads its input's maximum to size its output, cannot)."""
+    pred = torch.empty(2, 9, 7, dtype=torch.int64, device="meta")
+    target = torch.empty(2, 9, 7, dtype=torch.uint8, device="meta")
+    counts = confusion(pred, target, 5)
+    assert counts.device.type == "meta" and counts.shape == (5, 5)
+    with pytest.raises(Exception):
+        torch.bincount(pred.flatten(), minlength=25)
+
 def test_train_writes_run_files_and_eval_predict(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = cli(capsys, "train", TINY + "+frem(B=4)", "--epochs", "2", "--out", out, *FAST)

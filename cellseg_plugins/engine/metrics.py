@@ -10,10 +10,12 @@ def confusion(pred: torch.Tensor, target: torch.Tensor, classes: int) -> torch.T
     prediction. Targets outside [0, classes) (ignored pixels) are not counted."""
     target, pred = target.reshape(-1).long(), pred.reshape(-1).long()
     counted = (target >= 0) & (target < classes)
-    # where, not a boolean mask (whose size the host would wait for); on CUDA, bincount
-    # itself still reads its input's min and max back to the host, once per call
+    # torch.where, not a boolean mask, and index_add_, not bincount: both keep the output's
+    # size independent of the data, so on CUDA the host never waits on a value (bincount reads
+    # its input's maximum back to size its output); uncounted pixels go to one spare bin
     idx = torch.where(counted, target * classes + pred, classes * classes)
-    bins = torch.bincount(idx, minlength=classes * classes + 1)
+    bins = torch.zeros(classes * classes + 1, dtype=torch.int64, device=idx.device)
+    bins.index_add_(0, idx, torch.ones_like(idx))
     return bins[:classes * classes].reshape(classes, classes)
 
 
