@@ -94,8 +94,10 @@ def pop_aux_outputs(model: nn.Module) -> list[AuxOutput]:
 
 
 def _weighted_sum(outputs: list[AuxOutput], target: torch.Tensor, criterion: Callable):
+    """(Σ weight·criterion, {name: detached loss tensor}): nothing is read back to the host,
+    so a CUDA training step does not wait here."""
     total: torch.Tensor | float = 0.0
-    parts: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}
     for aux in outputs:
         logits = aux.logits
         if logits.shape[-2:] != target.shape[-2:]:
@@ -103,7 +105,7 @@ def _weighted_sum(outputs: list[AuxOutput], target: torch.Tensor, criterion: Cal
                                    align_corners=False)
         loss = criterion(logits, target)
         total = total + aux.weight * loss
-        parts[aux.name] = float(loss.detach())
+        parts[aux.name] = loss.detach()
     return total, parts
 
 
@@ -113,10 +115,12 @@ def auxiliary_loss(
     """Σ weight·criterion(aux logits, target) over the last forward's auxiliary outputs.
 
     Logits smaller than the target are upsampled bilinearly. Returns the weighted sum (0.0 if
-    there are none) and each term's value for logging. The main loss's own weight (see
-    :class:`AuxOutput`) is applied by :func:`training_loss`, which a training loop should use.
+    there are none) and each term's value for logging (floats: reading them waits for the
+    device). The main loss's own weight (see :class:`AuxOutput`) is applied by
+    :func:`training_loss`, which a training loop should use.
     """
-    return _weighted_sum(pop_aux_outputs(model), target, criterion)
+    total, parts = _weighted_sum(pop_aux_outputs(model), target, criterion)
+    return total, {name: float(loss) for name, loss in parts.items()}
 
 
 def training_loss(

@@ -52,6 +52,37 @@ def test_confusion_needs_no_value_from_the_device():
     with pytest.raises(Exception):
         torch.bincount(pred.flatten(), minlength=25)
 
+@pytest.mark.parametrize("spec", ["classic_unet(width=4)+feedback_convlstm",
+                                  "classic_unet(width=4,se=True)+bottleneck_supervision"])
+def test_a_training_epoch_reads_from_the_device_only_at_its_end(tmp_path, spec):
+    """On CUDA, reading a value (item, float, nonzero's size) makes Python wait for the GPU,
+    so it cannot queue the next step while this one runs. A training epoch, round-1 and
+    deep-supervision losses included, reads two values at its end (the NaN check, the mean
+    loss) and none per step; Adam's step counters live on the host, so reading them waits
+    for nothing."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    trainer = Trainer(replace(tiny_config(tmp_path / "run", spec=spec), batch_size=8))
+    trainer.train_epoch()  # Adam's state exists from here
+    counters = {id(s["step"]) for s in trainer.optimizer.state.values()}
+    waits = Counter()
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in ("_local_scalar_dense", "nonzero", "masked_select", "bincount",
+                        "unique", "_unique2") and id(args[0]) not in counters:
+                waits[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    steps = []
+    with Reads():
+        trainer.train_epoch(on_step=lambda i, n, loss: steps.append(i))
+    assert len(steps) >= 20 and waits == {"nonzero": 1, "_local_scalar_dense": 1}
+
+
 def test_train_writes_run_files_and_eval_predict(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = cli(capsys, "train", TINY + "+frem(B=4)", "--epochs", "2", "--out", out, *FAST)
