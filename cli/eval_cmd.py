@@ -21,12 +21,16 @@ def eval_command(
         help="sstem class map (must match training for the training data)")] = None,
     class_map: Annotated[str | None, typer.Option(
         help="mask grey levels, e.g. '0:bg,255:cell' (for other data: map its masks)")] = None,
+    data_on_device: Annotated[bool | None, typer.Option(
+        "--data-on-device/--no-data-on-device",
+        help="hold the split's crops on the device (default: when they fit)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Per-class IoU, mIoU and pixel accuracy over all pixels of a split."""
     from ..engine.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, data, split, device, round, classes, class_map)
+    result = evaluate_checkpoint(checkpoint, data, split, device, round, classes, class_map,
+                                 data_on_device)
     images, crops, spec = result.pop("images"), result.pop("crops"), result.pop("spec")
     if as_json:
         print(json.dumps(result))

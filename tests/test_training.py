@@ -99,6 +99,11 @@ def test_train_writes_run_files_and_eval_predict(tmp_path, capsys):
     result = json.loads(stdout)
     assert code == 0 and 0 <= result["miou"] <= 1 and set(result["iou"]) == {
         "membrane", "mitochondria", "synapse", "extracellular", "intracellular"}
+    code, stdout, _ = cli(capsys, "eval", out / "best.pt", "--json", "--no-data-on-device")
+    assert code == 0 and json.loads(stdout) == result  # the loader path counts the same
+    code, stdout, _ = cli(capsys, "eval", out / "best.pt", "--json", "--split", "val")
+    best = max(load_checkpoint(out / "last.pt")["history"], key=lambda row: row["val_miou"])
+    assert code == 0 and json.loads(stdout)["miou"] == pytest.approx(best["val_miou"], abs=1e-6)
     image = tmp_path / "big.tif"
     tifffile.imwrite(image, (np.random.default_rng(0).random((300, 200)) * 255).astype(np.uint8))
     code, _, err = cli(capsys, "predict", out / "best.pt", image, "--out", tmp_path / "pred",

@@ -85,7 +85,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, transforms: torch.Tensor):
             y.flatten(1).gather(1, idx).view_as(y))
 
 
-def fits_on_device(nbytes: int, device: torch.device) -> bool:
-    """Whether ``nbytes`` of data belong on ``device`` by default: always on the CPU (they are
-    in memory already), up to :data:`CUDA_BYTES` on a GPU."""
-    return device.type == "cpu" or nbytes <= CUDA_BYTES
+def fits_on_device(crops: int, crop: int, channels: int, device: torch.device) -> bool:
+    """Whether ``crops`` crops of ``crop``² pixels (float32 images of ``channels`` channels,
+    uint8 masks) belong on ``device`` by default: always on the CPU (they are in memory
+    already), up to :data:`CUDA_BYTES` on a GPU."""
+    return device.type == "cpu" or crops * crop ** 2 * (4 * channels + 1) <= CUDA_BYTES

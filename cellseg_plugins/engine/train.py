@@ -228,9 +228,8 @@ class Trainer:
             return self.cfg.data_on_device
         if self.cfg.workers:
             return False
-        c = self.sources.in_channels
-        nbytes = (len(self.train_set) + len(self.val_set)) * self.cfg.crop ** 2 * (4 * c + 1)
-        return fits_on_device(nbytes, self.device)
+        return fits_on_device(len(self.train_set) + len(self.val_set), self.cfg.crop,
+                              self.sources.in_channels, self.device)
 
     def autocast(self):
         """The autocast context of the configured precision (disabled for fp32)."""
