@@ -9,7 +9,8 @@ import importlib
 _WHERE = {
     "apply_plugins": "factory", "arch_of": "factory", "create_model": "factory",
     "AuxOutput": "protocol", "PluginModule": "protocol", "auxiliary_loss": "protocol",
-    "epoch_start": "protocol", "step_start": "protocol", "training_loss": "protocol",
+    "epoch_start": "protocol", "plugin_modules": "protocol", "step_start": "protocol",
+    "training_loss": "protocol",
     "Entry": "registry", "all_entries": "registry", "get_entry": "registry",
     "list_archs": "registry", "list_plugins": "registry", "load_third_party": "registry",
     "register_arch": "registry", "register_plugin": "registry", "third_party_errors": "registry",

@@ -11,8 +11,8 @@ A plugin factory takes a built model and returns a model. The modules it adds ma
   channels there);
 - behave differently in train and eval mode, through ``self.training`` as any module does.
 
-The training loop calls :func:`epoch_start`, :func:`step_start` and :func:`auxiliary_loss` on the
-whole model; it never names a plugin.
+The training loop calls :func:`epoch_start`, :func:`step_start` and :func:`training_loss` on the
+whole model (or on the list :func:`plugin_modules` made of it once); it never names a plugin.
 """
 
 from __future__ import annotations
@@ -66,31 +66,39 @@ class PluginModule(nn.Module):
         return out
 
 
-def _plugin_modules(model: nn.Module):
-    return (m for m in model.modules() if isinstance(m, PluginModule))
+def plugin_modules(model: nn.Module) -> list[PluginModule]:
+    """The model's plugin modules, in module order. A loop that calls the hooks every step
+    lists them once and passes the list: walking a model's modules costs a few microseconds
+    each (about 0.3 ms for the 90 of the papers' U-Net), host time a GPU step waits for."""
+    return [m for m in model.modules() if isinstance(m, PluginModule)]
+
+
+def _listed(model: nn.Module | list[PluginModule]) -> list[PluginModule]:
+    return model if isinstance(model, list) else plugin_modules(model)
 
 
 def model_built(model: nn.Module) -> None:
     """Tell every plugin module that the model is complete (every plugin applied)."""
-    for m in list(_plugin_modules(model)):
+    for m in plugin_modules(model):
         m.on_model_built(model)
 
 
-def epoch_start(model: nn.Module, epoch: int) -> None:
-    """Tell every plugin module that ``epoch`` begins."""
-    for m in _plugin_modules(model):
+def epoch_start(model: nn.Module | list[PluginModule], epoch: int) -> None:
+    """Tell every plugin module of the model (or of the list) that ``epoch`` begins."""
+    for m in _listed(model):
         m.on_epoch_start(epoch)
 
 
-def step_start(model: nn.Module, step: int) -> None:
-    """Tell every plugin module that optimisation step ``step`` begins."""
-    for m in _plugin_modules(model):
+def step_start(model: nn.Module | list[PluginModule], step: int) -> None:
+    """Tell every plugin module of the model (or of the list) that optimisation step ``step``
+    begins."""
+    for m in _listed(model):
         m.on_step_start(step)
 
 
-def pop_aux_outputs(model: nn.Module) -> list[AuxOutput]:
+def pop_aux_outputs(model: nn.Module | list[PluginModule]) -> list[AuxOutput]:
     """Collect (and clear) the auxiliary outputs of the last forward pass."""
-    return [a for m in _plugin_modules(model) for a in m.pop_aux()]
+    return [a for m in _listed(model) for a in m.pop_aux()]
 
 
 def _weighted_sum(outputs: list[AuxOutput], target: torch.Tensor, criterion: Callable):
@@ -124,12 +132,14 @@ def auxiliary_loss(
 
 
 def training_loss(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: Callable
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, criterion: Callable,
+    plugins: list[PluginModule] | None = None,
 ) -> torch.Tensor:
     """One training forward: w·criterion(model(x), target) + :func:`auxiliary_loss`'s sum,
-    w the product of the auxiliary outputs' ``main_weight`` (1 without any)."""
+    w the product of the auxiliary outputs' ``main_weight`` (1 without any); ``plugins``:
+    the model's :func:`plugin_modules`, if the caller listed them."""
     logits = model(x)
-    outputs = pop_aux_outputs(model)
+    outputs = pop_aux_outputs(model if plugins is None else plugins)
     main_weight = math.prod(a.main_weight for a in outputs)
     aux, _ = _weighted_sum(outputs, target, criterion)
     return main_weight * criterion(logits, target) + aux

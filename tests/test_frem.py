@@ -59,6 +59,27 @@ def test_epoch_callback_reaches_frem_through_the_protocol():
     assert not torch.equal(before, module.selected)
 
 
+def test_the_hooks_take_the_models_plugin_list_as_they_take_the_model():
+    """The engine lists the plugin modules once an epoch and passes the list: the same
+    modules get the callbacks (FREM's per-batch draw), and training_loss counts the same
+    loss, deep supervision's included and popped, as when each call walks the model."""
+    model = cs.create_model("classic_unet(width=4)+frem(B=4,per='batch',seed=3)+bottleneck_supervision")
+    plugins = cs.plugin_modules(model)
+    assert plugins == [m for m in model.modules() if isinstance(m, cs.PluginModule)]
+    assert frem_module(model) in plugins
+    model.train()
+    x, y = torch.randn(2, 1, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    losses, drawn = [], []
+    for hooks in (model, plugins):
+        cs.step_start(hooks, 7)
+        drawn.append(frem_module(model).selected.clone())
+        torch.manual_seed(0)
+        losses.append(cs.training_loss(model, x, y, torch.nn.functional.cross_entropy,
+                                       plugins=None if hooks is model else plugins))
+    assert torch.equal(drawn[0], drawn[1]) and torch.equal(losses[0], losses[1])
+    assert cs.auxiliary_loss(model, y, torch.nn.functional.cross_entropy) == (0.0, {})  # popped
+
+
 def test_at_test_enhances_in_eval_mode():
     torch.manual_seed(0)
     model = cs.create_model(SPEC + "+frem(at_test=True)").eval()

@@ -41,7 +41,7 @@ def _sync(device: str) -> None:
 
 def worker(spec: str, cfg: BenchConfig) -> None:
     """Serve 'train' / 'eval' / 'done' commands on stdin; answer one JSON line each."""
-    from .. import create_model, step_start, training_loss
+    from .. import create_model, plugin_modules, step_start, training_loss
     from .train import DTYPES
 
     if cfg.threads:
@@ -57,7 +57,7 @@ def worker(spec: str, cfg: BenchConfig) -> None:
         memory_format=layout)
     y = torch.randint(0, cfg.classes, (cfg.batch, cfg.size, cfg.size), device=device)
     rss_start = _peak_rss()
-    step = 0
+    step, plugins = 0, plugin_modules(model)
 
     def autocast():
         return torch.autocast(device, dtype=DTYPES.get(cfg.precision),
@@ -66,11 +66,11 @@ def worker(spec: str, cfg: BenchConfig) -> None:
     def train_step():
         nonlocal step
         model.train()
-        step_start(model, step)
+        step_start(plugins, step)
         step += 1
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            loss = training_loss(model, x, y, lambda a, b: criterion(a.float(), b))
+            loss = training_loss(model, x, y, lambda a, b: criterion(a.float(), b), plugins)
         loss.backward()
         optimizer.step()
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..registry import create_model, epoch_start, step_start, training_loss
+from ..registry import create_model, epoch_start, plugin_modules, step_start, training_loss
 from . import distributed
 from .checkpoint import (FORMAT, hold_folder, load_checkpoint, release, remove_stale,
                          save_atomic, write_atomic, write_text_atomic)
@@ -322,18 +322,20 @@ class Trainer:
         cfg, model = self.cfg, self.net
         epoch_seed = cfg.seed * 100_003 + self.epoch
         torch.manual_seed(epoch_seed)  # dropout, FREM draws: a function of (seed, epoch)
-        epoch_start(model, self.epoch)
+        plugins = plugin_modules(self.model)  # listed once, not walked every step
+        epoch_start(plugins, self.epoch)
         model.train()
         losses = []
         n, batches = self.train_batches(epoch_seed)
         for i, (x, y) in enumerate(self._channels_last(batches)):
-            step_start(model, self.step)
+            step_start(plugins, self.step)
             self.optimizer.zero_grad(set_to_none=True)
             with compile_errors(cfg):
                 if cfg.compile_mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast():
-                    loss = training_loss(model, x, y, lambda a, b: self.criterion(a.float(), b))
+                    loss = training_loss(model, x, y, lambda a, b: self.criterion(a.float(), b),
+                                         plugins)
                 self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
