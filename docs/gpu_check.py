@@ -6,7 +6,9 @@ Prints one JSON object per plugin: the largest |CUDA − CPU| of the logits (fp3
 whether the bf16-autocast forward is finite, and the fp32 step time on each device. This
 checks the kernels the CPU suite cannot reach (SDPA's fused CUDA attention, cuDNN convolutions).
 First, one JSON object for the device-resident data path: an epoch's augmented batches cut
-on CUDA against the same epoch cut on the CPU (they must be identical).
+on CUDA against the same epoch cut on the CPU (they must be identical); then, per spec, the
+times a training epoch and a validation of the engine made the host wait for the GPU
+(``torch.cuda.set_sync_debug_mode``: expected a few per epoch, at its end, none per step).
 """
 
 import argparse
@@ -49,6 +51,37 @@ def check_device_crops():
                       "masks_equal": torch.equal(cy, gy.cpu())}), flush=True)
 
 
+def check_host_waits(spec: str):
+    """Synchronising CUDA calls in one engine training epoch and one validation, after a
+    warm-up epoch (the CPU suite counts the reads that cause them; this counts the waits)."""
+    import tempfile
+    import warnings
+
+    from cellseg_plugins.engine.config import TrainConfig
+    from cellseg_plugins.engine.train import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(TrainConfig(spec=spec, epochs=2, crop=64, batch_size=8, device="cuda",
+                                      out=f"{tmp}/run"))
+        trainer.write_config()
+        trainer.train_epoch()
+        trainer.validate()
+        counts = {}
+        for part, call in (("train_epoch", trainer.train_epoch), ("validate", trainer.validate)):
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    call()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts[part] = sum("synchroniz" in str(w.message) for w in caught)
+        steps = -(-len(trainer.train_crops) // 8)
+        print(json.dumps({"check": "host_waits", "spec": spec, "steps": steps, **counts}),
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=128)
@@ -57,6 +90,9 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     check_device_crops()
+    for spec in ("classic_unet(width=8)", "classic_unet(width=8)+feedback_convlstm",
+                 "classic_unet(width=8,se=True)+bottleneck_supervision"):
+        check_host_waits(spec)
     x = torch.randn(2, 1, args.size, args.size)
     for name in ["", *cs.list_plugins()]:
         spec = args.arch + (f"+{name}{SMALL.get(name, '')}" if name else "")
