@@ -52,9 +52,7 @@ def test_confusion_needs_no_value_from_the_device():
     with pytest.raises(Exception):
         torch.bincount(pred.flatten(), minlength=25)
 
-@pytest.mark.parametrize("spec", ["classic_unet(width=4)+feedback_convlstm",
-                                  "classic_unet(width=4,se=True)+bottleneck_supervision"])
-def test_a_training_epoch_reads_from_the_device_only_at_its_end(tmp_path, spec):
+def test_a_training_epoch_reads_from_the_device_only_at_its_end(tmp_path):
     """On CUDA, reading a value (item, float, nonzero's size) makes Python wait for the GPU,
     so it cannot queue the next step while this one runs. A training epoch, round-1 and
     deep-supervision losses included, reads two values at its end (the NaN check, the mean
@@ -64,8 +62,11 @@ def test_a_training_epoch_reads_from_the_device_only_at_its_end(tmp_path, spec):
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    trainer = Trainer(replace(tiny_config(tmp_path / "run", spec=spec), batch_size=8))
-    trainer.train_epoch()  # Adam's state exists from here
+    spec = "classic_unet(width=4,se=True)+bottleneck_supervision+feedback_convlstm"  # 2 aux
+    trainer = Trainer(tiny_config(tmp_path / "run", spec=spec))
+    for p in trainer.model.parameters():  # Adam's state, by a step that changes nothing
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
     counters = {id(s["step"]) for s in trainer.optimizer.state.values()}
     waits = Counter()
 
@@ -80,7 +81,7 @@ def test_a_training_epoch_reads_from_the_device_only_at_its_end(tmp_path, spec):
     steps = []
     with Reads():
         trainer.train_epoch(on_step=lambda i, n, loss: steps.append(i))
-    assert len(steps) >= 20 and waits == {"nonzero": 1, "_local_scalar_dense": 1}
+    assert len(steps) >= 5 and waits == {"nonzero": 1, "_local_scalar_dense": 1}
 
 
 def test_train_writes_run_files_and_eval_predict(tmp_path, capsys):
