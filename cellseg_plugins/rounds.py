@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .registry import PluginConfigError, PluginModule
-from .registry.protocol import pop_aux_outputs
+from .registry.protocol import plugin_modules, pop_aux_outputs
 
 
 class RoundState:
@@ -84,8 +84,10 @@ class Rounds(PluginModule):
         self.per_round_bn = per_round_bn
         self._busy = False
         self.round1_output: torch.Tensor | None = None
+        self._plugins: list[PluginModule] | None = None  # the model's, once it is built
 
     def on_model_built(self, model: nn.Module) -> None:
+        self._plugins = plugin_modules(model)  # popped every forward: listed once, not walked
         if self.per_round_bn:
             per_round_batchnorm(model, self.state)
 
@@ -101,7 +103,8 @@ class Rounds(PluginModule):
         if self.predict == 1 and not self.training:
             self.feedback.reset()
             return output
-        pop_aux_outputs(model)  # other plugins' round-1 auxiliary outputs: round 2's count
+        # other plugins' round-1 auxiliary outputs: round 2's count
+        pop_aux_outputs(model if self._plugins is None else self._plugins)
         self._busy = True
         try:
             self.state.current = 1
