@@ -14,7 +14,8 @@ __version__ = "0.2.0"
 
 _API = ("PluginConfigError", "PluginModule", "Range", "Spec", "SpecError", "apply_plugins",
         "auxiliary_loss", "create_model", "epoch_start", "list_archs", "list_plugins",
-        "parse_spec", "plugin_modules", "register_arch", "register_plugin", "step_start", "training_loss")
+        "parse_spec", "plugin_modules", "register_arch", "register_plugin", "step_start",
+        "training_loss")
 _ERRORS = ("CellsegError", "ConfigError", "DataError", "TrainingError")
 _MODULES = ("registry", "hooks", "rounds", "blocks", "engine", "plugins", "archs",
             "classic_unet", "encoders", "input_rules", "errors", "cli")

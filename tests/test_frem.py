@@ -63,7 +63,8 @@ def test_the_hooks_take_the_models_plugin_list_as_they_take_the_model():
     """The engine lists the plugin modules once an epoch and passes the list: the same
     modules get the callbacks (FREM's per-batch draw), and training_loss counts the same
     loss, deep supervision's included and popped, as when each call walks the model."""
-    model = cs.create_model("classic_unet(width=4)+frem(B=4,per='batch',seed=3)+bottleneck_supervision")
+    model = cs.create_model(
+        "classic_unet(width=4)+frem(B=4,per='batch',seed=3)+bottleneck_supervision")
     plugins = cs.plugin_modules(model)
     assert plugins == [m for m in model.modules() if isinstance(m, cs.PluginModule)]
     assert frem_module(model) in plugins
