@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import cellseg_plugins as cs
 from cellseg_plugins.full_attention import attention, fused_attention
@@ -101,6 +102,44 @@ def test_feedback_site_is_the_plain_encoders_first_block():
     assert not hasattr(model, "feedback_stem")  # the plain encoder has F already
     resnet = cs.create_model("unet(encoder='resnet18')+feedback_self", classes=3)
     assert resnet.feedback_stem.convs[0].out_channels == 16  # = decoder output channels
+    assert isinstance(resnet.rounds.feedback.project, torch.nn.Identity)
+    with pytest.raises(cs.SpecError, match=r"stem_channels=8: this encoder has its own first"):
+        cs.create_model(PLAIN + "+feedback_self(stem_channels=8)", classes=3)
+
+
+def test_an_added_stem_is_at_most_the_papers_64_channels_and_o_is_mapped_to_it():
+    """PSPNet's decoder gives O 512 channels: F's stem stays at the paper's 64 (a 512-wide
+    full-resolution stem would cost more than the rest of the model), O gets a 1×1 conv."""
+    psp = cs.create_model("pspnet(encoder='resnet18')+feedback_self", classes=3)
+    assert psp.feedback_stem.convs[0].out_channels == 64
+    assert psp.encoder.conv1.in_channels == 64  # the encoder now reads F
+    project = psp.rounds.feedback.project
+    assert (project.in_channels, project.out_channels) == (512, 64)
+    wide = cs.create_model("pspnet(encoder='resnet18')+feedback_st(stem_channels=96)")
+    assert wide.feedback_stem.convs[0].out_channels == 96
+    assert wide.rounds.feedback.connect.q[0].in_channels == 96
+
+
+def test_o_is_mapped_before_it_is_resized_as_after():
+    """A 1×1 conv commutes with bilinear resizing: mapping PSPNet's coarse O (8 × 8 for a 64²
+    input) before resizing it to F's 64² gives what resizing first gives."""
+    torch.manual_seed(0)
+    model = cs.create_model("pspnet(encoder='resnet18')+feedback_attention(connection='add')",
+                            classes=3).eval()
+    feedback, seen = model.rounds.feedback, {}
+    model.feedback_stem.convs.register_forward_hook(lambda m, i, out: seen.setdefault("f", out))
+    model.segmentation_head.register_forward_pre_hook(lambda m, i: seen.setdefault("o", i[0]))
+    feedback.scale.data.fill_(1.0)
+    with torch.no_grad():
+        model(torch.randn(1, 1, 64, 64))  # round 1's F and O
+        o = seen["o"]
+        assert o.shape[-2:] == (8, 8)
+        resized = F.interpolate(o, size=(64, 64), mode="bilinear", align_corners=False)
+        expected = seen["f"] + feedback.project(resized)  # F + 1·add(O)
+        feedback._o, feedback.state.current = o, 1  # as in round 2
+        got = feedback.feed(None, None, seen["f"])
+        feedback.state.current = 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lam_adds_the_round1_loss():

@@ -16,11 +16,12 @@ from ..encoders import DoubleConv
 from ..hooks import (EncoderInputTransform, decoder_out_channels, encoder_stage, first_conv,
                      in_channels_of, set_child, tap_head_input, transform_encoder_input,
                      transform_output)
-from ..registry import Range, register_plugin
+from ..registry import PluginConfigError, Range, register_plugin
 from ..rounds import Feedback, RoundState, install_rounds
 
 CONNECTIONS = ("self", "st", "add", "conv", "se", "light")
 CPU_WARN_PIXELS = 256 * 256
+PAPER_F_CHANNELS = 64  # the paper's U-Net: F and O both have 64 channels
 
 
 class AttentionConnection(GlobalAttention):
@@ -102,10 +103,9 @@ class FeedbackAttention(Feedback):
         """Forward hook on the F site: F in round 1, A = scale·combine(F, O) + F in round 2."""
         if self.state.current == 0 or self._o is None:
             return None
-        o = self._o
+        o = self.project(self._o)  # before resizing: a 1×1 conv commutes with bilinear resizing
         if o.shape[-2:] != f.shape[-2:]:
             o = F.interpolate(o, size=f.shape[-2:], mode="bilinear", align_corners=False)
-        o = self.project(o)
         if self.training and not f.is_cuda and f.shape[-2] * f.shape[-1] >= CPU_WARN_PIXELS \
                 and self.connection in ("self", "st"):
             warnings.warn(
@@ -127,23 +127,31 @@ class FeedbackStem(EncoderInputTransform):
         return self.convs(x)
 
 
-def f_site(model: nn.Module, at: str, o_channels: int) -> tuple[nn.Module, int]:
-    """The module whose output is F, and F's channels (adds a stem where the encoder has none)."""
+def f_site(model: nn.Module, at: str, o_channels: int,
+           stem_channels: int | None) -> tuple[nn.Module, int]:
+    """The module whose output is F, and F's channels: the encoder's first block, or an added
+    two-conv stem of ``stem_channels`` (default: O's channels, at most the paper's 64)."""
     stem = encoder_stage(model, 0)
     if stem is None:  # the encoder's feature 0 is the image: add the two convs in front of it
+        width = stem_channels or min(o_channels, PAPER_F_CHANNELS)
         in_channels, first = in_channels_of(model), first_conv(model)
-        stem = FeedbackStem(in_channels, o_channels)
-        set_child(model.encoder, first, conv_like(first, in_channels=o_channels))
+        stem = FeedbackStem(in_channels, width)
+        set_child(model.encoder, first, conv_like(first, in_channels=width))
         transform_encoder_input(model, "feedback_stem", stem)
         stem = stem.convs
+    elif stem_channels is not None:
+        raise PluginConfigError(
+            f"stem_channels={stem_channels}: this encoder has its own first block, which "
+            "gives F; stem_channels applies to encoders whose first feature is the image")
     # DoubleConv = (conv, BN, ReLU, conv, BN, ReLU[, SE]): after conv 1 is index 2, else all
     return (stem[2] if at == "conv1" else stem), stem[0].out_channels
 
 
-def build_feedback_attention(model, connection, lam, at, kv_stride, chunk, predict):
+def build_feedback_attention(model, connection, lam, at, kv_stride, chunk, predict,
+                             stem_channels):
     o_channels = decoder_out_channels(model)
     state = RoundState()
-    site, f_channels = f_site(model, at, o_channels)
+    site, f_channels = f_site(model, at, o_channels, stem_channels)
     feedback = FeedbackAttention(state, f_channels, o_channels, connection, kv_stride, chunk)
     install_rounds(model, feedback, state, lam, predict)
     tap_head_input(model, feedback.keep_output)
@@ -156,11 +164,13 @@ At = Literal["conv2", "conv1"]
 KVStride = Literal[1, 2, 4]
 Chunk = Annotated[int, Range(1, None)] | None
 Predict = Literal[1, 2]
+StemChannels = Annotated[int, Range(1, None)] | None
 
 
 @register_plugin("feedback_self", exclusive="rounds")
 def feedback_self(model: nn.Module, lam: Lam = 0.0, at: At = "conv2", kv_stride: KVStride = 1,
-                  chunk: Chunk = None, predict: Predict = 2) -> nn.Module:
+                  chunk: Chunk = None, predict: Predict = 2,
+                  stem_channels: StemChannels = None) -> nn.Module:
     """Feedback Attention, self-attention (Q, K, V from O): the paper's best variant.
 
     "we use the model twice with shared weights" (§3.1); round 2 restarts from
@@ -168,31 +178,37 @@ def feedback_self(model: nn.Module, lam: Lam = 0.0, at: At = "conv2", kv_stride:
     feature maps of output into 1×1 convolution and batch normalization" (C/8, C/8, C/2
     channels; the C/2 → C reshape is a 1×1 conv, SAGAN's reading, the paper says no more).
     F: "we use the input feature map that was processed two times by convolution" (the plain
-    encoder's first block, else an added two-conv stem; ``at="conv1"``: after one conv, Table
-    3). O: the feature entering the segmentation head (resized to F's size where the decoder
-    output is coarser). Loss: "U-Net is updated by using only the gradients at the second
+    encoder's first block, else an added full-resolution two-conv stem of ``stem_channels``,
+    by default O's channels up to the paper's 64; ``at="conv1"``: after one conv, Table 3).
+    O: the feature entering the segmentation head (a 1×1 conv to F's channels where they
+    differ, then resized to F's size where the decoder output is coarser). Loss: "U-Net is updated by using only the gradients at the second
     round" (``lam=0``; ``lam`` adds λ·L(round 1)). ``kv_stride`` pools keys/values (speed, not
     in the paper); ``chunk=N``: N queries at a time, recomputed in backward, instead of torch's
     fused kernels. ``predict=1``: eval-mode forwards return round 1 of the normally trained
     model ("we compare the results of the outputs at the first and second rounds", Table 4).
     """
-    return build_feedback_attention(model, "self", lam, at, kv_stride, chunk, predict)
+    return build_feedback_attention(model, "self", lam, at, kv_stride, chunk, predict,
+                                    stem_channels)
 
 
 @register_plugin("feedback_st", exclusive="rounds")
 def feedback_st(model: nn.Module, lam: Lam = 0.0, at: At = "conv2", kv_stride: KVStride = 1,
-                chunk: Chunk = None, predict: Predict = 2) -> nn.Module:
+                chunk: Chunk = None, predict: Predict = 2,
+                stem_channels: StemChannels = None) -> nn.Module:
     """Feedback Attention, source-target (Q from F, K and V from O); see feedback_self."""
-    return build_feedback_attention(model, "st", lam, at, kv_stride, chunk, predict)
+    return build_feedback_attention(model, "st", lam, at, kv_stride, chunk, predict,
+                                    stem_channels)
 
 
 @register_plugin("feedback_attention", exclusive="rounds")
 def feedback_attention(model: nn.Module, connection: Literal[CONNECTIONS] = "self",
                        lam: Lam = 0.0, at: At = "conv2", kv_stride: KVStride = 1,
-                       chunk: Chunk = None, predict: Predict = 2) -> nn.Module:
+                       chunk: Chunk = None, predict: Predict = 2,
+                       stem_channels: StemChannels = None) -> nn.Module:
     """Feedback Attention with any connection: self | st | add | conv | se | light.
 
     The paper's ablations (Table 3): plain add, 1×1 conv, SE block or Light-Attention-style
     gating of O, each scaled by a learnable factor (initialised to 0) and added to F.
     """
-    return build_feedback_attention(model, connection, lam, at, kv_stride, chunk, predict)
+    return build_feedback_attention(model, connection, lam, at, kv_stride, chunk, predict,
+                                    stem_channels)
