@@ -87,6 +87,14 @@ def test_lfa_sits_on_every_skip_of_the_classic_unet():
     assert sorted(m.f_v.out_channels for m in lfa_modules(only)) == [8, 64]
     with pytest.raises(cs.SpecError, match="matches no skip"):
         cs.create_model("unet(encoder='plain8')+lfa(stages=[9])")
+    with pytest.raises(cs.SpecError) as err:  # one stage that exists does not hide one that not
+        cs.create_model("classic_unet(width=4)+lfa(stages=(1,4))")
+    assert str(err.value).endswith("stages=[1, 4]: 4 matches no skip of this model; its skips "
+                                   "are at stages 0, 1, 2, 3 (the encoder feature index: "
+                                   "stride 2**stage)"), str(err.value)
+    assert "\n" not in str(err.value)
+    resnet = cs.create_model("unet(encoder='resnet18')+lfa(stages=[1])")  # stride 2 on smp
+    assert [m.f_v.out_channels for m in lfa_modules(resnet)] == [64]
 
 
 def test_lfa_changes_output_and_trains():

@@ -66,8 +66,8 @@ def lfa(
 
     Inserted at every skip connection before the decoder block's convolutions ("These
     processes are done before the convolutional layer in each decoder layer", §III-B);
-    ``stages`` picks skip levels by encoder feature index (1 = stride 2, 2 = stride 4, ...;
-    default all). ``query`` says which side gives the query (the paper is ambiguous; default
+    ``stages`` picks skip levels by encoder feature index, stride 2**stage (classic_unet's
+    full-resolution skip is 0, smp encoders' first is 1 at stride 2; default all). ``query`` says which side gives the query (the paper is ambiguous; default
     §III-A's encoder), ``residual`` which feature is added back (the paper's Table 4: encoder
     is best). ``reduction``: query/key channels = skip channels / reduction (not in the paper).
     ``fusion``: the paper "used source-target-attention between feature maps instead of
@@ -78,12 +78,22 @@ def lfa(
     """
     if m % 2 != 1:
         raise PluginConfigError(f"m={m}: the window size must be odd (3, 5, 7, ...)")
-    wanted = None if stages is None else set(stages)
-    sites = transform_skips(model, "lfa", lambda site: None if (
-        wanted is not None and site.stage not in wanted) else LocalFeatureAggregation(
-            site.skip_channels, site.decoder_channels, m, query, residual, reduction))
-    if not sites:
-        raise PluginConfigError(f"stages={list(stages)} matches no skip of this model")
+    wanted, skips = None if stages is None else set(stages), []
+
+    def make(site):
+        skips.append(site.stage)
+        if wanted is not None and site.stage not in wanted:
+            return None
+        return LocalFeatureAggregation(site.skip_channels, site.decoder_channels, m, query,
+                                       residual, reduction)
+
+    sites = transform_skips(model, "lfa", make)
+    missing = sorted(set(wanted or ()) - set(skips))
+    if missing:
+        raise PluginConfigError(
+            f"stages={list(stages)}: {', '.join(map(str, missing))} matches no skip of this "
+            f"model; its skips are at stages {', '.join(map(str, sorted(skips)))} (the encoder "
+            "feature index: stride 2**stage)")
     if fusion == "replace" and any(site.replace is None for site in sites):
         raise PluginConfigError(
             f"fusion='replace' needs decoder blocks with a separate fusion step (classic_unet); "
