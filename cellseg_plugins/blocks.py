@@ -47,6 +47,8 @@ class GlobalAttention(nn.Module):
     (N, C, H, W).
     """
 
+    coarse = False  # True where it attends over a coarse (bottleneck) map: its export may be dense
+
     def __init__(self, channels: int, norm: bool = False, kv_stride: int = 1,
                  chunk: int | None = None):
         super().__init__()

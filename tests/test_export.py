@@ -84,7 +84,8 @@ def test_a_mismatching_export_is_refused_and_not_kept(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
-def test_lfa_exports_to_onnx_by_trace_and_global_attention_by_torch_export(monkeypatch):
+def test_lfa_exports_to_onnx_by_trace_and_global_attention_by_torch_export(tmp_path,
+                                                                           monkeypatch):
     import cellseg_plugins as cs
     from cellseg_plugins.engine import export
 
@@ -94,8 +95,13 @@ def test_lfa_exports_to_onnx_by_trace_and_global_attention_by_torch_export(monke
     lfa = model("classic_unet(width=4)+lfa(m=3,stages=(1,))")
     assert export.traced_onnx_fits(lfa, 18) and not export.traced_onnx_fits(lfa, 23)
     assert not export.traced_onnx_fits(model("classic_unet(width=4)"), 18)
-    assert not export.traced_onnx_fits(model("classic_unet(width=4)+lfa+bottleneck_attention"),
-                                       18)  # its Attention node needs the torch.export one
+    # Feedback Attention's full-resolution attention keeps its Attention node (torch.export,
+    # opset 23); bottleneck attention's small map is traced with LFA
+    fine = model("classic_unet(width=4)+lfa+feedback_self")
+    assert not export.traced_onnx_fits(fine, 18) and export.default_opset(fine) == 23
+    coarse = model("classic_unet(width=4)+lfa+bottleneck_attention")
+    assert export.traced_onnx_fits(coarse, 18) and export.default_opset(coarse) == 18
+    assert export.default_opset(model("classic_unet(width=4)+bottleneck_attention")) == 23
     ckpt = {"in_channels": 1}
     graph = export.traced_onnx(lfa, ckpt, 18, fixed=False).graph
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
@@ -108,7 +114,12 @@ def test_lfa_exports_to_onnx_by_trace_and_global_attention_by_torch_export(monke
         return real(*args, dynamo=dynamo, **kw)
 
     monkeypatch.setattr(torch.onnx, "export", legacy_gone)
-    assert export.traced_onnx(lfa, ckpt, 18, fixed=False) is None  # write_onnx falls back
+    assert export.traced_onnx(lfa, ckpt, 18, fixed=False) is None
+    path, small = checkpoint(tmp_path, "classic_unet(width=4)+lfa(m=3,stages=(3,))")
+    out = export_checkpoint(path, "onnx")  # by the torch.export-based exporter, and checked
+    x = torch.randn(1, 1, 48, 80)
+    with torch.no_grad():
+        assert np.abs(run_exported(out, "onnx", x.numpy()) - small(x).numpy()).max() <= 1e-4
 
 
 def test_export_tolerance_follows_the_logits_scale(tmp_path, monkeypatch):

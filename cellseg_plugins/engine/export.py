@@ -73,8 +73,11 @@ def write_torchscript(model, ckpt: dict, path: Path) -> None:
 
 
 def default_opset(model) -> int:
-    """23 where the model has global attention (ONNX then keeps it as one Attention node,
-    no (HW)² map in the graph), else 18."""
+    """18 where the model exports by trace (:func:`traced_onnx_fits`); else 23 where it has
+    global attention (ONNX then keeps it as one Attention node, no (HW)² map in the graph);
+    else 18."""
+    if traced_onnx_fits(model, 18):
+        return 18
     return 23 if any(isinstance(m, GlobalAttention) for m in model.modules()) else 18
 
 
@@ -106,11 +109,14 @@ def traced_onnx_fits(model, opset: int) -> bool:
     """Whether to export by trace: the model has LFA's windowed attention (modules marked
     ``onnx_by_trace``), whose m² window slices cost the torch.export-based exporter minutes of
     symbolic-shape work (``+lfa(m=7)``: 537 s on 2 CPU cores; docs/performance.md) and the
-    TorchScript-based one seconds, with the same ONNX Runtime speed; and no global attention,
-    which keeps its one Attention node only through the torch.export-based exporter (opset
-    23; the TorchScript-based one stops at opset 20)."""
+    TorchScript-based one seconds, with the same ONNX Runtime speed; and no global attention
+    over a fine map (Feedback Attention's), which keeps its one Attention node only through
+    the torch.export-based exporter (opset 23; the TorchScript-based one stops at opset 20).
+    Global attention over the bottleneck (``coarse``) is traced as MatMul and Softmax: its
+    (HW)² map is 256² for a 256² image at stride 16."""
     return (opset <= 20 and any(getattr(m, "onnx_by_trace", False) for m in model.modules())
-            and not any(isinstance(m, GlobalAttention) for m in model.modules()))
+            and not any(isinstance(m, GlobalAttention) and not m.coarse
+                        for m in model.modules()))
 
 
 def traced_onnx(model, ckpt: dict, opset: int, fixed: bool):

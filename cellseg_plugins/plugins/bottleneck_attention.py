@@ -19,6 +19,7 @@ class SelfAttention2d(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.attention = GlobalAttention(channels)
+        self.attention.coarse = True  # the bottleneck's: 1/16 or 1/32 of the image's side
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
