@@ -181,8 +181,9 @@ def feedback_self(model: nn.Module, lam: Lam = 0.0, at: At = "conv2", kv_stride:
     encoder's first block, else an added full-resolution two-conv stem of ``stem_channels``,
     by default O's channels up to the paper's 64; ``at="conv1"``: after one conv, Table 3).
     O: the feature entering the segmentation head (a 1×1 conv to F's channels where they
-    differ, then resized to F's size where the decoder output is coarser). Loss: "U-Net is updated by using only the gradients at the second
-    round" (``lam=0``; ``lam`` adds λ·L(round 1)). ``kv_stride`` pools keys/values (speed, not
+    differ, then resized to F's size where the decoder output is coarser). Loss: "U-Net is
+    updated by using only the gradients at the second round" (``lam=0``; ``lam`` adds
+    λ·L(round 1)). ``kv_stride`` pools keys/values (speed, not
     in the paper); ``chunk=N``: N queries at a time, recomputed in backward, instead of torch's
     fused kernels. ``predict=1``: eval-mode forwards return round 1 of the normally trained
     model ("we compare the results of the outputs at the first and second rounds", Table 4).

@@ -67,9 +67,10 @@ def lfa(
     Inserted at every skip connection before the decoder block's convolutions ("These
     processes are done before the convolutional layer in each decoder layer", §III-B);
     ``stages`` picks skip levels by encoder feature index, stride 2**stage (classic_unet's
-    full-resolution skip is 0, smp encoders' first is 1 at stride 2; default all). ``query`` says which side gives the query (the paper is ambiguous; default
-    §III-A's encoder), ``residual`` which feature is added back (the paper's Table 4: encoder
-    is best). ``reduction``: query/key channels = skip channels / reduction (not in the paper).
+    full-resolution skip is 0, smp encoders' first is 1 at stride 2; default all). ``query``
+    says which side gives the query (the paper is ambiguous; default §III-A's encoder),
+    ``residual`` which feature is added back (the paper's Table 4: encoder is best).
+    ``reduction``: query/key channels = skip channels / reduction (not in the paper).
     ``fusion``: the paper "used source-target-attention between feature maps instead of
     concatenation" (§II-A), so with ``replace`` the decoder's convolution receives Y + P alone;
     ``concat`` keeps the arch's own fusion of the decoder feature with Y + P; ``auto``
