@@ -40,11 +40,17 @@ def test_the_compiled_and_exported_models_cover_every_plugin():
 
 @pytest.mark.parametrize("spec", EVERY_PLUGIN)
 def test_every_plugin_compiles_to_the_eager_training_step(spec):
+    """In float64: the model of LFA, attention gates, scSE and bottleneck attention has
+    gradients that fp32 rounding alone moves by up to 21 % (BatchNorm over the attention gates'
+    one-channel maps divides small sums by a small deviation), so an fp32 comparison would
+    test the rounding order of the two LFA backward paths (custom and compiled), not the
+    compiled graph."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = create_model(spec, in_channels=1, classes=3)
+    model = create_model(spec, in_channels=1, classes=3).double()
     twin = copy.deepcopy(model)
-    x, y = torch.randn(2, 1, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    x = torch.randn(2, 1, 64, 64, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 64, 64))
     eager = _step(model, x, y)
     compiled = _step(COMPILE(twin, backend="aot_eager"), x, y)
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-6), (compiled, eager)
