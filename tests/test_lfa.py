@@ -42,6 +42,32 @@ def test_local_attention_gradients():
     assert torch.autograd.gradcheck(lambda q, k, v: local_attention(q, k, v, 7), args)
 
 
+def test_the_cpu_loops_run_over_blocks_of_the_batch_of_about_two_mib():
+    """Blocks small enough for a core's L2 cache on the CPU; one block (one launch) elsewhere."""
+    from cellseg_plugins.local_attention import _batch_blocks
+    assert _batch_blocks(torch.empty(8, 8, 256, 256)) == [slice(i, i + 1) for i in range(8)]
+    assert _batch_blocks(torch.empty(8, 16, 128, 128)) == [slice(0, 2), slice(2, 4),
+                                                           slice(4, 6), slice(6, 8)]
+    assert _batch_blocks(torch.empty(8, 64, 32, 32)) == [slice(0, 8)]
+    assert _batch_blocks(torch.empty(8, 8, 256, 256, device="meta")) == [slice(0, 8)]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2 << 20])
+def test_blocked_loops_match_the_reference_in_values_and_gradients(monkeypatch, block_bytes):
+    """One sample a block (block_bytes=1) and the whole batch in one: the training path
+    (values, gradcheck), the eager inference path and the traced functional form agree."""
+    import cellseg_plugins.local_attention as la
+    monkeypatch.setattr(la, "_CPU_BLOCK_BYTES", block_bytes)
+    torch.manual_seed(0)
+    args = [torch.randn(3, c, 5, 6, dtype=torch.float64, requires_grad=True) for c in (2, 2, 3)]
+    expected = reference_local_attention(*args, 3)
+    assert torch.allclose(local_attention(*args, 3), expected)
+    assert torch.autograd.gradcheck(lambda q, k, v: local_attention(q, k, v, 3), args)
+    with torch.no_grad():
+        assert torch.allclose(local_attention(*args, 3), expected)
+        assert torch.allclose(la.local_attention_functional(*args, 3), expected)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_channels_last_inputs_give_the_same_values_and_gradients_in_their_layout(grad):
     """Both paths (functional without gradient, custom autograd with) copy channels-last
