@@ -62,16 +62,17 @@ def _forward_loops(q, k, v, m, keep_attn):
     Without ``keep_attn`` each block's attention is dropped once it is used (inference)."""
     height, width = q.shape[-2:]
     r = m // 2
-    attn = q.new_empty(q.shape[0], m * m, height, width) if keep_attn else None
-    out = torch.zeros_like(v)
+    out, kept = torch.zeros_like(v), []
     for b in _batch_blocks(v):
         a = _attention(q[b], k[b], m)
         if keep_attn:
-            attn[b] = a
+            kept.append(a)
         vp, out_b = F.pad(v[b], (r, r, r, r)), out[b]
         for j, dy, dx in _offsets(m):
             out_b.addcmul_(a[:, j:j + 1], vp[:, :, dy:dy + height, dx:dx + width])
-    return out, attn
+    if not keep_attn:
+        return out, None
+    return out, kept[0] if len(kept) == 1 else torch.cat(kept)  # one block: no copy
 
 
 class _LocalAttention(torch.autograd.Function):
