@@ -11,7 +11,7 @@ from PIL import Image
 
 from cellseg_plugins.engine.data import (CropDataset, DataError, fetch_sstem, fold_split,
                                          load_data, load_folder, parse_class_map)
-from cellseg_plugins.engine.synthetic import synthetic_image
+from cellseg_plugins.engine.synthetic import nearest_two, synthetic_dataset, synthetic_image
 from conftest import cli
 
 
@@ -22,6 +22,25 @@ def test_synthetic_data_is_deterministic_and_has_all_classes():
     sources = load_data("synthetic")
     counts = sum(np.bincount(m.ravel(), minlength=5) for m in sources.masks)
     assert len(sources.images) == 20 and (counts > 0).all()
+
+
+def test_nearest_two_matches_a_sort_over_the_centres_ties_included():
+    d = np.random.default_rng(0).integers(0, 4, (6, 5, 7)).astype(np.float32)  # many ties
+    owner, nearest, second = nearest_two(d)
+    order = np.sort(d, axis=0)
+    assert np.array_equal(owner, np.argmin(d, axis=0))
+    assert np.array_equal(nearest, order[0]) and np.array_equal(second, order[1])
+    assert (nearest == second).any()  # the ties were tested
+
+
+def test_synthetic_data_is_made_once_a_process_and_cannot_be_changed_by_a_caller():
+    a, b = synthetic_dataset(seed=3), synthetic_dataset(seed=3)
+    assert a is not b and a[0] is not b[0]  # new lists: a caller may reorder its own
+    assert all(x is y for x, y in zip(a[0] + a[1], b[0] + b[1]))  # the same arrays
+    with pytest.raises(ValueError, match="read-only"):
+        a[0][0][0, 0] = 1.0
+    assert np.array_equal(a[0][2], synthetic_image(30_002)[0])  # image i has seed 10⁴ seed + i
+    assert synthetic_dataset(seed=4)[0][0] is not a[0][0]
 
 
 def test_folds_split_by_source_image():

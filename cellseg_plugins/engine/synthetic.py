@@ -6,6 +6,8 @@ Deterministic from a seed; uses the ssTEM five-class map so that everything down
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 # class index → (name, mean grey level)
@@ -22,6 +24,16 @@ def _smooth(img: np.ndarray, passes: int = 2) -> np.ndarray:
     return img
 
 
+def nearest_two(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For distances d (n, H, W): the index of the nearest (the first of equals), its distance
+    and the second-smallest distance (equal to it in a tie), each (H, W); what a sort over
+    axis 0 gives, without the sort."""
+    owner = np.argmin(d, axis=0)
+    nearest = np.take_along_axis(d, owner[None], axis=0)[0]
+    second = np.where(np.arange(len(d))[:, None, None] == owner, np.inf, d).min(axis=0)
+    return owner, nearest, second
+
+
 def synthetic_image(seed: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """One (image float32 in [0, 1], mask int64) pair of shape (size, size)."""
     rng = np.random.default_rng(seed)
@@ -29,12 +41,11 @@ def synthetic_image(seed: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]
     n_cells = int(rng.integers(12, 22))
     centres = rng.uniform(0, size, (n_cells, 2)).astype(np.float32)
     d = np.sqrt((yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2)
-    order = np.sort(d, axis=0)
-    owner = np.argmin(d, axis=0)
+    owner, nearest, second = nearest_two(d)
     mask = np.full((size, size), 4, dtype=np.int64)  # intracellular
     extracellular_cells = rng.random(n_cells) < 0.12
     mask[extracellular_cells[owner]] = 3
-    membrane = (order[1] - order[0]) < rng.uniform(2.0, 3.5)
+    membrane = (second - nearest) < rng.uniform(2.0, 3.5)
     mask[membrane] = 0
     for _ in range(int(rng.integers(4, 9))):  # mitochondria: ellipses inside cells
         cy, cx = rng.uniform(0, size, 2)
@@ -55,6 +66,16 @@ def synthetic_image(seed: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]
 
 
 def synthetic_dataset(n: int = 20, size: int = 256, seed: int = 0):
-    """``n`` deterministic source images and masks."""
+    """``n`` deterministic source images and masks (new lists of read-only arrays, made once
+    a process for each (n, size, seed): a cross-validation's runs and their tests share them)."""
+    images, masks = _synthetic_arrays(n, size, seed)
+    return list(images), list(masks)
+
+
+@lru_cache(maxsize=4)
+def _synthetic_arrays(n: int, size: int, seed: int):
     pairs = [synthetic_image(seed * 10_000 + i, size) for i in range(n)]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    for pair in pairs:
+        for array in pair:
+            array.setflags(write=False)
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
