@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cellseg_plugins.engine.checkpoint import load_checkpoint
+from conftest import cli
 
 # One epoch of 48 crops of 128²: two steps (32 + 16 crops, or 2 × (16 + 8)). Float reductions
 # run in another order with another batch size, so the runs drift apart by float noise that
@@ -15,13 +16,13 @@ from cellseg_plugins.engine.checkpoint import load_checkpoint
 ARGS = ["--epochs", "1", "--crop", "128", "--optimizer", "sgd", "--lr", "0.01", "--device", "cpu"]
 
 
-def train(out, spec, processes, batch, *extra):
-    launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                 str(processes), "-m", "cellseg_plugins.cli.main"] if processes > 1
-                else ["-m", "cellseg_plugins.cli.main"])
-    proc = subprocess.run([sys.executable, *launcher, "train", spec, "--out", str(out),
-                           "--batch-size", str(batch), *ARGS, *extra], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def train(out, spec, batch, *extra):
+    """Two processes under torchrun, each with half the batch."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "cellseg_plugins.cli.main", "train",
+                           spec, "--out", str(out), "--batch-size", str(batch), *ARGS, *extra],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return load_checkpoint(out / "last.pt")
 
@@ -32,9 +33,12 @@ def train(out, spec, processes, batch, *extra):
     # (a sum over 32 × 128² pixels) is reduced in another order and drifts 3e-4 in two steps
     ("unet(encoder='plain4')+lfa(m=3)", "--no-channels-last"),
     ("classic_unet(width=4)+feedback_convlstm", "--channels-last")])  # train's default layout
-def test_two_processes_equal_one_with_the_combined_batch(tmp_path, spec, layout):
-    ddp = train(tmp_path / "ddp", spec, 2, 16, layout)
-    one = train(tmp_path / "one", spec, 1, 32, layout)
+def test_two_processes_equal_one_with_the_combined_batch(tmp_path, capsys, spec, layout):
+    ddp = train(tmp_path / "ddp", spec, 16, layout)
+    code, _, err = cli(capsys, "train", spec, "--out", tmp_path / "one", "--batch-size", "32",
+                       *ARGS, layout)  # one process: this one
+    assert code == 0, err
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
     assert ddp["step"] == one["step"] == 2 and 0 <= ddp["history"][0]["val_miou"] <= 1
     assert not any(k.startswith("module.") for k in ddp["model"])  # saved unwrapped
     assert len((tmp_path / "ddp" / "metrics.csv").read_text().splitlines()) == 2  # rank 0 wrote once
