@@ -214,21 +214,29 @@ def test_sigkill_during_training_leaves_loadable_checkpoints_and_resumes(tmp_pat
         return [sys.executable, "-m", "cellseg_plugins.cli.main", "train", TINY, "--epochs",
                 str(epochs), "--out", str(out), *FAST, *extra]
 
+    def training(since: int) -> None:
+        """Wait until the run has written last.pt after ``since`` (its mtime): it is in its
+        epochs (one written every epoch on a CPU), not starting up."""
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (out / "last.pt").exists() and (out / "last.pt").stat().st_mtime_ns > since:
+                return
+            time.sleep(0.05)
+        raise AssertionError("the run wrote no checkpoint within 120 s")
+
+    since = 0
     proc = subprocess.Popen(argv(40), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "last.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    for delay in (0.13, 0.29, 0.41, 0.7):  # kill at a few moments of the epochs that follow
+    for k, delay in enumerate((0.13, 0.5)):  # kill a new and a resumed run mid-training
+        if k:
+            since = (out / "last.pt").stat().st_mtime_ns
+            proc = subprocess.Popen(argv(40, "--resume"), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        training(since)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL  # killed while training, not finished
         assert load_checkpoint(out / "last.pt")["epoch"] >= 1  # whatever the moment
         assert load_checkpoint(out / "best.pt")["epoch"] >= 1
-        proc = subprocess.Popen(argv(40, "--resume"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     epoch = load_checkpoint(out / "last.pt")["epoch"]
     finish = subprocess.run(argv(epoch + 1, "--resume"), capture_output=True, text=True,
                             timeout=300)
