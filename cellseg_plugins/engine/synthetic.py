@@ -66,10 +66,10 @@ def synthetic_image(seed: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]
 
 
 def synthetic_dataset(n: int = 20, size: int = 256, seed: int = 0):
-    """``n`` deterministic source images and masks (new lists of read-only arrays, made once
-    a process for each (n, size, seed): a cross-validation's runs and their tests share them)."""
+    """``n`` deterministic source images and masks: copies of the arrays made once a process
+    for each (n, size, seed), which a cross-validation's runs and their tests share."""
     images, masks = _synthetic_arrays(n, size, seed)
-    return list(images), list(masks)
+    return [a.copy() for a in images], [a.copy() for a in masks]
 
 
 @lru_cache(maxsize=4)
