@@ -53,8 +53,8 @@ def bench_command(
 ) -> None:
     """Time a training step and an eval forward; report their FLOPs, peak memory and parameters.
 
-    With --epoch: time whole training epochs (validation and checkpoints included) of the
-    engine against a bare PyTorch loop over the same model, crops, batch and optimiser."""
+    With --epoch: time whole training epochs (validation and checkpoints included)
+    of the engine against a bare PyTorch loop over the same model, crops, batch and optimiser."""
     from ..engine.bench import BenchConfig, report, run_bench
     from ..engine.train import emulation_note, resolve_device, resolve_precision
     from ..input_rules import input_rules

@@ -65,8 +65,7 @@ def study_report(
     out: Annotated[str | None, typer.Option(help="where to write the table (default: FOLDER)",
                                             callback=o.folder)] = None,
 ) -> None:
-    """Write table.md, table.csv and gains.png (and comparisons.csv for the study's compare entries)
-    from the finished runs (no training)."""
+    """Write table.md, table.csv, gains.png (and comparisons.csv) from finished runs; no training."""
     from ..engine.study import report
 
     report(Path(folder), Path(out) if out else None)

@@ -50,8 +50,7 @@ def tune_command(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     out: o.Out = "runs/tune",
 ) -> None:
-    """Search parameters by validation mIoU with a seeded TPE sampler; print the best trial as a
-    cellseg train command."""
+    """Search parameters by validation mIoU (seeded TPE); print the best trial's train command."""
     from ..engine.tune import run_study, summary, trial_line
 
     o.check_jobs(jobs, threads)
