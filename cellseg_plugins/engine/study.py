@@ -439,8 +439,9 @@ def _gain(g) -> str:
 def _machine(m: dict) -> str:
     threads = (f"{m['threads_per_run']} thread(s) a run" if "threads_per_run" in m
                else f"{m.get('torch_threads', '?')} threads")  # an older study.json
-    where = m.get("gpu") or f"{m.get('cpu', '?')}, {threads}" + (
-        ", bf16 emulated (no AVX-512 BF16 or AMX)" if m.get("cpu_bf16") == "emulated" else "")
+    bf16 = {"emulated": ", bf16 emulated (no AVX-512 BF16 or AMX)",
+            "native": ", bf16 native (AVX-512 BF16 or AMX)"}.get(m.get("cpu_bf16"), "")
+    where = m.get("gpu") or f"{m.get('cpu', '?')}, {threads}{bf16}"
     jobs = f", {m['jobs']} run(s) at a time" if m.get("jobs", 1) > 1 else ""
     return f"{where}{jobs}; torch {m.get('torch', '?')}"
 
