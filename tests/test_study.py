@@ -146,7 +146,6 @@ def test_report_from_stored_runs(tmp_path):
     assert rows[0].startswith("row,spec,base,runs,a_mean") and len(rows) == 3
 
 
-
 @pytest.mark.parametrize("bf16, says", [("emulated", ", bf16 emulated (no AVX-512 BF16 or AMX)"),
                                         ("native", ", bf16 native (AVX-512 BF16 or AMX)"),
                                         (None, "")])  # an older study.json: not recorded
@@ -157,6 +156,7 @@ def test_machine_line_names_the_cpu_bf16(bf16, says):
          "torch": "2.14.1", "jobs": 2}
     assert _machine(m) == f"AMD EPYC, 2 thread(s) a run{says}, 2 run(s) at a time; torch 2.14.1"
     assert _machine({**m, "gpu": "NVIDIA H200"}).startswith("NVIDIA H200, 2 run(s)")
+
 
 COMPARED = TINY + """
 [[row]]
