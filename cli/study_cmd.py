@@ -65,7 +65,7 @@ def study_report(
     out: Annotated[str | None, typer.Option(help="where to write the table (default: FOLDER)",
                                             callback=o.folder)] = None,
 ) -> None:
-    """Write table.md, table.csv, gains.png (and comparisons.csv) from finished runs; no training."""
+    """Write table.md, table.csv, gains.png (and comparisons.csv) from finished runs."""
     from ..engine.study import report
 
     report(Path(folder), Path(out) if out else None)
