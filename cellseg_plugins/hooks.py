@@ -51,6 +51,10 @@ SKIP_CALLS = (
     (GAUBlock, "y", "x"),
     (FPNLateralBlock, "state_feature", "lateral_feature"),
 )
+# blocks whose decoder feature is a sum of plain convolutions, with no normalisation on the
+# way: FPN's top-down path (p5 = conv(c5), p4 = up(p5) + conv(c4), ...), whose skip goes
+# through a plain 1×1 convolution before it is added back into that feature
+UNNORMALISED_DECODER = (FPNBlock,)
 
 
 def has_skips(arch) -> bool:
@@ -197,6 +201,9 @@ class SkipSite:
 
     ``stage`` is the encoder feature index of the skip (its stride is 2**stage). ``replace``,
     where the arch allows it, makes the (transformed) skip replace the arch's concatenation.
+    ``decoder_normalised`` is False where the decoder feature has passed no normalisation
+    layer and the skip is added back into it through plain convolutions (FPN): a transform
+    that feeds the decoder feature into the skip there multiplies it level after level.
     """
 
     owner: nn.Module
@@ -205,6 +212,7 @@ class SkipSite:
     skip_channels: int = 0
     stage: int = -1
     replace: Callable[[], None] | None = None
+    decoder_normalised: bool = True
 
 
 class CallSkipTransform(nn.Module):
@@ -271,7 +279,8 @@ def skip_sites(model: nn.Module) -> list[SkipSite]:
                                   replace=module.replace_concatenation))
         for cls, decoder_arg, skip_arg in SKIP_CALLS:
             if type(module) is cls:
-                sites.append(SkipSite(module, _call_attacher(module, decoder_arg, skip_arg)))
+                sites.append(SkipSite(module, _call_attacher(module, decoder_arg, skip_arg),
+                                      decoder_normalised=cls not in UNNORMALISED_DECODER))
     handles = []
     size = probe_size(model)
     for site in sites:

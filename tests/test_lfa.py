@@ -131,6 +131,34 @@ def test_lfa_changes_output_and_trains():
         assert m.f_q.weight.grad is not None and m.f_q.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("spec, normalised", [
+    ("fpn(encoder='resnet18')+lfa", True),  # auto: FPN's top-down feature is not normalised
+    ("unet(encoder='resnet18')+lfa", False), ("classic_unet(width=4)+lfa", False),
+    ("upernet(encoder='resnet18')+lfa", False),  # its lateral path normalises Y + P
+    ("fpn(encoder='resnet18')+lfa(decoder_norm='none')", False),
+    ("unet(encoder='resnet18')+lfa(decoder_norm='batch')", True)])
+def test_decoder_norm_sits_where_the_decoder_feature_is_not_normalised(spec, normalised):
+    modules = lfa_modules(cs.create_model(spec))
+    assert modules and all(isinstance(m.norm, torch.nn.BatchNorm2d) == normalised
+                           for m in modules)
+
+
+@pytest.mark.parametrize("decoder_norm", [True, False])
+def test_decoder_norm_normalises_what_keys_and_values_see(decoder_norm):
+    """With the BatchNorm on Q, f_k and f_v see Q with zero mean and unit variance per channel,
+    and the output no longer scales with Q (what let FPN + LFA grow Q level after level)."""
+    torch.manual_seed(0)
+    module = LocalFeatureAggregation(8, 6, 3, "encoder", "encoder", 4, decoder_norm)
+    seen = []
+    module.f_v.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    skip, decoder = torch.randn(4, 8, 6, 6), 50 + 30 * torch.randn(4, 6, 3, 3)
+    out = module(decoder, skip)
+    mean, std = seen[0].mean((0, 2, 3)), seen[0].std((0, 2, 3))
+    assert torch.allclose(mean, torch.zeros(6), atol=1e-4) == decoder_norm
+    assert torch.allclose(std, torch.ones(6), atol=0.05) == decoder_norm
+    assert torch.allclose(module(1000 * decoder, skip), out, atol=1e-3) == decoder_norm
+
+
 def test_transformer_placeholder_skip_is_left_alone():
     model = cs.create_model("unet(encoder='mit_b0')+lfa(m=3)", classes=2)
     chans = list(model.encoder.out_channels)

@@ -20,15 +20,18 @@ class LocalFeatureAggregation(nn.Module):
     definition): W = softmax_window(f_q(P)ᵀ f_k(Q)), Y = Σ W f_v(Q) (Eq. 1–2); with
     ``query="decoder"`` (the text under Fig. 2) the roles swap. Output (Eq. 3): Y + P
     (``residual="encoder"``), Y + Q (``"decoder"``, Q projected to P's channels if needed) or Y.
-    (N, C_P, H, W), (N, C_Q, h, w) → (N, C_P, H, W): it replaces the skip.
+    (N, C_P, H, W), (N, C_Q, h, w) → (N, C_P, H, W): it replaces the skip. With
+    ``normalise_decoder`` Q passes a BatchNorm first (not in the paper, whose Q always leaves a
+    convolution + BatchNorm block; see ``lfa``'s ``decoder_norm``).
     """
 
     onnx_by_trace = True  # its m² window slices are slow for the torch.export-based exporter
 
     def __init__(self, skip_channels: int, decoder_channels: int, m: int, query: str,
-                 residual: str, reduction: int):
+                 residual: str, reduction: int, normalise_decoder: bool = False):
         super().__init__()
         self.m, self.query, self.residual = m, query, residual
+        self.norm = nn.BatchNorm2d(decoder_channels) if normalise_decoder else nn.Identity()
         d = max(1, skip_channels // reduction)
         q_in, kv_in = ((skip_channels, decoder_channels) if query == "encoder"
                        else (decoder_channels, skip_channels))
@@ -41,6 +44,7 @@ class LocalFeatureAggregation(nn.Module):
             self.f_r = nn.Identity()
 
     def forward(self, decoder: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        decoder = self.norm(decoder)
         if decoder.shape[-2:] != skip.shape[-2:]:
             decoder = F.interpolate(decoder, size=skip.shape[-2:], mode="nearest")
         source, target = (skip, decoder) if self.query == "encoder" else (decoder, skip)
@@ -61,6 +65,7 @@ def lfa(
     stages: Sequence[int] | None = None,
     reduction: Annotated[int, Range(1, 1024)] = 8,
     fusion: Literal["auto", "replace", "concat"] = "auto",
+    decoder_norm: Literal["auto", "batch", "none"] = "auto",
 ) -> nn.Module:
     """Localized Feature Aggregation: m×m local attention between encoder skip and decoder.
 
@@ -76,6 +81,13 @@ def lfa(
     ``concat`` keeps the arch's own fusion of the decoder feature with Y + P; ``auto``
     (default) replaces where the decoder block can take it (classic_unet) and keeps the arch's
     fusion elsewhere (smp's blocks concatenate or add inline).
+    ``decoder_norm``: in the paper's U-Net the decoder feature Q leaves a convolution +
+    BatchNorm block before it meets the skip; in FPN's top-down path it is a sum of plain
+    convolutions, and Y + P returns into it through one more (Q → f_v → skip_conv → next Q),
+    so Q can grow level after level: on ssTEM it reached 6·10⁵ and the attention logits 10⁹,
+    and training diverged. ``batch`` puts a BatchNorm on Q before f_k, f_v (and f_r),
+    ``none`` never does, ``auto`` (default) does where the arch's decoder feature is not
+    normalised (FPN) and nowhere else, so the papers' U-Net and smp's U-Nets are unchanged.
     """
     if m % 2 != 1:
         raise PluginConfigError(f"m={m}: the window size must be odd (3, 5, 7, ...)")
@@ -85,8 +97,10 @@ def lfa(
         skips.append(site.stage)
         if wanted is not None and site.stage not in wanted:
             return None
+        normalise = decoder_norm == "batch" or (decoder_norm == "auto"
+                                                and not site.decoder_normalised)
         return LocalFeatureAggregation(site.skip_channels, site.decoder_channels, m, query,
-                                       residual, reduction)
+                                       residual, reduction, normalise)
 
     sites = transform_skips(model, "lfa", make)
     missing = sorted(set(wanted or ()) - set(skips))
