@@ -51,10 +51,10 @@ SKIP_CALLS = (
     (GAUBlock, "y", "x"),
     (FPNLateralBlock, "state_feature", "lateral_feature"),
 )
-# blocks whose decoder feature is a sum of plain convolutions, with no normalisation on the
-# way: FPN's top-down path (p5 = conv(c5), p4 = up(p5) + conv(c4), ...), whose skip goes
-# through a plain 1×1 convolution before it is added back into that feature
-UNNORMALISED_DECODER = (FPNBlock,)
+# blocks that add the skip back into the decoder feature with no normalisation on the way,
+# so the next block's decoder feature carries this skip's transform as it is: FPN's top-down
+# path (p4 = up(p5) + conv1x1(c4), ...) and Linknet's (x = block(x) + skip)
+UNNORMALISED_DECODER = (FPNBlock, LinknetBlock)
 
 
 def has_skips(arch) -> bool:
@@ -201,9 +201,9 @@ class SkipSite:
 
     ``stage`` is the encoder feature index of the skip (its stride is 2**stage). ``replace``,
     where the arch allows it, makes the (transformed) skip replace the arch's concatenation.
-    ``decoder_normalised`` is False where the decoder feature has passed no normalisation
-    layer and the skip is added back into it through plain convolutions (FPN): a transform
-    that feeds the decoder feature into the skip there multiplies it level after level.
+    ``decoder_normalised`` is False where the skip is added back into the decoder feature
+    with no normalisation on the way (FPN, Linknet): a transform that feeds the decoder
+    feature into the skip there multiplies it level after level.
     """
 
     owner: nn.Module

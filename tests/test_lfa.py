@@ -133,6 +133,7 @@ def test_lfa_changes_output_and_trains():
 
 @pytest.mark.parametrize("spec, normalised", [
     ("fpn(encoder='resnet18')+lfa", True),  # auto: FPN's top-down feature is not normalised
+    ("linknet(encoder='resnet18')+lfa", True),  # nor Linknet's: x = block(x) + skip
     ("unet(encoder='resnet18')+lfa", False), ("classic_unet(width=4)+lfa", False),
     ("upernet(encoder='resnet18')+lfa", False),  # its lateral path normalises Y + P
     ("fpn(encoder='resnet18')+lfa(decoder_norm='none')", False),

@@ -85,9 +85,10 @@ def lfa(
     BatchNorm block before it meets the skip; in FPN's top-down path it is a sum of plain
     convolutions, and Y + P returns into it through one more (Q → f_v → skip_conv → next Q),
     so Q can grow level after level: on ssTEM it reached 6·10⁵ and the attention logits 10⁹,
-    and training diverged. ``batch`` puts a BatchNorm on Q before f_k, f_v (and f_r),
-    ``none`` never does, ``auto`` (default) does where the arch's decoder feature is not
-    normalised (FPN) and nowhere else, so the papers' U-Net and smp's U-Nets are unchanged.
+    and training diverged (Linknet adds Y + P back into Q as it is: the same loop).
+    ``batch`` puts a BatchNorm on Q before f_k, f_v (and f_r), ``none`` never does, ``auto``
+    (default) does where the arch adds the skip back into Q unnormalised (FPN, Linknet) and
+    nowhere else, so the papers' U-Net and smp's U-Nets are unchanged.
     """
     if m % 2 != 1:
         raise PluginConfigError(f"m={m}: the window size must be odd (3, 5, 7, ...)")
