@@ -55,7 +55,7 @@ def test_console_script_bad_spec_has_no_traceback():
 
 @pytest.mark.parametrize("spec, fragment", [
     ("unet+lfaa", "did you mean 'lfa'"),
-    ("unet+lfa(k=3)", "unknown parameter 'k' (valid: m, query, residual, stages, reduction, fusion)"),
+    ("unet+lfa(k=3)", "unknown parameter 'k' (valid: m, query, residual, stages, reduction, fusion, decoder_norm)"),
     ("unet+frem(B='eight')", "B: expected int | float, got str 'eight'"),
     ("unet+frem(B=0)", "out of range"),
     ("unet+frem(8)", "positional argument not allowed"),
