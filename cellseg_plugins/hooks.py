@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from segmentation_models_pytorch.base import modules as smp_modules
 from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
 from segmentation_models_pytorch.decoders.fpn.decoder import FPNBlock
 from segmentation_models_pytorch.decoders.linknet.decoder import DecoderBlock as LinknetBlock
@@ -55,6 +56,18 @@ SKIP_CALLS = (
 # so the next block's decoder feature carries this skip's transform as it is: FPN's top-down
 # path (p4 = up(p5) + conv1x1(c4), ...) and Linknet's (x = block(x) + skip)
 UNNORMALISED_DECODER = (FPNBlock, LinknetBlock)
+# normalisation layers a decoder block may hold (smp's use_norm: batchnorm, instancenorm,
+# layernorm, inplace); smp's decoder_use_norm=False leaves none in it
+NORM_LAYERS = tuple(c for c in (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                                smp_modules.InPlaceABN) if c is not None)
+
+
+def normalises_decoder(block: nn.Module) -> bool:
+    """False where ``block`` returns its skip into the decoder feature with no normalisation
+    on the way: FPN's and Linknet's blocks (they add it after their last norm), and any
+    block built with ``decoder_use_norm=False``."""
+    return (type(block) not in UNNORMALISED_DECODER
+            and any(isinstance(m, NORM_LAYERS) for m in block.modules()))
 
 
 def has_skips(arch) -> bool:
@@ -202,7 +215,7 @@ class SkipSite:
     ``stage`` is the encoder feature index of the skip (its stride is 2**stage). ``replace``,
     where the arch allows it, makes the (transformed) skip replace the arch's concatenation.
     ``decoder_normalised`` is False where the skip is added back into the decoder feature
-    with no normalisation on the way (FPN, Linknet): a transform that feeds the decoder
+    with no normalisation on the way (:func:`normalises_decoder`): a transform that feeds the decoder
     feature into the skip there multiplies it level after level.
     """
 
@@ -280,7 +293,7 @@ def skip_sites(model: nn.Module) -> list[SkipSite]:
         for cls, decoder_arg, skip_arg in SKIP_CALLS:
             if type(module) is cls:
                 sites.append(SkipSite(module, _call_attacher(module, decoder_arg, skip_arg),
-                                      decoder_normalised=cls not in UNNORMALISED_DECODER))
+                                      decoder_normalised=normalises_decoder(module)))
     handles = []
     size = probe_size(model)
     for site in sites:

@@ -136,6 +136,8 @@ def test_lfa_changes_output_and_trains():
     ("linknet(encoder='resnet18')+lfa", True),  # nor Linknet's: x = block(x) + skip
     ("unet(encoder='resnet18')+lfa", False), ("classic_unet(width=4)+lfa", False),
     ("upernet(encoder='resnet18')+lfa", False),  # its lateral path normalises Y + P
+    ("upernet(encoder='resnet18',decoder_use_norm=False)+lfa", True),  # ... unless told not to
+    ("unet(encoder='resnet18',decoder_use_norm=False)+lfa", True),
     ("fpn(encoder='resnet18')+lfa(decoder_norm='none')", False),
     ("unet(encoder='resnet18')+lfa(decoder_norm='batch')", True)])
 def test_decoder_norm_sits_where_the_decoder_feature_is_not_normalised(spec, normalised):

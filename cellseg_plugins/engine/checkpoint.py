@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..registry import SpecError, create_model
+from ..registry import Spec, SpecError, Term, create_model, parse_spec
 from .data import DataError
 
 FORMAT = "cellseg-checkpoint-1"
@@ -119,10 +120,34 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+# the BatchNorm that lfa(decoder_norm='auto') puts on FPN's and Linknet's decoder feature
+LFA_DECODER_NORM_KEY = re.compile(r"\.lfa\.transform\.norm\.[a-z_]+$")
+
+
+def without_lfa_decoder_norm(spec: str) -> str:
+    """``spec`` with ``decoder_norm='none'`` on every lfa term that does not set it: how
+    fpn/linknet + lfa models were built before lfa had ``decoder_norm``."""
+    parsed = parse_spec(spec)
+    plugins = tuple(Term(t.name, t.params + (("decoder_norm", "none"),))
+                    if t.name == "lfa" and "decoder_norm" not in t.kwargs else t
+                    for t in parsed.plugins)
+    return str(Spec(parsed.arch, plugins))
+
+
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
+    """The trained model of ``ckpt``. A checkpoint written before lfa had ``decoder_norm``
+    lacks the BatchNorm that ``auto`` now adds on FPN and Linknet: it is rebuilt as it was
+    trained (``decoder_norm='none'``), and ``ckpt["spec"]`` is rewritten to say so."""
+    def build():
+        return create_model(ckpt["spec"], in_channels=ckpt["in_channels"],
+                            classes=len(ckpt["class_names"]))
+
     try:
-        model = create_model(ckpt["spec"], in_channels=ckpt["in_channels"],
-                             classes=len(ckpt["class_names"]))
+        model = build()
+        missing = set(model.state_dict()) - set(ckpt["model"])
+        if missing and all(LFA_DECODER_NORM_KEY.search(k) for k in missing):
+            ckpt["spec"] = without_lfa_decoder_norm(ckpt["spec"])
+            model = build()
         model.load_state_dict(ckpt["model"])
     except (SpecError, RuntimeError) as e:
         raise DataError(f"checkpoint does not rebuild: {' '.join(str(e).split())[:300]}") from None

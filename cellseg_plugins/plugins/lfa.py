@@ -87,8 +87,9 @@ def lfa(
     so Q can grow level after level: on ssTEM it reached 6·10⁵ and the attention logits 10⁹,
     and training diverged (Linknet adds Y + P back into Q as it is: the same loop).
     ``batch`` puts a BatchNorm on Q before f_k, f_v (and f_r), ``none`` never does, ``auto``
-    (default) does where the arch adds the skip back into Q unnormalised (FPN, Linknet) and
-    nowhere else, so the papers' U-Net and smp's U-Nets are unchanged.
+    (default) does where the arch returns the skip into Q unnormalised (FPN, Linknet, and
+    decoders built with ``decoder_use_norm=False``) and nowhere else, so the papers' U-Net
+    and smp's U-Nets are unchanged.
     """
     if m % 2 != 1:
         raise PluginConfigError(f"m={m}: the window size must be odd (3, 5, 7, ...)")
