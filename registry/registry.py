@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from .schema import Param, params_from_signature
 
@@ -137,11 +137,15 @@ def register_plugin(
     repeatable: bool = False,
     description: str | None = None,
     exclusive: str | None = None,
+    added_params: dict[str, tuple[Any, str]] | None = None,
 ):
     """Decorator: register ``factory(model, **params) -> nn.Module`` as a plugin.
 
     The factory's keyword parameters, with their type hints and defaults, become the plugin's
     parameter schema. ``supports`` names the architectures it works on (default: all).
+    ``added_params``: parameters added after checkpoints were saved, name → (the value those
+    checkpoints were built with, a regex matching the state-dict keys the new default adds):
+    a checkpoint that lacks exactly such keys is rebuilt with the old value.
     """
 
     def deco(factory: Callable) -> Callable:
@@ -153,6 +157,7 @@ def register_plugin(
             supports=(supports if supports is None or callable(supports)
                       else tuple(s.lower() for s in supports)),
             repeatable=repeatable, exclusive=exclusive,
+            extra={"added_params": added_params} if added_params else {},
         ))
         return factory
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..registry import Spec, SpecError, Term, create_model, parse_spec
+from ..registry import Spec, SpecError, Term, create_model, get_entry, parse_spec
 from .data import DataError
 
 FORMAT = "cellseg-checkpoint-1"
@@ -120,33 +120,36 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-# the BatchNorm that lfa(decoder_norm='auto') puts on FPN's and Linknet's decoder feature
-LFA_DECODER_NORM_KEY = re.compile(r"\.lfa\.transform\.norm\.[a-z_]+$")
-
-
-def without_lfa_decoder_norm(spec: str) -> str:
-    """``spec`` with ``decoder_norm='none'`` on every lfa term that does not set it: how
-    fpn/linknet + lfa models were built before lfa had ``decoder_norm``."""
-    parsed = parse_spec(spec)
-    plugins = tuple(Term(t.name, t.params + (("decoder_norm", "none"),))
-                    if t.name == "lfa" and "decoder_norm" not in t.kwargs else t
-                    for t in parsed.plugins)
-    return str(Spec(parsed.arch, plugins))
+def as_built_before(spec: str, missing: set[str]) -> str | None:
+    """``spec`` with its plugins' ``added_params`` (``register_plugin``) that it does not set
+    given the values older checkpoints were built with, where ``missing`` (the state-dict keys
+    a checkpoint lacks) are all keys those parameters add; None where they are not."""
+    parsed, patterns, plugins = parse_spec(spec), [], []
+    for term in parsed.plugins:
+        added = {name: old for name, old in
+                 get_entry(term.name).extra.get("added_params", {}).items()
+                 if name not in term.kwargs}
+        patterns += [re.compile(keys) for _, keys in added.values()]
+        old_values = tuple((name, value) for name, (value, _) in added.items())
+        plugins.append(Term(term.name, term.params + old_values))
+    if not missing or not all(any(p.search(k) for p in patterns) for k in missing):
+        return None
+    return str(Spec(parsed.arch, tuple(plugins)))
 
 
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    """The trained model of ``ckpt``. A checkpoint written before lfa had ``decoder_norm``
-    lacks the BatchNorm that ``auto`` now adds on FPN and Linknet: it is rebuilt as it was
-    trained (``decoder_norm='none'``), and ``ckpt["spec"]`` is rewritten to say so."""
+    """The trained model of ``ckpt``. A checkpoint saved before a plugin parameter was added
+    (e.g. lfa's ``decoder_norm``, whose ``auto`` adds a BatchNorm on FPN and Linknet) is rebuilt
+    as it was trained (:func:`as_built_before`), and ``ckpt["spec"]`` is rewritten to say so."""
     def build():
         return create_model(ckpt["spec"], in_channels=ckpt["in_channels"],
                             classes=len(ckpt["class_names"]))
 
     try:
         model = build()
-        missing = set(model.state_dict()) - set(ckpt["model"])
-        if missing and all(LFA_DECODER_NORM_KEY.search(k) for k in missing):
-            ckpt["spec"] = without_lfa_decoder_norm(ckpt["spec"])
+        before = as_built_before(ckpt["spec"], set(model.state_dict()) - set(ckpt["model"]))
+        if before:
+            ckpt["spec"] = before
             model = build()
         model.load_state_dict(ckpt["model"])
     except (SpecError, RuntimeError) as e:

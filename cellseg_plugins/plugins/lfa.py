@@ -56,7 +56,9 @@ class LocalFeatureAggregation(nn.Module):
         return y
 
 
-@register_plugin("lfa", supports=has_skips)
+# decoder_norm came after fpn/linknet + lfa checkpoints were saved without its BatchNorm
+@register_plugin("lfa", supports=has_skips,
+                 added_params={"decoder_norm": ("none", r"\.lfa\.transform\.norm\.")})
 def lfa(
     model: nn.Module,
     m: Annotated[int, Range(1, 31)] = 7,
