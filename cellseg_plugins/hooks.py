@@ -215,8 +215,8 @@ class SkipSite:
     ``stage`` is the encoder feature index of the skip (its stride is 2**stage). ``replace``,
     where the arch allows it, makes the (transformed) skip replace the arch's concatenation.
     ``decoder_normalised`` is False where the skip is added back into the decoder feature
-    with no normalisation on the way (:func:`normalises_decoder`): a transform that feeds the decoder
-    feature into the skip there multiplies it level after level.
+    with no normalisation on the way (:func:`normalises_decoder`): a transform that feeds the
+    decoder feature into the skip there multiplies it level after level.
     """
 
     owner: nn.Module

@@ -121,9 +121,9 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def as_built_before(spec: str, missing: set[str]) -> str | None:
-    """``spec`` with its plugins' ``added_params`` (``register_plugin``) that it does not set
-    given the values older checkpoints were built with, where ``missing`` (the state-dict keys
-    a checkpoint lacks) are all keys those parameters add; None where they are not."""
+    """``spec`` with each plugin's ``added_params`` (``register_plugin``) that it leaves unset
+    set to the value older checkpoints were built with, where ``missing`` (the state-dict keys
+    a checkpoint lacks) are all keys those parameters add; otherwise None."""
     parsed, patterns, plugins = parse_spec(spec), [], []
     for term in parsed.plugins:
         added = {name: old for name, old in
