@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
@@ -150,10 +151,16 @@ def register_plugin(
 
     def deco(factory: Callable) -> Callable:
         first = next(iter(inspect.signature(factory).parameters), None)
+        params = params_from_signature(factory, skip=(first,))
+        for added, (_, keys) in (added_params or {}).items():
+            if added not in {p.name for p in params}:
+                raise ValueError(f"plugin {name!r}: added_params names {added!r}, which is not "
+                                 f"one of its parameters ({', '.join(p.name for p in params)})")
+            re.compile(keys)  # a bad pattern fails here, not when a checkpoint loads
         add_entry(Entry(
             name=name.lower(), kind="plugin", factory=factory,
             description=description or first_line(factory.__doc__),
-            params=params_from_signature(factory, skip=(first,)),
+            params=params,
             supports=(supports if supports is None or callable(supports)
                       else tuple(s.lower() for s in supports)),
             repeatable=repeatable, exclusive=exclusive,

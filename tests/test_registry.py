@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 from typing import Annotated, Literal
 
 import pytest
@@ -49,6 +50,18 @@ def test_register_plugin_decorator_and_removal():
             cs.register_plugin("test_scale")(test_scale)
     finally:
         cs.registry.unregister("test_scale")
+
+
+@pytest.mark.parametrize("added, message", [
+    ({"depth": ("none", "x")}, "names 'depth', which is not one of its parameters"),
+    ({"mode": ("a", "(")}, "missing \\)")])
+def test_register_plugin_refuses_bad_added_params(added, message):
+    def plugin(model, mode: Literal["a", "b"] = "b"):
+        return model
+
+    with pytest.raises((ValueError, re.error), match=message):
+        cs.register_plugin("test_added", added_params=added)(plugin)
+    assert get_entry("test_added") is None
 
 
 @pytest.mark.parametrize("arch", SMP_ARCHS)
