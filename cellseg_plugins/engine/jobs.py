@@ -61,7 +61,12 @@ def _child(parent: int, send, fn: Callable, args: tuple, threads: int | None) ->
 
 
 def _death(exitcode: int | None) -> str:
-    """Why a worker ended without a result: 'killed by SIGKILL (...)' or 'exited with code N'."""
+    """Why a worker ended without a result: 'killed by SIGKILL (...)', 'stopped by Ctrl-C' or
+    'exited with code N'. A worker stopped by SIGINT exits 130 (:func:`_worker_start`); its
+    parent reports that itself where it sees the SIGINT too, not where it ignores it (started
+    in the background by a shell)."""
+    if exitcode == 130:
+        return "its process was stopped by Ctrl-C (SIGINT); the same command resumes it"
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
         hint = " (out of memory? the kernel's OOM killer sends it)" if name == "SIGKILL" else ""
