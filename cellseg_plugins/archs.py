@@ -106,6 +106,15 @@ def check_encoder(name: str) -> None:
                                 "'cellseg list --kind encoder' lists them; 'tu-<timm name>' uses timm")
 
 
+def decoder_norm(use_norm):
+    """smp's ``decoder_use_norm`` as smp 0.6 can build it: ``'instancenorm'`` with affine
+    weights, as its batchnorm and layernorm have (smp builds ``nn.InstanceNorm2d`` without
+    them, then its own decoder initializer fails filling the missing weight)."""
+    if isinstance(use_norm, str) and use_norm.lower() == "instancenorm":
+        return {"type": "instancenorm", "affine": True}
+    return use_norm
+
+
 def build_smp(cls: type, in_channels: int, classes: int, encoder: str = "resnet34",
               encoder_weights: str | None = None, **params) -> nn.Module:
     """Build ``cls`` with smp; a local weights file is loaded into the encoder after building."""
@@ -115,6 +124,8 @@ def build_smp(cls: type, in_channels: int, classes: int, encoder: str = "resnet3
     hub = None if local else encoder_weights
     if params.get("img_size", 0) is None:
         del params["img_size"]
+    if "decoder_use_norm" in params:
+        params["decoder_use_norm"] = decoder_norm(params["decoder_use_norm"])
     offline = hub is not None and not hub_reachable()
     try:
         with hub_offline(offline):
@@ -122,6 +133,9 @@ def build_smp(cls: type, in_channels: int, classes: int, encoder: str = "resnet3
                         classes=classes, **params)
     except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as e:
         raise PluginConfigError(" ".join(str(e).split())) from None
+    except (AttributeError, IndexError, ZeroDivisionError) as e:  # smp failed on the values
+        raise PluginConfigError(f"smp.{cls.__name__} could not be built with {params} "
+                                f"({type(e).__name__}: {' '.join(str(e).split())})") from None
     except Exception as e:  # network / hub errors while fetching pretrained weights
         if hub is None:
             raise
@@ -215,7 +229,7 @@ def build_unet(in_channels: int, classes: int, **params) -> nn.Module:
     last = model.decoder.blocks[-1]
     new = UnetDecoderBlock(
         last.conv1[0].in_channels, width, last.conv2[0].out_channels,
-        use_norm=params.get("decoder_use_norm", "batchnorm"),
+        use_norm=decoder_norm(params.get("decoder_use_norm", "batchnorm")),
         attention_type=params.get("decoder_attention_type"),
         interpolation_mode=params.get("decoder_interpolation", "nearest"),
     )

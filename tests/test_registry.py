@@ -112,6 +112,34 @@ def test_overrides_and_errors():
         cs.create_model("unet(encoder_depth=3)")
 
 
+@pytest.mark.parametrize("spec", ["unet(encoder='resnet18',decoder_use_norm='instancenorm')",
+                                  "unet(encoder='plain8',decoder_use_norm='InstanceNorm')",
+                                  "manet(encoder='resnet18',decoder_use_norm='instancenorm')"])
+def test_instancenorm_decoder_builds_and_learns(spec):
+    """smp 0.6 crashes building 'instancenorm' (its initializer fills weights the norm lacks);
+    cellseg builds it with affine weights, which train like batchnorm's."""
+    model = cs.create_model(spec, in_channels=1, classes=3)
+    norms = [m for m in model.decoder.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    assert norms and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.decoder.modules())
+    assert all(n.affine and torch.all(n.weight == 1) and torch.all(n.bias == 0) for n in norms)
+    model(torch.randn(2, 1, 64, 64)).logsumexp(1).mean().backward()
+    assert all(n.weight.grad is not None and n.weight.grad.abs().sum() > 0 for n in norms)
+
+
+def test_smp_failure_while_building_is_one_line():
+    from cellseg_plugins.archs import build_smp
+    from cellseg_plugins.errors import PluginConfigError
+
+    class Broken(smp.Unet):
+        def initialize(self):
+            raise AttributeError("'NoneType' object has no attribute 'fill_'")
+
+    with pytest.raises(PluginConfigError, match=r"^smp.Broken could not be built with "
+                       r"\{'encoder_depth': 3, 'decoder_channels': \[32, 16, 8\]\} "
+                       r"\(AttributeError: 'NoneType' object has no attribute 'fill_'\)$"):
+        build_smp(Broken, 1, 2, encoder="resnet18", encoder_depth=3, decoder_channels=[32, 16, 8])
+
+
 def test_pretrained_weights_offline_error(monkeypatch):
     import segmentation_models_pytorch.encoders as enc
 
