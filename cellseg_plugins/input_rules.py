@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import PluginConfigError
 from .hooks import in_channels_of
 
 
@@ -49,14 +50,15 @@ class InputRules:
                              f"(e.g. {self.fit(side)})")
 
 
-def _runs(model: nn.Module, side: int) -> bool:
+def _failure(model: nn.Module, side: int) -> Exception | None:
+    """Why ``model`` cannot run a ``side``² image, or None when it can."""
     x = torch.zeros(1, in_channels_of(model), side, side,
                     device=next(model.parameters()).device)
     try:
         model(x)
-        return True
-    except (RuntimeError, ValueError, AssertionError, IndexError):
-        return False
+        return None
+    except (RuntimeError, ValueError, AssertionError, IndexError) as e:
+        return e
 
 
 @torch.no_grad()
@@ -77,8 +79,17 @@ def input_rules(model: nn.Module) -> InputRules:
         else:
             candidates = sorted({multiple * k for k in range(1, 17)} |
                                 {2 ** k for k in range(10) if 2 ** k % multiple == 0})
-            minimum = next((s for s in candidates if _runs(model, s)), candidates[-1])
-            rules = InputRules(multiple, minimum)
+            for side in candidates:
+                failure = _failure(model, side)
+                if failure is None:
+                    break
+            else:  # a size rule would blame the input for what is the model's fault
+                what = getattr(model, "cellseg_spec", type(model).__name__)
+                why = " ".join(str(failure).split())
+                raise PluginConfigError(
+                    f"{what} runs on no input size from {candidates[0]}² to {candidates[-1]}² "
+                    f"({type(failure).__name__}: {why[:240]}{'…' if len(why) > 240 else ''})")
+            rules = InputRules(multiple, side)
     finally:
         model.train(was_training)
     model.cellseg_input_rules = rules

@@ -98,9 +98,9 @@ def bench_command(
     dev = resolve_device(device)
     specs = [str(parse_spec(spec))] + ([str(parse_spec(vs))] if vs else [])
     for s in specs:  # build once here: plugin and size errors before any worker starts
+        rules = input_rules(create_model(s, in_channels=in_channels, classes=classes))
         try:
-            input_rules(create_model(s, in_channels=in_channels, classes=classes)).check(
-                size, f"--size {size}")
+            rules.check(size, f"--size {size}")
         except ValueError as e:
             raise CLIError(f"{e} ({s})") from None
     cfg = BenchConfig(size, batch, in_channels, classes, dev.type, steps,

@@ -48,6 +48,13 @@ def test_list_states_each_archs_input_rule(arch):
      "--size 64: this model takes sides multiples of 16, at least 128 (e.g. 128)"),
     (["train", "fpn(encoder='resnet18')", "--crop", "100", "--device", "cpu"],
      "--crop 100: this model takes sides multiples of 32"),
+    # values smp builds but cannot run: the model's fault, not the size's (it said 'at least 512')
+    (["train", "fpn(encoder='resnet18',decoder_pyramid_channels=0)", "--crop", "64"],
+     "error: fpn(encoder='resnet18',decoder_pyramid_channels=0) runs on no input size from "
+     "32² to 512² (RuntimeError: Given groups=1, expected weight to be at least 1"),
+    (["bench", "unet(encoder='resnet18',decoder_interpolation='zzz')", "--size", "64"],
+     "runs on no input size from 1² to 512² (NotImplementedError: Input Error: Only 3D, 4D "
+     "and 5D input Tensors supported (got 4D) for the modes: nearest | linear"),
 ])
 def test_sizes_a_model_refuses_are_one_line_before_any_work(capsys, tmp_path, argv, fragment):
     code, _, err = cli(capsys, *argv, "--out" if argv[0] == "train" else "--steps",

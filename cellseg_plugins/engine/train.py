@@ -183,8 +183,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.spec, in_channels=self.sources.in_channels,
                                   classes=n).to(self.device)
+        rules = input_rules(self.model)  # a model that runs on no size fails here, in one line
         try:
-            input_rules(self.model).check(cfg.crop, f"--crop {cfg.crop}")
+            rules.check(cfg.crop, f"--crop {cfg.crop}")
         except ValueError as e:
             raise ConfigError("crop", cfg.crop, str(e).split(": ", 1)[1]) from None
         self.channels_last = True if cfg.channels_last is None else cfg.channels_last
