@@ -282,13 +282,19 @@ def test_convlstm_state_dict_of_the_old_gate_order_loads_reordered(tmp_path):
     assert torch.equal(fresh(x), model(x))
 
 
-def test_cpu_training_at_256_warns():
-    state = RoundState()
-    feedback = FeedbackAttention(state, 8, 8, "self", kv_stride=4, chunk=None).train()
-    state.current = 1
-    feedback._o = torch.randn(1, 8, 256, 256)
-    with pytest.warns(UserWarning, match="full-resolution attention is GPU work"):
-        feedback.feed(None, None, torch.randn(1, 8, 256, 256))
+def test_cpu_training_at_256_warns_at_full_resolution_only():
+    import warnings
+
+    for kv_stride in (1, 4):
+        state = RoundState()
+        feedback = FeedbackAttention(state, 8, 8, "self", kv_stride=kv_stride, chunk=None).train()
+        state.current = 1
+        feedback._o = torch.randn(1, 8, 256, 256)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            feedback.feed(None, None, torch.randn(1, 8, 256, 256))
+        said = [str(w.message) for w in caught if "attention is GPU work" in str(w.message)]
+        assert len(said) == (kv_stride == 1), (kv_stride, said)  # kv_stride=4 is what it advises
 
 
 @pytest.mark.parametrize("spec", ["unet(encoder='resnet18')+lfa(m=3)+feedback_self",

@@ -107,7 +107,7 @@ class FeedbackAttention(Feedback):
         if o.shape[-2:] != f.shape[-2:]:
             o = F.interpolate(o, size=f.shape[-2:], mode="bilinear", align_corners=False)
         if self.training and not f.is_cuda and f.shape[-2] * f.shape[-1] >= CPU_WARN_PIXELS \
-                and self.connection in ("self", "st"):
+                and self.connection in ("self", "st") and self.connect.kv_stride == 1:
             warnings.warn(
                 f"Feedback Attention at {f.shape[-2]}×{f.shape[-1]} on the CPU: full-resolution "
                 "attention is GPU work (about 25 s per image per step at 256²); use a GPU, "
