@@ -55,6 +55,11 @@ def test_folds_split_by_source_image():
         assert not set(s["test"]) & set(s["val"]) and not set(s["train"]) & set(s["test"] + s["val"])
     with pytest.raises(DataError, match="--fold 5: expected 0 … 4"):
         fold_split(20, 5, 5)
+    assert fold_split(3, 3, 2) == {"train": [1], "val": [0], "test": [2]}
+    with pytest.raises(DataError, match=r"--folds 5: 3 source images make at most 3 folds"):
+        fold_split(3, 5, 0)
+    with pytest.raises(DataError, match=r"2 source image\(s\): folds need at least 3"):
+        fold_split(2, 3, 0)
 
 
 def test_sstem_protocol_192_64_64(tmp_path, sstem_root):

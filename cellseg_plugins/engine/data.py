@@ -428,8 +428,12 @@ def fold_split(n_sources: int, folds: int, fold: int) -> dict[str, list[int]]:
         raise DataError(f"--folds {folds}: need at least 3 (test, validation and training blocks)")
     if not 0 <= fold < folds:
         raise DataError(f"--fold {fold}: expected 0 … {folds - 1}")
+    if n_sources < 3:
+        raise DataError(f"{n_sources} source image(s): folds need at least 3 (one each for "
+                        "test, validation and training)")
     if n_sources < folds:
-        raise DataError(f"{n_sources} source images cannot be split into {folds} folds")
+        raise DataError(f"--folds {folds}: {n_sources} source images make at most "
+                        f"{n_sources} folds (each fold tests on one block of images)")
     blocks = np.array_split(np.arange(n_sources), folds)
     test, val = blocks[fold].tolist(), blocks[(fold + 1) % folds].tolist()
     train = [i for i in range(n_sources) if i not in test and i not in val]
