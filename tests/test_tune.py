@@ -70,6 +70,13 @@ def test_jobs_run_trials_at_once_in_processes_on_one_study(tmp_path, capfd):
     ("nope.B=int:1:2", "unknown plugin or arch 'nope'"),
     ("train.momentum=float:0:1", "unknown training option 'momentum'"),
     ("frem.B", "expected PARAM=SPACE"),
+    # values the parameter or training option refuses, found before any trial fails on them
+    ("frem.B=int:0:4", "B=0: 0 is out of range (0, inf]"),
+    ("frem.fixed=choice:True,1", "fixed=1: expected bool"),
+    ("frem.per=int:0:1", "per takes one of 'epoch', 'batch': search it as choice"),
+    ("train.lr=float:0:1e-2", "lr=0.0: must be > 0"),
+    ("train.batch_size=int:0:4", "batch_size=0: must be ≥ 1"),
+    ("train.optimizer=choice:adam,zzz", "optimizer='zzz': expected one of adam, sgd"),
 ])
 def test_bad_search_spaces_fail_before_training(tmp_path, capsys, search, fragment):
     code, _, err = cli(capsys, "tune", SPEC, "--search", search, "--trials", "1",

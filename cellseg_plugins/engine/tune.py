@@ -13,12 +13,14 @@ import ast
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..registry import SpecError, get_entry, parse_spec
 from ..registry.spec import Spec, Term
 from .checkpoint import write_text_atomic
-from .config import RUN_OPTIONS, as_option, first_difference, shown
+from .config import RUN_OPTIONS, as_option, check_field, first_difference, option_fields, shown
 from .data import DataError, load_split
 from .jobs import run_jobs
 from .train import TrainConfig, Trainer, TrainingError
@@ -67,6 +69,8 @@ def parse_search(text: str, spec: Spec) -> SearchSpace:
         if param not in TRAIN_PARAMS:
             raise DataError(f"--search {text!r}: unknown training option {param!r} "
                             f"(searchable: {', '.join(TRAIN_PARAMS)})")
+        annotation = dict((n, a) for n, a, _ in option_fields())[param]
+        check = partial(check_field, param, annotation)
     else:
         entry = get_entry(target)
         if entry is None:
@@ -77,12 +81,17 @@ def parse_search(text: str, spec: Spec) -> SearchSpace:
         if p is None:
             raise DataError(f"--search {text!r}: {target!r} has no parameter {param!r} "
                             f"(valid: {', '.join(q.name for q in entry.params)})")
-        param = p.name
+        param, check = p.name, p.check
+        if p.choices is not None and not space.strip().startswith("choice:"):
+            raise DataError(f"--search {text!r}: {param} takes one of "
+                            f"{', '.join(map(repr, p.choices))}: search it as choice:a,b,…")
     kind, _, rest = space.strip().partition(":")
     if kind == "choice":
         choices = tuple(_literal(c.strip()) for c in rest.split(",") if c.strip())
         if not choices:
             raise DataError(f"--search {text!r}: choice needs values, e.g. choice:a,b,c")
+        for value in choices:
+            _check_value(text, param, value, check)
         return SearchSpace(target, param, "choice", choices=choices)
     if kind not in ("int", "float"):
         raise DataError(f"--search {text!r}: space {space!r} must be int:LOW:HIGH[:log], "
@@ -100,7 +109,20 @@ def parse_search(text: str, spec: Spec) -> SearchSpace:
         raise DataError(f"--search {text!r}: LOW {low} is greater than HIGH {high}")
     if log and low <= 0:
         raise DataError(f"--search {text!r}: a log scale needs LOW > 0, got {low}")
+    for value in (low, high):  # the parameters' ranges are intervals: the ends decide
+        _check_value(text, param, value, check)
     return SearchSpace(target, param, kind, low, high, log)
+
+
+def _check_value(text: str, param: str, value, check) -> None:
+    """DataError naming the search and the value where ``check`` (the parameter's or the
+    training option's own validation) refuses a value the space could draw."""
+    try:
+        check(value)
+    except ConfigError as e:
+        raise DataError(f"--search {text!r}: {param}={value!r}: {e.reason}") from None
+    except ValueError as e:
+        raise DataError(f"--search {text!r}: {param}={value!r}: {e}") from None
 
 
 def apply_params(spec: Spec, cfg: TrainConfig, values: dict[str, object]) -> tuple[str, TrainConfig]:
