@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..engine.config import TrainConfig
+from ..errors import TrainingError
 from . import options as o
 
 
@@ -64,6 +65,7 @@ def tune_command(
                                                result["best_params"])
     if as_json:
         print(json.dumps(result))
+        no_trial_finished(study)
         return
     table = Table(title=f"{len(study.trials)} trials")
     for col in ("trial", "state", "params", "val mIoU"):
@@ -76,3 +78,13 @@ def tune_command(
     if "best_command" in result:
         print(result["best_command"])  # plain: the command is to be copied whole
     console.print(f"wrote {Path(out) / 'search.png'}")
+    no_trial_finished(study)
+
+
+def no_trial_finished(study) -> None:
+    """TrainingError (exit 2) where every trial failed: the last one's reason, in one line."""
+    if any(t.value is not None for t in study.trials):
+        return
+    errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
+    raise TrainingError(f"no trial finished ({len(study.trials)} failed)"
+                        + (f"; the last: {errors[-1]}" if errors else ""))

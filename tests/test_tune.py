@@ -85,6 +85,20 @@ def test_bad_search_spaces_fail_before_training(tmp_path, capsys, search, fragme
     assert not (tmp_path / "t").exists()
 
 
+def test_trials_the_model_refuses_say_why_and_none_finished_is_an_error(tmp_path, capsys):
+    """Values only the model can judge (an encoder's name) fail their trial with the
+    model's one-line reason, no traceback; a study where no trial finished exits 2."""
+    code, _, err = cli(capsys, "tune", SPEC, "--search", "unet.encoder=choice:nope1,nope2",
+                       "--trials", "2", "--out", tmp_path / "t", *FAST)
+    assert code == 2 and "Traceback" not in err, err
+    text = " ".join(err.split())  # Rich wraps long lines
+    for name in ("nope1", "nope2"):
+        assert f"fail {{'unet.encoder': '{name}'}}: bad model spec (term 'unet'): unknown " \
+               f"encoder '{name}'" in text, err
+    assert err.splitlines()[-1].startswith("error: no trial finished (2 failed); the last: "
+                                           "bad model spec (term 'unet'): unknown encoder"), err
+
+
 def test_bad_storage_url_is_one_line(tmp_path, capsys):
     code, _, err = cli(capsys, "tune", SPEC, *SEARCH, "--trials", "1", "--storage", "nosuchdb://x",
                        "--out", tmp_path / "t", *FAST)

@@ -211,7 +211,7 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
     cfg.spec = str(spec)
     cfg.check()
     load_split(cfg)  # bad data or --fold/--folds fail here, first
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{(out / 'study.db').resolve()}"
@@ -243,7 +243,11 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
 
 
 def trial_line(trial) -> str:
-    """'trial 3: complete {'frem.B': 8} → 0.61' (a finished trial, as tune reports it)."""
+    """'trial 3: complete {'frem.B': 8} → 0.61' (a finished trial, as tune reports it), or
+    'trial 4: fail {'frem.B': 900}: <why the model refused it>'."""
+    if "error" in trial.user_attrs:
+        return f"trial {trial.number}: {trial.state.name.lower()} {trial.params}: " \
+               f"{trial.user_attrs['error']}"
     return f"trial {trial.number}: {trial.state.name.lower()} {trial.params} → {trial.value}"
 
 
@@ -263,7 +267,7 @@ def optimize(storage: str, name: str, searches: list[str], cfg: TrainConfig, out
     import optuna
     import torch
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials: trial_line, no traceback
     spec = parse_spec(cfg.spec)
     spaces = [parse_search(s, spec) for s in searches]
     study = optuna.load_study(study_name=name, storage=open_storage(storage),
@@ -271,7 +275,7 @@ def optimize(storage: str, name: str, searches: list[str], cfg: TrainConfig, out
                               pruner=optuna.pruners.MedianPruner() if prune else
                               optuna.pruners.NopPruner())
 
-    def objective(trial):
+    def train(trial):
         values = {s.key: s.suggest(trial) for s in spaces}
         trial_spec, trial_cfg = apply_params(spec, cfg, values)
         trial_cfg = replace(trial_cfg, spec=trial_spec, out=str(out / f"trial{trial.number:04d}"))
@@ -285,6 +289,13 @@ def optimize(storage: str, name: str, searches: list[str], cfg: TrainConfig, out
 
         trainer.run(on_epoch=report)
         return trainer.best
+
+    def objective(trial):
+        try:
+            return train(trial)
+        except SpecError as e:  # kept for trial_line; Optuna's own note is a traceback
+            trial.set_user_attr("error", str(e))
+            raise
 
     previous = torch.get_num_threads()
     if threads:
