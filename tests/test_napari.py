@@ -108,6 +108,8 @@ def test_bad_input_is_one_line_naming_the_value(tmp_path):
         (dict(image=layer(np.dstack([grey, grey, grey + 1]), rgb=True), model=path),
          "3 channel(s), the model expects 1 (a colour image, not grey saved as RGB)"),
         (dict(image=layer(grey), model=path, tile=16), "tile=16: must be at least 32"),
+        (dict(image=layer(grey), model=path, tile=64, overlap=40),
+         "overlap=40: must be in [0, 32] (at most half of the tile, 64)"),
         (dict(image=None, model=path), "no image layer"),
         (dict(image=layer(grey), model=not_a_package), "not a BioImage Model Zoo package"),
     ]

@@ -150,6 +150,24 @@ def test_grey_saved_as_rgb_feeds_a_grey_model_and_grey_feeds_a_colour_one(tmp_pa
                               overlap=8)
 
 
+def test_an_overlap_above_half_the_tile_is_one_line(tmp_path, capsys):
+    """--tile 33 with the default overlap 32 stepped one pixel at a time (45 000 tiles for
+    300×200 on a model that takes any size); the ramps span at most half a tile."""
+    from conftest import checkpoint, cli
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((40, 48), np.uint8))
+    for tile, overlap in ((33, 32), (64, 33)):
+        code, _, err = cli(capsys, "predict", ckpt, tmp_path / "a.tif", "--out", tmp_path / "out",
+                           "--tile", tile, "--overlap", overlap)
+        assert code == 2 and err == (f"error: --overlap {overlap}: must be in [0, {tile // 2}] "
+                                     f"(at most half of the tile, {tile})\n"), err
+    assert not (tmp_path / "out").exists()
+    code, _, err = cli(capsys, "predict", ckpt, tmp_path / "a.tif", "--out", tmp_path / "out",
+                       "--tile", 64, "--overlap", 32)
+    assert code == 0 and (tmp_path / "out" / "a.tif").is_file(), err
+
+
 def test_an_image_with_nan_pixels_is_one_line(tmp_path):
     from cellseg_plugins.engine import predict
     from conftest import checkpoint
