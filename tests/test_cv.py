@@ -104,6 +104,18 @@ def test_a_bad_fold_or_seed_count_is_one_line_before_any_run(tmp_path, capsys, o
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("crop, fragment", [
+    ("7", "--crop 7: this model takes sides any size ≥ 16 (e.g. 16)"),
+    ("512", "--crop 512: image synthetic00 is 256×256; pass a --crop of at most 256, the "
+            "smallest side of these images")])
+def test_a_crop_every_run_would_refuse_is_one_line_before_any_run(tmp_path, capsys, crop,
+                                                                  fragment):
+    code, _, err = cli(capsys, "cv", TINY, *FAST, "--crop", crop, "--folds", "3",
+                       "--out", tmp_path / "out")
+    assert code == 2 and err == f"error: {fragment}\n", err  # not once per fold and seed
+    assert not (tmp_path / "out").exists()
+
+
 def test_kept_runs_of_other_settings_are_refused_before_any_run(tmp_path, capsys):
     import json
     from dataclasses import asdict

@@ -79,6 +79,11 @@ def test_scale_overrides_settings_and_vars(tmp_path):
     (("seeds = 1", "seeds = -1"), "[study] seeds: -1 is not a positive integer"),
     (("folds = 3", "folds = 3\nwat = 1"), "[study] wat: unknown key"),
     (("[[row]]", "[[row]]\nlabel = 1"), "row 1 label: unknown key"),
+    # crops the data or a row's model refuse: found before any run, not once per run
+    (("crop = 64", "crop = 7"), "row 'base': crop=7: this model takes sides"),
+    (("crop = 64", "crop = 512"), "row 'base': --crop 512: image synthetic00 is 256×256"),
+    (("paper = 72.5", "paper = 72.5\ntrain = { crop = 8 }"),
+     "row '+ frem': crop=8: this model takes sides"),
     (("paper = 72.5", 'paper = 72.5\n[[compare]]\nrow = "+ frem"\nbase = "nope"'),
      "compare 1 base: 'nope' is not a row of this file"),
     (("paper = 72.5", 'paper = 72.5\n[[compare]]\nrow = "base"\nbase = "base"'),

@@ -70,6 +70,7 @@ def test_jobs_run_trials_at_once_in_processes_on_one_study(tmp_path, capfd):
     ("nope.B=int:1:2", "unknown plugin or arch 'nope'"),
     ("train.momentum=float:0:1", "unknown training option 'momentum'"),
     ("frem.B", "expected PARAM=SPACE"),
+    ("frem.B=int:1:4 --crop 7", "--crop 7: this model takes sides"),  # before any trial
     # values the parameter or training option refuses, found before any trial fails on them
     ("frem.B=int:0:4", "B=0: 0 is out of range (0, inf]"),
     ("frem.fixed=choice:True,1", "fixed=1: expected bool"),
@@ -79,8 +80,9 @@ def test_jobs_run_trials_at_once_in_processes_on_one_study(tmp_path, capfd):
     ("train.optimizer=choice:adam,zzz", "optimizer='zzz': expected one of adam, sgd"),
 ])
 def test_bad_search_spaces_fail_before_training(tmp_path, capsys, search, fragment):
+    search, *more = search.split()
     code, _, err = cli(capsys, "tune", SPEC, "--search", search, "--trials", "1",
-                       "--out", tmp_path / "t", *FAST)
+                       "--out", tmp_path / "t", *FAST, *more)
     assert code == 2 and fragment in err and err.count("\n") == 1
     assert not (tmp_path / "t").exists()
 
@@ -97,6 +99,11 @@ def test_trials_the_model_refuses_say_why_and_none_finished_is_an_error(tmp_path
                f"encoder '{name}'" in text, err
     assert err.splitlines()[-1].startswith("error: no trial finished (2 failed); the last: "
                                            "bad model spec (term 'unet'): unknown encoder"), err
+    code, _, err = cli(capsys, "tune", SPEC, "--search", "train.crop=choice:8", "--trials", "1",
+                       "--out", tmp_path / "c", *FAST)  # a sampled crop the model refuses
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == ("error: no trial finished (1 failed); the last: crop=8: "
+                                    "this model takes sides any size ≥ 16 (e.g. 16)"), err
 
 
 def test_bad_storage_url_is_one_line(tmp_path, capsys):

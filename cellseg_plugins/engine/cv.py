@@ -14,10 +14,10 @@ from pathlib import Path
 from ..errors import DataError
 from .checkpoint import holding, load_checkpoint, write_text_atomic
 from .config import RUN_OPTIONS, as_option, first_difference, shown
-from .data import load_split
+from .data import check_crop, load_split
 from .evaluation import evaluate_checkpoint
 from .jobs import run_jobs
-from .train import TrainConfig, Trainer, TrainingError
+from .train import TrainConfig, Trainer, TrainingError, check_model_crop
 
 
 def run_dir(out: Path, fold: int, seed: int) -> Path:
@@ -78,6 +78,29 @@ def stored_config(rd: Path) -> tuple[dict, bool] | None:
     return None
 
 
+def check_runs_can_start(configs: list[tuple[TrainConfig, str]]) -> None:
+    """Fail once, before anything is written, on what every run of a configuration would fail
+    on: bad data or folds (:func:`load_split`), a crop larger than the data's images or one
+    the spec's model does not take. ``(cfg, where)`` pairs; ``where`` ("row 'U-Net'", or ""
+    for one spec) starts the crop's message."""
+    from ..registry import create_model
+
+    data = {}
+    for cfg, where in configs:
+        key = (cfg.data, cfg.classes, cfg.class_map, cfg.folds)
+        if key not in data:
+            data[key] = load_split(replace(cfg, fold=0, seed=0))[0]
+        sources = data[key]
+        try:
+            check_crop(sources, list(range(len(sources.images))), cfg.crop)
+            check_model_crop(create_model(cfg.spec, in_channels=sources.in_channels,
+                                          classes=len(sources.class_names)), cfg.crop)
+        except DataError as e:  # ConfigError too: the CLI names it as the option
+            if not where:
+                raise
+            raise DataError(f"{where}: {e}") from None
+
+
 def check_kept_runs(planned: list[tuple[TrainConfig, str]], setting=as_option) -> None:
     """Refuse, before anything trains, settings that differ from a run already in its folder
     (DataError naming the setting as ``setting(name, value)`` writes it, the run and the
@@ -113,7 +136,7 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
         raise DataError(f"--seeds {seeds}: must be ≥ 1")
     base.folds = folds
     base.check()
-    load_split(replace(base, fold=0, seed=0))  # bad data or --folds: one error, first
+    check_runs_can_start([(base, "")])  # bad data, --folds or --crop: one error, first
     planned = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),
                 f"fold {f} seed {s}") for f in range(folds) for s in range(seeds)]
     check_kept_runs(planned)

@@ -35,8 +35,8 @@ from pathlib import Path
 from ..registry import SpecError, parse_spec
 from .checkpoint import holding, write_atomic, write_text_atomic
 from .config import TrainConfig, option_fields
-from .cv import check_kept_runs, run_dir, train_and_test
-from .data import DataError, load_split
+from .cv import check_kept_runs, check_runs_can_start, run_dir, train_and_test
+from .data import DataError
 from .jobs import job_threads, run_jobs
 from .presets import apply_preset
 from .train import TrainingError, missing_cpu_units
@@ -259,7 +259,8 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
     the study is checked, before anything is written; ``on_run('row fold f seed s', test
     scores)`` as each run finishes. Runs report their progress on stderr (progress_lines)."""
     selected = select_rows(study, rows)
-    load_split(replace(study.config, folds=study.folds, fold=0, seed=0))  # bad data or folds
+    check_runs_can_start([(replace(study.config, spec=row.spec, folds=study.folds, **row.train),
+                           f"row {row.name!r}") for row in selected])  # data, folds, crops
     planned = [(replace(study.config, spec=row.spec, fold=f, seed=s,
                         out=str(run_dir(out / row.slug, f, s)), **row.train),
                 f"{row.name} fold {f} seed {s}")

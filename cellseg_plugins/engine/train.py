@@ -136,6 +136,16 @@ def compile_errors(cfg: TrainConfig):
                             f": {first[:200]}); train it without --compile") from None
 
 
+def check_model_crop(model: nn.Module, crop: int) -> None:
+    """ConfigError where ``model`` does not take ``crop``² inputs; PluginConfigError (from
+    :func:`input_rules`) where it runs on no size at all."""
+    rules = input_rules(model)
+    try:
+        rules.check(crop, f"--crop {crop}")
+    except ValueError as e:
+        raise ConfigError("crop", crop, str(e).split(": ", 1)[1]) from None
+
+
 class Trainer:
     """Builds data, model and optimiser from a TrainConfig and runs (or resumes) training.
 
@@ -183,11 +193,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.spec, in_channels=self.sources.in_channels,
                                   classes=n).to(self.device)
-        rules = input_rules(self.model)  # a model that runs on no size fails here, in one line
-        try:
-            rules.check(cfg.crop, f"--crop {cfg.crop}")
-        except ValueError as e:
-            raise ConfigError("crop", cfg.crop, str(e).split(": ", 1)[1]) from None
+        check_model_crop(self.model, cfg.crop)
         self.channels_last = True if cfg.channels_last is None else cfg.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -21,6 +21,7 @@ from ..registry import SpecError, get_entry, parse_spec
 from ..registry.spec import Spec, Term
 from .checkpoint import write_text_atomic
 from .config import RUN_OPTIONS, as_option, check_field, first_difference, option_fields, shown
+from .cv import check_runs_can_start
 from .data import DataError, load_split
 from .jobs import run_jobs
 from .train import TrainConfig, Trainer, TrainingError
@@ -211,6 +212,8 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
     cfg.spec = str(spec)
     cfg.check()
     load_split(cfg)  # bad data or --fold/--folds fail here, first
+    if "train.crop" not in {s.key for s in spaces}:  # and a --crop the data or model refuse
+        check_runs_can_start([(cfg, "")])
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +296,8 @@ def optimize(storage: str, name: str, searches: list[str], cfg: TrainConfig, out
     def objective(trial):
         try:
             return train(trial)
-        except SpecError as e:  # kept for trial_line; Optuna's own note is a traceback
+        except (SpecError, DataError) as e:  # values the model or data refuse (a crop);
+            # kept for trial_line: Optuna's own note is a traceback
             trial.set_user_attr("error", str(e))
             raise
 
@@ -301,10 +305,10 @@ def optimize(storage: str, name: str, searches: list[str], cfg: TrainConfig, out
     if threads:
         torch.set_num_threads(threads)
     try:
-        # a sampled value the model rejects (e.g. B above the bottleneck's channels) fails
-        # that trial only
+        # a sampled value the model or data reject (B above the bottleneck's channels, a
+        # crop the model does not take) fails that trial only
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-        study.optimize(objective, n_trials=n_trials, catch=(SpecError,), callbacks=[
+        study.optimize(objective, n_trials=n_trials, catch=(SpecError, DataError), callbacks=[
             optuna.study.MaxTrialsCallback(total, states=finished)] + ([on_trial] if on_trial
                                                                         else []))
     finally:
