@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 from torch import nn
 
 from ..errors import PluginConfigError
@@ -17,6 +19,9 @@ def create_model(spec: str | Spec, in_channels: int = 1, classes: int = 5, **ove
     ``classes`` defaults to 5, the ssTEM five-class map the project's data use.
     The canonical spec is kept as ``model.cellseg_spec`` (checkpoints store it).
     """
+    for name, value in (("in_channels", in_channels), ("classes", classes)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise PluginConfigError(f"{name}={value!r}: expected an int ≥ 1")
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec)
     if parsed.arch is None:
         raise SpecError("the spec names no architecture; use apply_plugins for a built model")

@@ -110,6 +110,13 @@ def test_overrides_and_errors():
         cs.create_model("unet(encoder='resnet99')")
     with pytest.raises(cs.SpecError, match="decoder_channels"):
         cs.create_model("unet(encoder_depth=3)")
+    for kwargs, text in ((dict(classes=0), "classes=0: expected an int ≥ 1"),
+                         (dict(in_channels=0), "in_channels=0: expected an int ≥ 1"),
+                         (dict(classes="3"), "classes='3': expected an int ≥ 1"),
+                         (dict(in_channels=2.5), "in_channels=2.5: expected an int ≥ 1")):
+        with pytest.raises(cs.PluginConfigError) as err:  # not torch's error, or a 0-class head
+            cs.create_model("unet(encoder='plain8')", **kwargs)
+        assert str(err.value) == text
 
 
 @pytest.mark.parametrize("spec", ["unet(encoder='resnet18',decoder_use_norm='instancenorm')",
