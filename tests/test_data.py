@@ -88,6 +88,18 @@ def test_fetch_refuses_a_corrupt_copy_and_leaves_nothing(tmp_path, sstem_root):
     assert not root.exists()
 
 
+def test_fetch_keeps_a_verified_copy_and_replaces_a_corrupt_one(tmp_path, sstem_root):
+    target = fetch_sstem(tmp_path, str(sstem_root))
+    section = target / "stack1" / "raw" / "05.tif"
+    good = section.read_bytes()
+    assert fetch_sstem(tmp_path, str(sstem_root)) == target and section.read_bytes() == good
+    with pytest.raises(DataError, match="--from '/no/such/dir': no such folder"):
+        fetch_sstem(tmp_path, "/no/such/dir")  # not 'verified' because a copy is in place
+    section.write_bytes(b"corrupt")  # in place, e.g. an interrupted copy by hand
+    assert fetch_sstem(tmp_path, str(sstem_root)) == target and section.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sstem"]  # no temporary folder left
+
+
 def test_fetch_download_code_with_a_file_url(tmp_path, sstem_root):
     target = fetch_sstem(tmp_path, sstem_root.resolve().as_uri())
     assert (target / "stack1" / "raw" / "19.tif").is_file()

@@ -83,15 +83,17 @@ def fetch_sstem(root: Path | None = None, source: str | None = None, progress=No
 
     Every file is checked against the SHA-256 list shipped in the package; a missing or
     corrupt file aborts the fetch and nothing is left behind (files go to a temporary folder
-    that is renamed into place only when all are verified).
+    that is renamed into place only when all are verified). A copy already in place is kept
+    when every file's checksum matches, else fetched again.
     """
     target = (root or data_root()) / "sstem"
     sums = sstem_checksums()
-    if target.is_dir() and all((target / p).is_file() for p in sums):
-        return target
     if source is not None and "://" not in source and not Path(source).is_dir():
         raise DataError(f"--from {source!r}: no such folder (give a local copy of ssTEM "
                         "with stack1/raw and stack1/labels, or a URL)")
+    if target.is_dir() and all((target / p).is_file() and _sha256(target / p) == digest
+                               for p, digest in sums.items()):
+        return target
     made_root = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".sstem-", dir=target.parent))
