@@ -68,5 +68,11 @@ def _train_with_progress(trainer, cfg: TrainConfig) -> None:
             progress.update(epochs_task, advance=1,
                             info=f"val mIoU {row['val_miou']:.4f} (best {trainer.best:.4f})")
 
+        start = trainer.epoch
         trainer.run(on_step, on_epoch)
+    if start >= cfg.epochs:  # a finished run given --resume: nothing was trained or written
+        console.print(f"nothing to train: the run in {cfg.out!r} has finished {start} of "
+                      f"{cfg.epochs} epoch(s) (a larger --epochs extends it); best validation "
+                      f"mIoU {trainer.best:.4f} in {Path(cfg.out) / 'best.pt'}")
+        return
     console.print(f"best validation mIoU {trainer.best:.4f}; wrote {Path(cfg.out) / 'best.pt'}")

@@ -154,6 +154,11 @@ def test_resume_takes_the_runs_options_and_refuses_other_ones(tmp_path, capsys):
     with pytest.raises(ConfigError, match="batch_size=8: .* with 32; continue it with that"):
         Trainer(replace(tiny_config(out, epochs=3, lr=0.01, loss="dice+ce", fold=2),
                         batch_size=8), resume=True)
+    best = (out / "best.pt").stat().st_mtime
+    code, _, err = cli(capsys, "train", TINY, "--out", out, "--resume", "--device", "cpu")
+    assert code == 0 and "nothing to train: the run in" in err and "finished 2 of 2" in \
+        " ".join(err.split()), err  # not 'wrote best.pt'
+    assert "wrote" not in err and (out / "best.pt").stat().st_mtime == best
 
 
 @pytest.mark.slow
