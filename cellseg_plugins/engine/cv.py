@@ -87,9 +87,9 @@ def check_runs_can_start(configs: list[tuple[TrainConfig, str]]) -> None:
 
     data = {}
     for cfg, where in configs:
-        key = (cfg.data, cfg.classes, cfg.class_map, cfg.folds)
+        key = (cfg.data, cfg.classes, cfg.class_map, cfg.folds, cfg.fold)
         if key not in data:
-            data[key] = load_split(replace(cfg, fold=0, seed=0))[0]
+            data[key] = load_split(cfg)[0]
         sources = data[key]
         try:
             check_crop(sources, list(range(len(sources.images))), cfg.crop)
@@ -136,7 +136,7 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
         raise DataError(f"--seeds {seeds}: must be ≥ 1")
     base.folds = folds
     base.check()
-    check_runs_can_start([(base, "")])  # bad data, --folds or --crop: one error, first
+    check_runs_can_start([(replace(base, fold=0, seed=0), "")])  # data, --folds, --crop
     planned = [(replace(base, fold=f, folds=folds, seed=s, out=str(run_dir(out, f, s))),
                 f"fold {f} seed {s}") for f in range(folds) for s in range(seeds)]
     check_kept_runs(planned)

@@ -211,9 +211,10 @@ def run_study(spec_text: str, searches: list[str], trials: int, cfg: TrainConfig
         raise DataError(f"--trials {trials}: must be ≥ 1")
     cfg.spec = str(spec)
     cfg.check()
-    load_split(cfg)  # bad data or --fold/--folds fail here, first
-    if "train.crop" not in {s.key for s in spaces}:  # and a --crop the data or model refuse
-        check_runs_can_start([(cfg, "")])
+    if "train.crop" in {s.key for s in spaces}:
+        load_split(cfg)  # bad data or --fold/--folds fail here, first; each trial its crop
+    else:
+        check_runs_can_start([(cfg, "")])  # bad data, --fold/--folds or --crop, first
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
