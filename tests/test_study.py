@@ -79,6 +79,9 @@ def test_scale_overrides_settings_and_vars(tmp_path):
     (("seeds = 1", "seeds = -1"), "[study] seeds: -1 is not a positive integer"),
     (("folds = 3", "folds = 3\nwat = 1"), "[study] wat: unknown key"),
     (("[[row]]", "[[row]]\nlabel = 1"), "row 1 label: unknown key"),
+    (("paper = 72.5", "paper = 72.5\ntrain = { fold = 1 }"),
+     "row 2 train: 'fold' is not a training option a row may set"),
+    (("epochs = 1", "epochs = 1\nseed = 3"), "[study] seed: the runs use seeds 0 … seeds − 1"),
     # crops the data or a row's model refuse: found before any run, not once per run
     (("crop = 64", "crop = 7"), "row 'base': crop=7: this model takes sides"),
     (("crop = 64", "crop = 512"), "row 'base': --crop 512: image synthetic00 is 256×256"),
@@ -101,6 +104,8 @@ def test_bad_study_files_fail_in_one_line_naming_the_key(tmp_path, capsys, edit,
 
 
 def test_bad_scale_and_bad_toml(tmp_path):
+    with pytest.raises(StudyError, match=r"\[scale.two\] fold: every row runs on every fold"):
+        load_study(write(tmp_path, TINY.replace("seeds = 2", "seeds = 2\nfold = 1")), "two")
     with pytest.raises(StudyError, match=r"--scale big: no \[scale.big\] table \(the file has: two\)"):
         load_study(write(tmp_path, TINY), "big")
     with pytest.raises(StudyError, match="not valid TOML"):

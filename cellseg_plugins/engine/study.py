@@ -44,6 +44,9 @@ from .train import TrainingError, missing_cpu_units
 STUDY_KEYS = {"title", "paper", "folds", "seeds", "preset", "vars"}
 ROW_KEYS = {"name", "spec", "base", "paper", "paper_base", "scales", "train", "note"}
 COMPARE_KEYS = {"row", "base", "note"}
+RUN_DECIDES = {  # training options the study sets per run
+    "fold": "every row runs on every fold (set folds)",
+    "seed": "the runs use seeds 0 … seeds − 1 (set seeds)"}
 
 
 class StudyError(DataError):
@@ -147,6 +150,8 @@ def _check_settings(path: Path, settings: dict, where: str) -> dict:
     for key, value in settings.items():
         if key not in known:
             _fail(path, f"{where} {key}", f"unknown key (valid: {', '.join(sorted(known))})")
+        if key in RUN_DECIDES:
+            _fail(path, f"{where} {key}", RUN_DECIDES[key])
         if key in ("folds", "seeds") and (not isinstance(value, int) or value < 1):
             _fail(path, f"{where} {key}", f"{value!r} is not a positive integer")
         if key == "vars" and not all(isinstance(v, str) for v in value.values()):
@@ -203,7 +208,8 @@ def _check_rows(path: Path, rows: list, scale: str | None, variables: dict) -> l
             if key in row and not isinstance(row[key], (int, float)):
                 _fail(path, f"{where} {key}", "expected the paper's mIoU in % (a number)")
         train = row.get("train", {})
-        fields_ = {name for name, _, _ in option_fields()} - {"data", "classes", "folds"}
+        fields_ = ({name for name, _, _ in option_fields()}
+                   - {"data", "classes", "folds", *RUN_DECIDES})
         if not isinstance(train, dict) or set(train) - fields_:
             bad = sorted(set(train) - fields_)[0] if isinstance(train, dict) else train
             _fail(path, f"{where} train", f"{bad!r} is not a training option a row may set")
@@ -259,8 +265,9 @@ def run_study(study: Study, out: Path, jobs: int = 1, threads: int | None = None
     the study is checked, before anything is written; ``on_run('row fold f seed s', test
     scores)`` as each run finishes. Runs report their progress on stderr (progress_lines)."""
     selected = select_rows(study, rows)
-    check_runs_can_start([(replace(study.config, spec=row.spec, folds=study.folds, **row.train),
-                           f"row {row.name!r}") for row in selected])  # data, folds, crops
+    check_runs_can_start([(replace(study.config, spec=row.spec, folds=study.folds, fold=0,
+                                   seed=0, **row.train), f"row {row.name!r}")
+                          for row in selected])  # bad data, folds or crops: one line, first
     planned = [(replace(study.config, spec=row.spec, fold=f, seed=s,
                         out=str(run_dir(out / row.slug, f, s)), **row.train),
                 f"{row.name} fold {f} seed {s}")
