@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -77,6 +78,11 @@ HIDDEN = ("in_channels", "classes", "activation", "aux_params")
 # Parameters smp forwards to a timm encoder through **kwargs; None = timm's default.
 TIMM_PARAMS = {"dpt": (Param("img_size", int | None, None),)}
 WEIGHT_FILE = re.compile(r".*\.(pth|pt|bin|safetensors)$")
+# smp's FPN and PSPNet upsample their output by a fixed factor that fits only their default
+# encoder_depth (5 and 3): at another depth the output is 2×, 4×, … or ½, ¼ of the input's size.
+# Their ``upsampling`` defaults to None here: the factor that fits the depth, as smp's own
+# DeepLabV3 does for its output stride.
+DEPTH_UPSAMPLING = {"fpn": lambda depth: 2 ** (depth - 3), "pspnet": lambda depth: 2 ** depth}
 
 
 def arch_params(name: str, cls: type) -> tuple[Param, ...]:
@@ -87,6 +93,8 @@ def arch_params(name: str, cls: type) -> tuple[Param, ...]:
             p = Param("encoder", p.annotation, p.default)
         elif p.name == "encoder_weights":  # smp's names, True for timm ('tu-') encoders, a file
             p = Param(p.name, str | bool | None, None)
+        elif p.name == "upsampling" and name in DEPTH_UPSAMPLING:
+            p = Param(p.name, p.annotation | None, None)
         out.append(p)
     return tuple(out) + TIMM_PARAMS.get(name, ())
 
@@ -117,8 +125,14 @@ def decoder_norm(use_norm):
 
 def build_smp(cls: type, in_channels: int, classes: int, encoder: str = "resnet34",
               encoder_weights: str | None = None, **params) -> nn.Module:
-    """Build ``cls`` with smp; a local weights file is loaded into the encoder after building."""
+    """Build ``cls`` with smp; a local weights file is loaded into the encoder after building.
+    FPN's and PSPNet's ``upsampling=None``: the factor that gives outputs of the input's size."""
     check_encoder(encoder)
+    fit = next((f for name, f in DEPTH_UPSAMPLING.items() if SMP_ARCHS[name].model_class is cls),
+               None)
+    if fit is not None and params.get("upsampling") is None:
+        depth = params.get("encoder_depth", inspect.signature(cls).parameters["encoder_depth"].default)
+        params["upsampling"] = fit(depth)
     local = encoder_weights if isinstance(encoder_weights, str) and (
         os.path.isfile(encoder_weights) or WEIGHT_FILE.match(encoder_weights)) else None
     hub = None if local else encoder_weights

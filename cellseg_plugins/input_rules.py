@@ -51,14 +51,31 @@ class InputRules:
 
 
 def _failure(model: nn.Module, side: int) -> Exception | None:
-    """Why ``model`` cannot run a ``side``² image, or None when it can."""
+    """Why ``model`` cannot run a ``side``² image, or None when it can. A model that runs but
+    whose output is not ``side``² raises PluginConfigError: no input size would help."""
     x = torch.zeros(1, in_channels_of(model), side, side,
                     device=next(model.parameters()).device)
     try:
-        model(x)
-        return None
+        out = model(x)
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:
         return e
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if tuple(out.shape[-2:]) != (side, side):
+        raise PluginConfigError(f"{getattr(model, 'cellseg_spec', type(model).__name__)}: a "
+                                f"{side}×{side} input gives {out.shape[-2]}×{out.shape[-1]} "
+                                f"outputs; the output must have the input's size{_hint(model, side, out.shape[-1])}")
+    return None
+
+
+def _hint(model: nn.Module, side: int, out_side: int) -> str:
+    """The ``upsampling`` that gives outputs of the input's size, for smp's heads."""
+    head = getattr(model, "segmentation_head", None)
+    scale = next((m.scale_factor for m in head.modules() if isinstance(m, nn.Upsample)), 1) \
+        if isinstance(head, nn.Module) else None
+    factor = None if scale is None else float(scale) * side / out_side
+    if factor is None or factor < 1 or factor != int(factor):
+        return ""
+    return f" (upsampling={int(factor)} gives it)"
 
 
 @torch.no_grad()

@@ -55,12 +55,37 @@ def test_list_states_each_archs_input_rule(arch):
     (["bench", "unet(encoder='resnet18',decoder_interpolation='zzz')", "--size", "64"],
      "runs on no input size from 1² to 512² (NotImplementedError: Input Error: Only 3D, 4D "
      "and 5D input Tensors supported (got 4D) for the modes: nearest | linear"),
+    # outputs of another size than the input (a traceback from the loss before)
+    (["train", "fpn(encoder='resnet18',upsampling=2)", "--crop", "64"],
+     "error: fpn(encoder='resnet18',upsampling=2): a 32×32 input gives 16×16 outputs; the "
+     "output must have the input's size (upsampling=4 gives it)"),
+    (["bench", "pspnet(encoder='resnet18',encoder_depth=4,upsampling=8)", "--size", "64"],
+     "a 16×16 input gives 8×8 outputs; the output must have the input's size (upsampling=16 "
+     "gives it)"),
 ])
 def test_sizes_a_model_refuses_are_one_line_before_any_work(capsys, tmp_path, argv, fragment):
     code, _, err = cli(capsys, *argv, "--out" if argv[0] == "train" else "--steps",
                        tmp_path / "run" if argv[0] == "train" else 1)
     assert code == 2 and fragment in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("spec", ["fpn(encoder='resnet18',encoder_depth=3)",
+                                  "fpn(encoder='resnet18',encoder_depth=4)",
+                                  "fpn(encoder='resnet18')",
+                                  "pspnet(encoder='resnet18',encoder_depth=1)",
+                                  "pspnet(encoder='resnet18',encoder_depth=4)",
+                                  "pspnet(encoder='resnet18',encoder_depth=5)"])
+def test_fpn_and_pspnet_upsample_to_the_inputs_size_at_any_encoder_depth(spec):
+    """smp's fixed upsampling (FPN 4, PSPNet 8) fits only the default depth: FPN at depth 4
+    gave outputs twice the input's size, PSPNet at depth 4 half of it."""
+    model = cs.create_model(spec, classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    depth = 5 if spec == "fpn(encoder='resnet18')" else int(spec[-2])
+    factor = 2 ** (depth - 3) if spec.startswith("fpn") else 2 ** depth
+    upsample = [m for m in model.segmentation_head.modules() if isinstance(m, torch.nn.Upsample)]
+    assert [u.scale_factor for u in upsample] == ([float(factor)] if factor > 1 else [])
 
 
 def test_predict_pads_what_the_model_cannot_take(tmp_path, capsys):
