@@ -143,6 +143,32 @@ def run_probe(model: nn.Module, size: int | None = None) -> None:
         model.train(was_training)
 
 
+def decoder_reads_input(model: nn.Module) -> bool:
+    """Whether the decoder reads the model's input itself as a skip (smp's encoders return it
+    as feature 0; FPN at encoder_depth=3 uses it): one probe pass with NaN in its place."""
+    def poison(encoder, inputs, features):
+        if isinstance(features, (list, tuple)) and len(features) and features[0] is inputs[0]:
+            return [torch.full_like(features[0], float("nan")), *features[1:]]
+        return None
+
+    handle = model.encoder.register_forward_hook(poison)
+    try:
+        return bool(torch.isnan(head_output(model)).any())
+    finally:
+        handle.remove()
+
+
+def head_output(model: nn.Module) -> torch.Tensor:
+    """The segmentation head's output for one probe pass (probe_size² zeros)."""
+    seen = []
+    handle = model.segmentation_head.register_forward_hook(lambda m, i, out: seen.append(out))
+    try:
+        run_probe(model)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
 def output_channels(model: nn.Module, module: nn.Module) -> int:
     """Channels of ``module``'s output inside ``model`` (one probe pass)."""
     seen = []
@@ -395,13 +421,24 @@ def transform_output(module: nn.Module, hook: Callable):
 
 
 class EncoderInputTransform(nn.Module):
-    """Base of modules that change what the encoder receives: ``forward(image) → input``."""
+    """Base of modules that change what the encoder receives: ``forward(image) → input``.
+
+    The encoder's feature 0 stays the image: smp's encoders return their input there, and some
+    decoders read it as a skip (FPN at encoder_depth=3)."""
 
     def encoder_pre_hook(self, encoder, inputs):
+        self._image = inputs[0]
         return (self(inputs[0]),) + tuple(inputs[1:])
+
+    def encoder_hook(self, encoder, inputs, features):
+        image, self._image = self._image, None
+        if isinstance(features, (list, tuple)) and len(features) and features[0] is inputs[0]:
+            return [image, *features[1:]]
+        return None
 
 
 def transform_encoder_input(model: nn.Module, name: str, module: EncoderInputTransform) -> None:
     """Run ``module`` on the model's input before the encoder; it lives at ``model.<name>``."""
     model.add_module(name, module)
     model.encoder.register_forward_pre_hook(module.encoder_pre_hook)
+    model.encoder.register_forward_hook(module.encoder_hook)

@@ -99,7 +99,9 @@ class Rounds(PluginModule):
     def post_hook(self, model, inputs, output):
         if self._busy:
             return None
-        self.round1_output = output.detach()
+        # smp models built with aux_params return (mask logits, label logits): feed the mask back
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+        self.round1_output = logits.detach()
         if self.predict == 1 and not self.training:
             self.feedback.reset()
             return output
@@ -108,13 +110,13 @@ class Rounds(PluginModule):
         self._busy = True
         try:
             self.state.current = 1
-            second = model(*self.feedback.round2_inputs(inputs, output))
+            second = model(*self.feedback.round2_inputs(inputs, logits))
         finally:
             self._busy = False
             self.state.current = 0
             self.feedback.reset()
         if self.lam > 0:
-            self.add_aux("round1", self.lam, output)
+            self.add_aux("round1", self.lam, logits)
         return second
 
 

@@ -309,3 +309,49 @@ def test_plugins_run_in_both_rounds_whatever_their_order(spec):
         m.register_forward_hook(lambda *a: calls.append(1))
     model(torch.randn(1, 1, 64, 64))
     assert len(lfa) == 4 and len(calls) == 2 * len(lfa)
+
+
+def test_an_added_stem_leaves_the_image_as_encoder_feature_0_for_decoders_that_read_it():
+    """FPN at encoder_depth=3 reads feature 0, smp's encoders' copy of the input, as its p2
+    skip: with Feedback Attention's stem in front of the encoder that skip still gets the
+    image (not the stem's 64 channels), in both rounds."""
+    torch.manual_seed(0)
+    model = cs.create_model("fpn(encoder='resnet18',encoder_depth=3)+feedback_self",
+                            classes=3).train()
+    seen = []
+    model.decoder.p2.skip_conv.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    x = torch.randn(2, 1, 64, 64)
+    out = model(x)
+    out.mean().backward()
+    assert out.shape == (2, 3, 64, 64) and len(seen) == 2
+    for skip in seen:
+        assert torch.equal(skip, x)
+    assert model.feedback_stem.convs[0].weight.grad is not None  # F still feeds the encoder
+
+
+def test_convlstm_refuses_models_whose_probabilities_cannot_be_round2s_input():
+    import segmentation_models_pytorch as smp
+    with pytest.raises(cs.SpecError, match=r"decoder reads the input image itself as a skip"):
+        cs.create_model("fpn(encoder='resnet18',encoder_depth=3)+feedback_convlstm", classes=3)
+    smp_fpn = smp.FPN("resnet18", encoder_weights=None, encoder_depth=4, in_channels=1, classes=3)
+    with pytest.raises(cs.SpecError, match=r"FPN gives 256×256 for 128×128"):
+        cs.apply_plugins(smp_fpn, "feedback_convlstm")  # smp's upsampling=4 fits depth 5 only
+    model = cs.create_model("fpn(encoder='resnet18',encoder_depth=4)+feedback_convlstm",
+                            classes=3)  # cellseg's upsampling fits the depth
+    assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("plugin", ["feedback_self(lam=0.5)", "feedback_convlstm"])
+def test_rounds_on_an_smp_model_with_a_classification_head(plugin):
+    """smp's aux_params make the model return (mask logits, label logits): round 2 starts from
+    round 1's mask logits, the model returns round 2's pair, λ·L_round1 is on the mask."""
+    import segmentation_models_pytorch as smp
+    torch.manual_seed(0)
+    model = cs.apply_plugins(smp.Unet("resnet18", encoder_weights=None, in_channels=1, classes=3,
+                                      aux_params={"classes": 2}), plugin).train()
+    x, y = torch.randn(2, 1, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    masks, labels = model(x)
+    assert masks.shape == (2, 3, 64, 64) and labels.shape == (2, 2)
+    assert model.rounds.round1_output.shape == (2, 3, 64, 64)
+    total, parts = cs.auxiliary_loss(model, y, torch.nn.CrossEntropyLoss())
+    assert set(parts) == {"round1"} and total > 0

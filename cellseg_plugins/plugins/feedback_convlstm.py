@@ -14,10 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..blocks import conv_like
-from ..hooks import (has_feature_list, classes_of, decoder_block, decoder_out_channels,
-                     encoder_channels, encoder_stage, first_conv, in_channels_of,
-                     output_channels, set_child, transform_decoder_output,
-                     transform_encoder_features, transform_output)
+from ..hooks import (classes_of, decoder_block, decoder_out_channels, decoder_reads_input,
+                     encoder_channels, encoder_stage, first_conv, has_feature_list, head_output,
+                     in_channels_of, output_channels, probe_size, set_child,
+                     transform_decoder_output, transform_encoder_features, transform_output)
 from ..registry import PluginConfigError, Range, register_plugin
 from ..rounds import Feedback, RoundState, RoundSwitch, install_rounds
 
@@ -263,6 +263,17 @@ def feedback_convlstm(
     if len(set(places)) != len(places):
         raise PluginConfigError(f"at={places}: a place is named twice")
     classes, in_channels, first = classes_of(model), in_channels_of(model), first_conv(model)
+    size, out = probe_size(model), head_output(model).shape[-2:]
+    if tuple(out) != (size, size):
+        raise PluginConfigError(
+            f"round 2's input is round 1's class probabilities, so the output must have the "
+            f"input's size; {type(model).__name__} gives {out[0]}×{out[1]} for {size}×{size} "
+            "(smp's upsampling sets it)")
+    if decoder_reads_input(model):
+        raise PluginConfigError(
+            f"{type(model).__name__}'s decoder reads the input image itself as a skip (FPN at "
+            "encoder_depth=3 does), and round 2's input is round 1's class probabilities, which "
+            "that skip's convolution cannot take; use a larger encoder_depth")
     cells = nn.ModuleDict() if cell == "none" else install_cells(
         model, places, cell, mode, double, state, first)
     extra = in_channels if feed == "probs+image" else 0
