@@ -57,15 +57,18 @@ def segment(
     tile: Annotated[int, {"min": 32, "max": 4096, "step": 32}] = 256,
     overlap: Annotated[int, {"min": 0, "max": 512}] = 32,
     runtime: Annotated[str, {"choices": ["torch", "onnx"]}] = "torch",
-    device: str = "cpu",
+    device: Annotated[str, {"choices": ["cpu", "cuda", "auto"]}] = "cpu",
 ) -> "napari.types.LayerDataTuple":
-    """Segment the image layer (every plane of a stack) with a cellseg model, tile by tile.
+    """Segment the image layer (every plane of a stack; the full-resolution level of a
+    multiscale image) with a cellseg model, tile by tile.
 
     Returns a labels layer tuple ``(labels (..., H, W) uint8, kwargs, "labels")`` named after
     the image, on the image's scale and translation, with the class names as features. The
-    model is loaded once and kept while its file is unchanged.
+    model is loaded once and kept while its file is unchanged. ONNX Runtime (.onnx and .zip
+    models, or ``runtime="onnx"``) runs on the CPU whatever ``device`` says.
     """
     from .engine.predict import predict_array
+    from .engine.train import resolve_device
 
     if image is None:
         raise DataError("no image layer selected")
@@ -75,14 +78,16 @@ def segment(
                         ".onnx file or an exported BioImage Model Zoo package (.zip)")
     if path.suffix in (".onnx", ".zip"):
         runtime = "onnx"
+    device = "cpu" if runtime == "onnx" else str(resolve_device(device))
     predictor = _predictor(str(path.resolve()), path.stat().st_mtime, runtime, device)
+    data = image.data[0] if getattr(image, "multiscale", False) else image.data
     with _progress_bar() as bar:
         def advance(done: int, total: int) -> None:
             if bar is not None:
                 bar.total = total
                 bar.update(1)
 
-        labels = predict_array(predictor, image.data, rgb=bool(image.rgb), tile=tile,
+        labels = predict_array(predictor, data, rgb=bool(image.rgb), tile=tile,
                                overlap=overlap, device=device, progress=advance)
     kwargs = _labels_kwargs(f"{image.name} cellseg", predictor[1])
     kwargs.update(scale=tuple(image.scale), translate=tuple(image.translate))

@@ -12,6 +12,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt loads: no win
 import numpy as np
 import pytest
 import tifffile
+import torch
 from npe2 import PluginManifest
 
 import cellseg_plugins as cs
@@ -84,6 +85,23 @@ def test_an_exported_model_labels_the_layer_like_its_checkpoint(tmp_path, fmt):
     assert kwargs["features"] == torch_kwargs["features"] == {"class": ["c0", "c1", "c2"]}
 
 
+def test_a_multiscale_layer_is_segmented_at_full_resolution_and_onnx_on_the_cpu(tmp_path):
+    """A pyramid's data is a list of levels: its first, full-resolution level is segmented
+    (np.asarray of napari's MultiScaleData gives the coarsest level: labels of half the
+    image's size were laid over it on the image's scale). ONNX Runtime runs on the CPU, so device 'cuda'
+    (or 'auto' on a GPU machine) does not send its tiles to the GPU."""
+    napari = pytest.importorskip("napari")
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    image = np.random.default_rng(2).integers(0, 256, (96, 128), dtype=np.uint8)
+    pyramid = napari.layers.Image([image, image[::2, ::2]], multiscale=True, name="em")
+    labels, kwargs, _ = segment(pyramid, model=path, tile=64)
+    np.testing.assert_array_equal(labels, segment(layer(image), model=path, tile=64)[0])
+    assert kwargs["scale"] == (1.0, 1.0)
+    exported = export_checkpoint(path, "onnx", check=False)
+    onnx_labels, _, _ = segment(layer(image), model=exported, tile=64, device="cuda")
+    assert (onnx_labels == labels).mean() > 0.999
+
+
 def test_the_reader_opens_predictions_only(tmp_path):
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     tifffile.imwrite(tmp_path / "em.tif", np.zeros((2, 64, 64), np.uint8))
@@ -112,7 +130,12 @@ def test_bad_input_is_one_line_naming_the_value(tmp_path):
          "overlap=40: must be in [0, 32] (at most half of the tile, 64)"),
         (dict(image=None, model=path), "no image layer"),
         (dict(image=layer(grey), model=not_a_package), "not a BioImage Model Zoo package"),
+        (dict(image=layer(grey), model=path, device="tpu"), "--device 'tpu': expected auto, "
+         "cpu or cuda"),
     ]
+    if not torch.cuda.is_available():  # torch's RuntimeError about NVIDIA drivers before
+        cases.append((dict(image=layer(grey), model=path, device="cuda"),
+                      "--device cuda: no CUDA device is available (use cpu or auto)"))
     for kwargs, text in cases:
         with pytest.raises(cs.CellsegError) as err:
             segment(**kwargs)
@@ -126,6 +149,7 @@ def test_magicgui_builds_the_widget_from_the_signature(qtbot, tmp_path):
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     widget = magicgui(segment)
     assert widget.runtime.choices == ("torch", "onnx") and widget.tile.value == 256
+    assert widget.device.choices == ("cpu", "cuda", "auto") and widget.device.value == "cpu"
     image = napari.layers.Image(np.zeros((64, 64), np.uint8), name="em")
     labels, kwargs, _ = widget(image=image, model=path, tile=64)
     assert labels.shape == (64, 64) and kwargs["name"] == "em cellseg"

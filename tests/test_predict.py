@@ -1,5 +1,7 @@
 """Tiled prediction: any image size, tiles blend to the untiled prediction; files in, files out."""
 
+import re
+
 import numpy as np
 import pytest
 import tifffile
@@ -185,6 +187,61 @@ def test_an_image_with_nan_pixels_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(predict.DataError, match="image of shape \\(40, 48\\): 1 pixel"):
         predict.predict_array(predict.load_predictor(ckpt), image, tile=32, overlap=8)
+
+
+def test_pixels_that_are_not_numbers_are_one_line_before_anything_is_written(tmp_path):
+    """Complex pixels lost their imaginary part with a NumPy warning and were segmented;
+    dates and text became numbers or a ValueError traceback."""
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    tifffile.imwrite(tmp_path / "a_fine.tif", np.ones((40, 48), np.uint8))
+    tifffile.imwrite(tmp_path / "fft.tif", np.ones((40, 48), np.complex64))
+    with pytest.raises(predict.DataError) as err:
+        predict.predict_paths(ckpt, [str(tmp_path / "a_fine.tif"), str(tmp_path / "fft.tif")],
+                              tmp_path / "out", tile=32, overlap=8)
+    assert str(err.value) == (f"{tmp_path / 'fft.tif'}: pixels of type complex64; expected "
+                              "integer or floating-point pixels (of a complex image, pass its "
+                              "magnitude)")
+    assert not (tmp_path / "out").exists()
+    predictor = predict.load_predictor(ckpt)
+    for array in (np.zeros((40, 48), "datetime64[s]"), np.full((40, 48), "a", object)):
+        with pytest.raises(predict.DataError, match=re.escape(f"type {array.dtype}; expected")):
+            predict.predict_array(predictor, array, tile=32, overlap=8)
+    for array in (np.ones((40, 48), bool), np.ones((40, 48), ">f4"), np.ones((40, 48), np.int8)):
+        assert predict.predict_array(predictor, array, tile=32, overlap=8).shape == (40, 48)
+
+
+def test_predict_arrays_tile_and_overlap_must_be_integers(tmp_path):
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    predictor = predict.load_predictor(checkpoint(tmp_path, "classic_unet(width=4)")[0])
+    for kw, message in ((dict(tile=64.5), "tile=64.5: must be an integer (pixels)"),
+                        (dict(tile="64"), "tile='64': must be an integer (pixels)"),
+                        (dict(tile=64, overlap=True), "overlap=True: must be an integer")):
+        with pytest.raises(predict.ConfigError, match=re.escape(message)):
+            predict.predict_array(predictor, np.ones((40, 48)), **kw)
+    labels = predict.predict_array(predictor, np.ones((40, 48)), tile=np.int64(32), overlap=8)
+    assert labels.shape == (40, 48)
+
+
+def test_a_folder_given_as_the_checkpoint_names_the_file_to_pass(tmp_path):
+    from cellseg_plugins.engine.checkpoint import load_checkpoint
+    from cellseg_plugins.engine.data import DataError
+    from conftest import checkpoint
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(DataError) as err:
+        load_checkpoint(tmp_path / "run")
+    assert str(err.value) == (f"checkpoint {str(tmp_path / 'run')!r} is a folder, not a "
+                              "checkpoint file (a .pt file that training writes)")
+    checkpoint(tmp_path / "run", "classic_unet(width=4)", name="best.pt")
+    with pytest.raises(DataError) as err:  # what "does not exist" said of a run folder before
+        load_checkpoint(tmp_path / "run")
+    assert str(err.value) == (f"checkpoint {str(tmp_path / 'run')!r} is a folder: pass "
+                              f"{str(tmp_path / 'run' / 'best.pt')!r} (or last.pt)")
 
 
 def test_a_data_set_folder_given_to_predict_points_to_its_images(tmp_path):

@@ -109,6 +109,10 @@ def remove_stale(folder: Path) -> list[Path]:
 
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        hint = (f": pass {str(path / 'best.pt')!r} (or last.pt)" if (path / "best.pt").is_file()
+                else ", not a checkpoint file (a .pt file that training writes)")
+        raise DataError(f"checkpoint {str(path)!r} is a folder{hint}")
     if not path.is_file():
         raise DataError(f"checkpoint {str(path)!r} does not exist")
     try:

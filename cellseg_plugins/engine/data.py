@@ -209,13 +209,23 @@ def image_shape(path: Path) -> tuple[int, ...]:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
-def holds_floats(path: Path) -> bool:
-    """Whether an image file stores floating-point pixels (header only)."""
+def pixel_kind(path: Path) -> str:
+    """NumPy's dtype kind of an image file's pixels ('u', 'i', 'f', 'c', ...; header only)."""
     if path.suffix.lower() in (".tif", ".tiff"):
         with tifffile.TiffFile(path) as f:
-            return f.series[0].dtype.kind == "f"
+            return f.series[0].dtype.kind
     with Image.open(path) as im:
-        return im.mode == "F"
+        return {"F": "f", "I": "i"}.get(im.mode, "u")
+
+
+def check_pixel_type(dtype: np.dtype, name) -> None:
+    """Raise DataError unless pixels of ``dtype`` are numbers an image holds (bool, integer,
+    float): complex pixels lost their imaginary part with a warning, dates and text became
+    numbers or a ValueError traceback."""
+    if np.dtype(dtype).kind not in "biuf":
+        hint = " (of a complex image, pass its magnitude)" if np.dtype(dtype).kind == "c" else ""
+        raise DataError(f"{name}: pixels of type {np.dtype(dtype)}; expected integer or "
+                        f"floating-point pixels{hint}")
 
 
 def plane_axes(path: Path) -> tuple[int, ...]:
@@ -231,7 +241,9 @@ def plane_axes(path: Path) -> tuple[int, ...]:
 
 def _to_unit(a: np.ndarray, name) -> np.ndarray:
     """uint8/uint16/float → float32 in [0, 1]; RGBA loses alpha. An image ``name`` with NaN or
-    infinite pixels raises DataError (min/max scaling would make every pixel NaN)."""
+    infinite pixels, or pixels that are not numbers (:func:`check_pixel_type`), raises
+    DataError (min/max scaling would make every pixel NaN)."""
+    check_pixel_type(a.dtype, name)
     if a.ndim == 3 and a.shape[-1] == 4:
         a = a[..., :3]
     if a.dtype == np.uint8:

@@ -3,6 +3,7 @@ Runtime (:class:`OnnxModel`); :func:`predict_paths` is what ``cellseg predict`` 
 
 from __future__ import annotations
 
+import numbers
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, _to_unit, fit_channels, holds_floats,
+from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, _to_unit, fit_channels, pixel_kind,
                    image_files, image_shape, is_stack, plane_axes, read_image)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -128,6 +129,9 @@ def check_tiling(tile: int, overlap: int) -> None:
     """Raise ConfigError unless tile >= 32 and 0 <= overlap <= tile / 2: the blending ramps
     span at most half a tile, and a larger overlap only multiplies the tiles (``--tile 33``
     with the default overlap 32 stepped by one pixel: 45 000 tiles for a 300×200 image)."""
+    for name, value in (("tile", tile), ("overlap", overlap)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(name, value, "must be an integer (pixels)")
     if tile < 32:
         raise ConfigError("tile", tile, "must be at least 32")
     if not 0 <= overlap <= tile // 2:
@@ -311,7 +315,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     """Label TIFFs (one per input, named after it; stacks stay stacks) in ``out``, with colour
     overlay PNGs if asked. Every input's header (size, pages, channels; the pixels of RGB files
     for a grey model too, grey saved as RGB being taken as grey, and of float files, whose NaN
-    or infinite pixels are refused) and every output name are checked before anything is
+    or infinite pixels are refused, as are pixels that are not numbers) and every output name are checked before anything is
     written; then the images are read one at a time."""
     from PIL import Image
 
@@ -321,8 +325,8 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     layouts = [image_layout(image_shape(path)) for path in paths]  # headers only
     for path, (_, channels) in zip(paths, layouts):
         check_channels(channels, meta["in_channels"], path, lambda: [read_image(path)[..., :3]])
-        if holds_floats(path):  # NaN or infinite pixels are refused before anything is written
-            _to_unit(read_image(path), path)
+        if pixel_kind(path) not in "bui":  # refused before anything is written: pixels that
+            _to_unit(read_image(path), path)  # are not numbers, NaN or infinite ones
     out = Path(out)
     targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
                            with_overlay)
