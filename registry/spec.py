@@ -137,23 +137,32 @@ def check_limits(text: str) -> None:
     if bad is not None:
         raise SpecError(f"character {text[bad]!r} is not allowed in a spec", bad + 1)
     terms, depth = 1, 0
+    opened: list[tuple[str, int]] = []  # (bracket, column) of the brackets not yet closed
     try:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
             col = tok.start[1] + 1
             if tok.type == tokenize.COMMENT:
                 raise SpecError(f"comments are not allowed in a spec: {quote(tok.string)}", col)
+            if tok.type == tokenize.ERRORTOKEN and tok.string[:1] in ("'", '"'):
+                raise SpecError(f"the quote {tok.string[:1]} is never closed", col)
             if tok.type == tokenize.OP and tok.string in "([{":
+                opened.append((tok.string, col))
                 depth += 1
                 if depth > MAX_DEPTH:
                     raise SpecError(f"brackets nest deeper than {MAX_DEPTH}", col)
             elif tok.type == tokenize.OP and tok.string in ")]}":
+                if not opened or "([{"[")]}".index(tok.string)] != opened[-1][0]:
+                    raise SpecError(f"unmatched {tok.string!r}", col)
+                opened.pop()
                 depth -= 1
             elif tok.type == tokenize.OP and tok.string == "+" and depth == 0:
                 terms += 1
                 if terms > MAX_TERMS:
                     raise SpecError(f"more than {MAX_TERMS} terms", col)
     except (tokenize.TokenError, IndentationError, SyntaxError):
-        return  # unbalanced brackets, open strings: the parser says where
+        pass  # the parser says where
+    if opened:
+        raise SpecError(f"{opened[-1][0]!r} was never closed", opened[-1][1])
 
 
 def _flatten(node) -> list:

@@ -43,7 +43,11 @@ def test_sequences_normalise_to_tuples():
     ("unet+scse(reduction=__import__('os').getpid())", "only literal values", 11),
     ("unet+scse(reduction={1: 2})", "only finite numbers", 11),
     ("unet+scse(reduction=1e999)", "only finite numbers", 11),
-    ("unet(", "syntax error", None),
+    ("unet(", "'(' was never closed", 5),  # the column of the wrapping bracket (1) before
+    ("unet+lfa(stages=(0,1)", "'(' was never closed", 9),
+    ("unet+lfa(m=7))", "unmatched ')'", 14),  # no column before
+    ("unet+lfa(stages=[0,1)", "unmatched ')'", 21),
+    ("unet(encoder='resnet18)", "the quote ' is never closed", 14),
     ("unet+lfa+", "a '+' with no term after it; expected e.g.", 9),
     ("unet++", "a '+' with no term after it (smp's Unet++ is 'unetplusplus')", 5),
     ("unet-scse", "expected name or name(key=value, ...)", 1),
@@ -60,6 +64,10 @@ def test_invalid_specs_give_one_line_errors(text, fragment, column):
     assert fragment in message
     if column is not None:
         assert err.value.column == column
+
+
+def test_brackets_inside_strings_are_not_counted():
+    assert parse_spec("unet(encoder='a(]')").arch.kwargs["encoder"] == "a(]"
 
 
 def test_parsing_never_evaluates(tmp_path):
