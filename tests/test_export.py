@@ -76,6 +76,33 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt"]
 
 
+def test_an_export_given_where_a_checkpoint_is_expected_is_one_line(tmp_path, capsys):
+    """eval, export and predict said "unreadable (RuntimeError)" of a TorchScript export, with
+    torch's warning above it, and predict --runtime onnx of a truncated .onnx file ended in
+    protobuf's DecodeError traceback."""
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    exports = {kind: export_checkpoint(path, fmt, check=False) for kind, fmt in
+               [("a TorchScript export", "torchscript"), ("an ONNX model", "onnx"),
+                ("a BioImage Model Zoo package", "bioimageio")]}
+    tifffile.imwrite(tmp_path / "em.tif", np.zeros((64, 64), np.uint8))
+    for kind, exported in exports.items():
+        for argv in (["eval", exported], ["export", exported, "--out", tmp_path / "again.onnx"]):
+            with pytest.raises(SystemExit) as e:
+                main([str(a) for a in argv])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err == (f"error: {str(exported)!r} is {kind}, not a "
+                                                 "checkpoint: give the checkpoint (.pt) it was "
+                                                 "exported from\n"), err
+    (tmp_path / "cut.onnx").write_bytes(exports["an ONNX model"].read_bytes()[:500])
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(tmp_path / "cut.onnx"), str(tmp_path / "em.tif"), "--runtime",
+              "onnx", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == (f"error: {tmp_path / 'cut.onnx'} is unreadable as an "
+                                         "ONNX model (DecodeError)\n"), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "again.onnx").exists()
+
+
 def test_a_mismatching_export_is_refused_and_not_kept(tmp_path, monkeypatch):
     import cellseg_plugins.engine.export as export
 

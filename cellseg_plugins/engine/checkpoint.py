@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -107,6 +108,22 @@ def remove_stale(folder: Path) -> list[Path]:
     return stale
 
 
+def exported_kind(path: Path) -> str | None:
+    """What ``cellseg export`` wrote ``path`` as ('an ONNX model', 'a TorchScript export', 'a
+    BioImage Model Zoo package'), or None for any other file (a checkpoint included)."""
+    if path.suffix.lower() == ".onnx":
+        return "an ONNX model"
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if "rdf.yaml" in names:
+        return "a BioImage Model Zoo package"
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+        return "a TorchScript export"
+    return None
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
@@ -115,6 +132,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise DataError(f"checkpoint {str(path)!r} is a folder{hint}")
     if not path.is_file():
         raise DataError(f"checkpoint {str(path)!r} does not exist")
+    kind = exported_kind(path)
+    if kind:
+        raise DataError(f"{str(path)!r} is {kind}, not a checkpoint: give the checkpoint (.pt) "
+                        "it was exported from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickles
     except Exception as e:

@@ -237,7 +237,11 @@ def read_metadata(path: Path, fmt: str) -> dict:
         return json.loads(files[META])
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError for a truncated or foreign file
+        raise ExportError(f"{path} is unreadable as an ONNX model ({type(e).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
     if META not in props:
         raise ExportError(f"{path} is not an ONNX model exported by cellseg")
     return json.loads(props[META])
