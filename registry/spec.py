@@ -136,7 +136,7 @@ def check_limits(text: str) -> None:
     bad = next((i for i, ch in enumerate(text) if not ch.isprintable() and ch not in " \t"), None)
     if bad is not None:
         raise SpecError(f"character {text[bad]!r} is not allowed in a spec", bad + 1)
-    terms, depth = 1, 0
+    terms = 1
     opened: list[tuple[str, int]] = []  # (bracket, column) of the brackets not yet closed
     try:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
@@ -147,15 +147,13 @@ def check_limits(text: str) -> None:
                 raise SpecError(f"the quote {tok.string[:1]} is never closed", col)
             if tok.type == tokenize.OP and tok.string in "([{":
                 opened.append((tok.string, col))
-                depth += 1
-                if depth > MAX_DEPTH:
+                if len(opened) > MAX_DEPTH:
                     raise SpecError(f"brackets nest deeper than {MAX_DEPTH}", col)
             elif tok.type == tokenize.OP and tok.string in ")]}":
                 if not opened or "([{"[")]}".index(tok.string)] != opened[-1][0]:
                     raise SpecError(f"unmatched {tok.string!r}", col)
                 opened.pop()
-                depth -= 1
-            elif tok.type == tokenize.OP and tok.string == "+" and depth == 0:
+            elif tok.type == tokenize.OP and tok.string == "+" and not opened:
                 terms += 1
                 if terms > MAX_TERMS:
                     raise SpecError(f"more than {MAX_TERMS} terms", col)

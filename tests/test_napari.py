@@ -88,8 +88,8 @@ def test_an_exported_model_labels_the_layer_like_its_checkpoint(tmp_path, fmt):
 def test_a_multiscale_layer_is_segmented_at_full_resolution_and_onnx_on_the_cpu(tmp_path):
     """A pyramid's data is a list of levels: its first, full-resolution level is segmented
     (np.asarray of napari's MultiScaleData gives the coarsest level: labels of half the
-    image's size were laid over it on the image's scale). ONNX Runtime runs on the CPU, so device 'cuda'
-    (or 'auto' on a GPU machine) does not send its tiles to the GPU."""
+    image's size were laid over it on the image's scale). ONNX Runtime runs on the CPU, so
+    device 'cuda' (or 'auto' on a GPU machine) does not send its tiles to the GPU."""
     napari = pytest.importorskip("napari")
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     image = np.random.default_rng(2).integers(0, 256, (96, 128), dtype=np.uint8)

@@ -219,9 +219,8 @@ def pixel_kind(path: Path) -> str:
 
 
 def check_pixel_type(dtype: np.dtype, name) -> None:
-    """Raise DataError unless pixels of ``dtype`` are numbers an image holds (bool, integer,
-    float): complex pixels lost their imaginary part with a warning, dates and text became
-    numbers or a ValueError traceback."""
+    """Raise DataError unless pixels of ``dtype`` are bool, integer or float (not complex,
+    dates, text or objects)."""
     if np.dtype(dtype).kind not in "biuf":
         hint = " (of a complex image, pass its magnitude)" if np.dtype(dtype).kind == "c" else ""
         raise DataError(f"{name}: pixels of type {np.dtype(dtype)}; expected integer or "

@@ -313,10 +313,10 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks) in ``out``, with colour
-    overlay PNGs if asked. Every input's header (size, pages, channels; the pixels of RGB files
-    for a grey model too, grey saved as RGB being taken as grey, and of float files, whose NaN
-    or infinite pixels are refused, as are pixels that are not numbers) and every output name are checked before anything is
-    written; then the images are read one at a time."""
+    overlay PNGs if asked. Every input's header (size, pages, channels, pixel type; the pixels
+    of RGB files for a grey model too, grey saved as RGB being taken as grey, and of float
+    files, whose NaN or infinite pixels are refused) and every output name are checked before
+    anything is written; then the images are read one at a time."""
     from PIL import Image
 
     check_tiling(tile, overlap)
