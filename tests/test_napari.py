@@ -130,12 +130,12 @@ def test_bad_input_is_one_line_naming_the_value(tmp_path):
          "overlap=40: must be in [0, 32] (at most half of the tile, 64)"),
         (dict(image=None, model=path), "no image layer"),
         (dict(image=layer(grey), model=not_a_package), "not a BioImage Model Zoo package"),
-        (dict(image=layer(grey), model=path, device="tpu"), "--device 'tpu': expected auto, "
+        (dict(image=layer(grey), model=path, device="tpu"), "device='tpu': expected auto, "
          "cpu or cuda"),
     ]
     if not torch.cuda.is_available():  # torch's RuntimeError about NVIDIA drivers before
         cases.append((dict(image=layer(grey), model=path, device="cuda"),
-                      "--device cuda: no CUDA device is available (use cpu or auto)"))
+                      "device='cuda': no CUDA device is available (use cpu or auto)"))
     for kwargs, text in cases:
         with pytest.raises(cs.CellsegError) as err:
             segment(**kwargs)

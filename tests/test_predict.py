@@ -227,6 +227,39 @@ def test_predict_arrays_tile_and_overlap_must_be_integers(tmp_path):
     assert labels.shape == (40, 48)
 
 
+def test_the_python_apis_device_is_checked_and_defaults_to_the_models(tmp_path, monkeypatch):
+    """load_predictor / predict_array took any device to torch: 'gpu' was torch's RuntimeError
+    traceback, a model loaded on the GPU got CPU tiles. Now: one line naming the value, the
+    tiles follow the model, and a device that is not the model's is refused naming both."""
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    ckpt = checkpoint(tmp_path, "classic_unet(width=4)")[0]
+    for device, message in (("gpu", "device='gpu': expected auto, cpu or cuda"),
+                            ("cuda:1", "cuda (choose the GPU with CUDA_VISIBLE_DEVICES)"),
+                            (0, "device=0: expected auto, cpu or cuda")):
+        with pytest.raises(predict.ConfigError, match=re.escape(message)):
+            predict.load_predictor(ckpt, device=device)
+    image = np.random.default_rng(0).random((40, 48))
+    torch_model = predict.load_predictor(ckpt, device=torch.device("cpu"))
+    onnx_model = predict.load_predictor(ckpt, runtime="onnx", device="auto")  # auto: the CPU
+    expected = predict.predict_array(torch_model, image, tile=32, overlap=8)
+    assert (predict.predict_array(onnx_model, image, tile=32, overlap=8) == expected).mean() > 0.99
+    assert (predict.predict_array(torch_model, image, tile=32, overlap=8, device="auto")
+            == expected).all()
+    with pytest.raises(predict.ConfigError, match="device='tpu': expected auto, cpu or cuda"):
+        predict.predict_array(torch_model, image, tile=32, overlap=8, device="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU the model is not on
+    for predictor, message in (
+            (torch_model, "device='cuda': the model is on cpu: load it with "
+                          "load_predictor(..., device='cuda')"),
+            (onnx_model, "device='cuda': ONNX Runtime runs on the CPU")):
+        with pytest.raises(predict.ConfigError, match=re.escape(message)):
+            predict.predict_array(predictor, image, tile=32, overlap=8, device="cuda")
+    with pytest.raises(predict.ConfigError, match="ONNX Runtime runs on the CPU"):
+        predict.load_predictor(ckpt, runtime="onnx", device="cuda")
+
+
 def test_a_folder_given_as_the_checkpoint_names_the_file_to_pass(tmp_path):
     from cellseg_plugins.engine.checkpoint import load_checkpoint
     from cellseg_plugins.engine.data import DataError

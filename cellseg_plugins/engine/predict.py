@@ -140,17 +140,19 @@ def check_tiling(tile: int, overlap: int) -> None:
 
 
 def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: int = 32,
-                  device="cpu", progress=None) -> np.ndarray:
+                  device=None, progress=None) -> np.ndarray:
     """Label array for an image array of any rank: (..., H, W), or (..., H, W, C) when ``rgb``.
 
     ``predictor`` is :func:`load_predictor`'s (model, metadata, input rules). Leading axes
     (stack, time, z) are planes segmented one by one; each plane is scaled to [0, 1] as
     ``cellseg predict`` scales a file (uint8/uint16 by their range, floats by min/max).
-    ``progress(done, total)`` is called after each tile. Returns uint8 labels (..., H, W);
-    this is what the napari widget runs.
+    ``progress(done, total)`` is called after each tile. The tiles go to the model's device
+    (``load_predictor``'s; ONNX Runtime: the CPU); ``device``, when given, must be that one.
+    Returns uint8 labels (..., H, W); this is what the napari widget runs.
     """
     check_tiling(tile, overlap)
     model, meta, rules = predictor
+    device = _model_device(model, device)
     data = np.asarray(data)
     plane_ndim = 3 if rgb else 2
     if data.ndim < plane_ndim or 0 in data.shape:
@@ -249,6 +251,19 @@ def _onnx_file(source: Path):
         yield Path(tmp) / "weights.onnx"
 
 
+def _model_device(model, device=None) -> torch.device:
+    """The device ``model`` runs on (its parameters'; the CPU for ONNX Runtime), checked
+    against ``device`` when given (ConfigError naming both)."""
+    from .train import resolve_device
+
+    own = next(iter(getattr(model, "parameters", list)()), torch.empty(0)).device
+    if device is not None and resolve_device(device) != torch.device(own.type):
+        where = "ONNX Runtime runs on the CPU" if isinstance(model, OnnxModel) else \
+            f"the model is on {own.type}: load it with load_predictor(..., device={device!r})"
+        raise ConfigError("device", device, where)
+    return own
+
+
 def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
     """(model, metadata, input rules) for a checkpoint (PyTorch, or ONNX Runtime after an
     export to a temporary file), an exported .onnx file or a BioImage Model Zoo package
@@ -257,9 +272,15 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
     from ..registry import create_model
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .export import export_checkpoint, read_metadata
+    from .train import resolve_device
 
     if runtime not in ("torch", "onnx"):
         raise DataError(f"--runtime {runtime!r}: expected torch or onnx")
+    device = torch.device("cpu") if runtime == "onnx" and device == "auto" else \
+        resolve_device(device)
+    if runtime == "onnx" and device.type != "cpu":
+        raise ConfigError("device", str(device), "ONNX Runtime runs on the CPU; use cpu, or "
+                          "the torch runtime")
     source = Path(source)
     if source.suffix in (".onnx", ".zip"):
         if runtime != "onnx":

@@ -84,15 +84,21 @@ def median_frequency_weights(shares: np.ndarray) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' → cuda when available, else cpu; 'cpu' / 'cuda' checked (DataError otherwise)."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise DataError(f"--device {name!r}: expected auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is available (use cpu or auto)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+def resolve_device(name) -> torch.device:
+    """'auto' → cuda when available, else cpu; 'cpu' / 'cuda' / 'cuda:0' (or such a
+    torch.device) checked (ConfigError ``device`` otherwise: another GPU is chosen with
+    CUDA_VISIBLE_DEVICES)."""
+    value = str(name) if isinstance(name, torch.device) else name
+    value = "cuda" if value == "cuda:0" else value
+    if value not in ("auto", "cpu", "cuda"):
+        hint = " (choose the GPU with CUDA_VISIBLE_DEVICES)" if str(value).startswith(
+            "cuda:") else ""
+        raise ConfigError("device", name, f"expected auto, cpu or cuda{hint}")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "no CUDA device is available (use cpu or auto)")
+    if value == "auto":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(value)
 
 
 @torch.no_grad()
