@@ -46,6 +46,19 @@ def test_torchscript_export_does_not_print_torchs_deprecation_notes(tmp_path, re
     assert [w for w in recwarn if "torch.jit.other" in str(w.message)]
 
 
+def test_a_torchscript_archive_is_named_after_its_file(tmp_path):
+    """torch.jit.save names the archive's root folder after the file it writes: the export
+    is written under its own name (in a temporary folder, removed after), not as a
+    '.tmp-XXXX-model.torchscript' that an unzipped archive showed."""
+    import zipfile
+
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    out = export_checkpoint(path, "torchscript", tmp_path / "cells.torchscript.pt")
+    assert {name.split("/")[0] for name in zipfile.ZipFile(out).namelist()} == {
+        "cells.torchscript"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.torchscript.pt", "model.pt"]
+
+
 def test_training_only_modules_vanish_from_the_export(tmp_path):
     plain, _ = checkpoint(tmp_path, "classic_unet(width=4)", "plain.pt")
     extra, _ = checkpoint(tmp_path, "classic_unet(width=4)+frem+bottleneck_supervision"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ import torch
 from ..blocks import GlobalAttention
 from ..hooks import probe_size
 from ..registry import parse_spec
-from .checkpoint import load_checkpoint, model_from_checkpoint, publish
+from .checkpoint import TMP_SUFFIX, load_checkpoint, model_from_checkpoint, publish
 from .data import DataError
 
 FORMATS = ("torchscript", "onnx", "bioimageio")
@@ -206,9 +206,10 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     if not out.parent.is_dir():
         raise ExportError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
     model = model_from_checkpoint(ckpt).eval()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{out.name}", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    # written under its own name in a temporary folder beside ``out``: TorchScript names
+    # the archive's root folder after the file
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent))
+    tmp = folder / out.name
     try:
         if fmt == "bioimageio":
             from .bioimageio import write_package
@@ -224,7 +225,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
             verify(model, ckpt, tmp, fmt)
         publish(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
     return out
 
 
