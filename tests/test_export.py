@@ -92,7 +92,8 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, capsys):
 def test_an_export_given_where_a_checkpoint_is_expected_is_one_line(tmp_path, capsys):
     """eval, export and predict said "unreadable (RuntimeError)" of a TorchScript export, with
     torch's warning above it, and predict --runtime onnx of a truncated .onnx file ended in
-    protobuf's DecodeError traceback."""
+    protobuf's DecodeError traceback, and one that ONNX Runtime cannot run (an opset it
+    does not know) in ONNX Runtime's own."""
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     exports = {kind: export_checkpoint(path, fmt, check=False) for kind, fmt in
                [("a TorchScript export", "torchscript"), ("an ONNX model", "onnx"),
@@ -113,6 +114,18 @@ def test_an_export_given_where_a_checkpoint_is_expected_is_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == (f"error: {tmp_path / 'cut.onnx'} is unreadable as an "
                                          "ONNX model (DecodeError)\n"), err
+    # a whole file that this ONNX Runtime cannot run (an opset it does not know, as a newer
+    # exporter writes): ONNX Runtime's Fail traceback before
+    newer = onnx.load(str(exports["an ONNX model"]))
+    newer.opset_import[0].version = 99
+    onnx.save(newer, str(tmp_path / "newer.onnx"))
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(tmp_path / "newer.onnx"), str(tmp_path / "em.tif"), "--runtime",
+              "onnx", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {tmp_path / 'newer.onnx'}: ONNX "
+                                                "Runtime ") and "Opset 99" in err, err
+    assert err.count("\n") == 1 and "onnxruntime_src" not in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "again.onnx").exists()
 
 

@@ -4,6 +4,7 @@ Runtime (:class:`OnnxModel`); :func:`predict_paths` is what ``cellseg predict`` 
 from __future__ import annotations
 
 import numbers
+import re
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -215,15 +216,23 @@ class OnnxModel:
     class probabilities (a BioImage Model Zoo package's weights); their logarithm is returned,
     whose softmax gives them back."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, probabilities=False):
+    def __init__(self, path: str | Path, threads: int | None = None, probabilities=False,
+                 name: str | Path | None = None):
         import onnxruntime
 
         self.probabilities = probabilities
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(path), options,
-                                                    providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options,
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 — its Fail, InvalidGraph, NotImplemented, ...
+            reason = re.sub(r"^.*? failed:(\S+:\d+ .*?\) )?", "", " ".join(str(e).split()))
+            if len(reason) > 200:  # its first sentences
+                reason = reason[:200].rsplit(". ", 1)[0] + "."
+            raise DataError(f"{name or path}: ONNX Runtime {onnxruntime.__version__} cannot "
+                            f"run it: {reason}") from None
         self.input = self.session.get_inputs()[0].name
 
     def eval(self) -> "OnnxModel":
@@ -288,7 +297,7 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
             raise DataError(f"{source} is {kind}: use --runtime onnx")
         with _onnx_file(source) as path:
             meta = read_metadata(path, "onnx")
-            model = OnnxModel(path, probabilities=source.suffix == ".zip")
+            model = OnnxModel(path, probabilities=source.suffix == ".zip", name=source)
         rules = input_rules(create_model(meta["spec"], in_channels=meta["in_channels"],
                                          classes=len(meta["class_names"])))
         return model, meta, rules
