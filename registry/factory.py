@@ -10,7 +10,7 @@ from ..errors import PluginConfigError
 
 from .protocol import model_built
 from .registry import all_entries, get_entry
-from .spec import Spec, SpecError, Term, parse_spec
+from .spec import Spec, SpecError, Term, check_added, parse_spec
 
 
 def create_model(spec: str | Spec, in_channels: int = 1, classes: int = 5, **overrides) -> nn.Module:
@@ -39,7 +39,11 @@ def create_model(spec: str | Spec, in_channels: int = 1, classes: int = 5, **ove
 
 
 def apply_plugins(model: nn.Module, spec: str | Spec) -> nn.Module:
-    """Apply plugins (``"lfa(m=7)+frem"``) to a model built elsewhere, e.g. ``smp.FPN(...)``."""
+    """Apply plugins (``"lfa(m=7)+frem"``) to a model built elsewhere, e.g. ``smp.FPN(...)``.
+
+    A model that has plugins already (``create_model``'s, an earlier ``apply_plugins``) is
+    held to the rules a spec follows (a plugin once, one ``rounds`` plugin); its
+    ``cellseg_spec``, where it has one, gains the new plugins."""
     parsed = spec if isinstance(spec, Spec) else parse_spec(spec, require_arch=False)
     if parsed.arch is not None:
         raise SpecError(f"apply_plugins takes plugins only; drop the architecture "
@@ -51,16 +55,24 @@ def apply_plugins(model: nn.Module, spec: str | Spec) -> nn.Module:
             what = f"arch {arch!r}" if arch else f"a {type(model).__name__}"
             raise SpecError(f"plugin {term.name!r} does not support {what}; it supports: "
                             f"{', '.join(entry.supported_archs())}", term=term.name)
-    return _apply(model, parsed.plugins)
+    check_added(getattr(model, "cellseg_plugins", ()), parsed.plugins)
+    built = getattr(model, "cellseg_spec", None)
+    model = _apply(model, parsed.plugins)
+    if built is not None and parsed.plugins:
+        model.cellseg_spec = str(parse_spec(f"{built}+{parsed}"))
+    return model
 
 
 def _apply(model: nn.Module, plugins: tuple[Term, ...]) -> nn.Module:
+    """``plugins`` applied in order; the model records their names (``cellseg_plugins``)."""
     model.__dict__.pop("cellseg_input_rules", None)  # plugins may change what the model takes
+    applied = getattr(model, "cellseg_plugins", ())
     for term in plugins:
         try:
             model = get_entry(term.name).factory(model, **term.kwargs)
         except PluginConfigError as e:
             raise SpecError(str(e), term=term.name) from None
+    model.cellseg_plugins = applied + tuple(t.name for t in plugins)
     model_built(model)
     return model
 

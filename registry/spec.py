@@ -241,7 +241,10 @@ def _validated_term(entry: Entry, values: dict[str, Any], keywords, col) -> Term
     return Term(entry.name, tuple(params))
 
 
-def _check_combination(terms: list[Term], entry: Entry, col: int) -> None:
+def _check_combination(terms: list[Term], entry: Entry, col: int | None, built: int = 0) -> None:
+    """The rules for ``entry``, the last of ``terms``: an architecture it supports, once only,
+    one plugin of an exclusive group. The first ``built`` terms are on the model already
+    (:func:`check_added`)."""
     arch = terms[0].name if get_entry(terms[0].name).kind == "arch" else None
     if entry.kind != "plugin":
         return
@@ -249,14 +252,30 @@ def _check_combination(terms: list[Term], entry: Entry, col: int) -> None:
         raise SpecError(
             f"plugin {entry.name!r} does not support arch {arch!r}; "
             f"it supports: {', '.join(entry.supported_archs())}", col, entry.name)
-    if not entry.repeatable and sum(t.name == entry.name for t in terms) > 1:
-        raise SpecError(f"plugin {entry.name!r} may appear only once", col, entry.name)
+
+    def there(index: int) -> str:
+        return f"; the model has {terms[index].name!r} already" if index < built else ""
+
+    names = [t.name for t in terms]
+    if not entry.repeatable and names.count(entry.name) > 1:
+        raise SpecError(f"plugin {entry.name!r} may appear only once"
+                        f"{there(names.index(entry.name))}", col, entry.name)
     if entry.exclusive:
-        rivals = [t.name for t in terms[:-1] if t.name != entry.name
+        rivals = [i for i, t in enumerate(terms[:-1]) if t.name != entry.name
                   and get_entry(t.name).exclusive == entry.exclusive]
         if rivals:
-            raise SpecError(f"plugin {entry.name!r} cannot be combined with {rivals[0]!r} "
-                            f"(both are {entry.exclusive} plugins)", col, entry.name)
+            raise SpecError(f"plugin {entry.name!r} cannot be combined with "
+                            f"{names[rivals[0]]!r} (both are {entry.exclusive} plugins)"
+                            f"{there(rivals[0])}", col, entry.name)
+
+
+def check_added(applied: tuple[str, ...], plugins: tuple[Term, ...]) -> None:
+    """Raise SpecError where ``plugins``, applied to a model that has the plugins named
+    ``applied`` already (``apply_plugins`` again), break a rule a spec enforces."""
+    terms = [Term(name, ()) for name in applied]
+    for term in plugins:
+        terms.append(term)
+        _check_combination(terms, get_entry(term.name), None, len(applied))
 
 
 def _did_you_mean(name: str) -> str:

@@ -185,6 +185,33 @@ def test_apply_plugins_on_user_model():
         cs.apply_plugins(model, "unet+scse")
 
 
+def test_apply_plugins_again_follows_the_specs_rules():
+    """apply_plugins on a model that has plugins already added a second LFA (its weights
+    too) and let a second two-round plugin wrap the first: now refused as the spec refuses
+    'lfa+lfa', naming the plugin the model has; a create_model'd model's spec gains what is
+    added, and the model rebuilds from it."""
+    def unet():
+        return smp.Unet("resnet18", encoder_weights=None, in_channels=1, classes=2)
+
+    for first, then, message in (
+            ("lfa", "lfa", "plugin 'lfa' may appear only once; the model has 'lfa' already"),
+            ("frem+feedback_self", "scse+feedback_convlstm",
+             "plugin 'feedback_convlstm' cannot be combined with 'feedback_self' (both are "
+             "rounds plugins); the model has 'feedback_self' already")):
+        model = cs.apply_plugins(unet(), first)
+        size = sum(p.numel() for p in model.parameters())
+        with pytest.raises(cs.SpecError, match=re.escape(message)):
+            cs.apply_plugins(model, then)
+        assert sum(p.numel() for p in model.parameters()) == size  # nothing half-applied
+    model = cs.apply_plugins(cs.create_model("unet(encoder='resnet18')+lfa", classes=2),
+                             "scse(reduction=4)")
+    assert model.cellseg_spec == "unet(encoder='resnet18')+lfa+scse(reduction=4)"
+    assert model.cellseg_plugins == ("lfa", "scse")
+    rebuilt = cs.create_model(model.cellseg_spec, classes=2)
+    assert [n for n, _ in rebuilt.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert cs.apply_plugins(unet(), "lfa+scse").cellseg_plugins == ("lfa", "scse")
+
+
 def test_apply_plugins_refuses_unsupported_model():
     model = smp.DPT("tu-vit_tiny_patch16_224", encoder_weights=None, in_channels=1, classes=2,
                     img_size=64)
