@@ -28,6 +28,46 @@ def test_tiles_blend_to_the_untiled_prediction():
     assert (whole == tiled).mean() > 0.9  # same model, different tiling: near-identical labels
 
 
+def _whole_image_blend(model, image, mean, std, tile, overlap):
+    """The reference: every tile's weighted probabilities summed into one (classes, H, W)
+    buffer for the whole image, then normalised and labelled (predict_image before it held
+    one row of tiles at a time)."""
+    from torch.nn import functional as F
+    from cellseg_plugins.engine.predict import _ramp, tile_grid
+
+    x = (torch.from_numpy(image)[None] - mean[0]) / std[0]
+    h, w = image.shape
+    tile, ph, pw, rows, cols = tile_grid(h, w, tile, overlap)
+    mode = "reflect" if ph - h < h and pw - w < w else "replicate"
+    x = F.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)
+    weight = _ramp(tile, min(overlap, tile // 2))
+    probs, norm = 0, torch.zeros(ph, pw)
+    for y0 in rows:
+        for x0 in cols:
+            with torch.no_grad():
+                p = model(x[:, :, y0:y0 + tile, x0:x0 + tile]).softmax(1)[0]
+            one = torch.zeros(p.shape[0], ph, pw)
+            one[:, y0:y0 + tile, x0:x0 + tile] = p * weight
+            probs = probs + one
+            norm[y0:y0 + tile, x0:x0 + tile] += weight
+    return (probs / norm).argmax(0)[:h, :w].numpy().astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape,tile,overlap", [((150, 97), 64, 16), ((64, 200), 64, 32),
+                                                ((33, 40), 32, 0), ((190, 70), 64, 5)])
+def test_row_by_row_blending_labels_as_the_whole_image_buffer(shape, tile, overlap):
+    """predict_image holds the blended probabilities of one row of tiles, not of the whole
+    image (classes × 4 bytes a pixel: 8 GB for a 20 000² section with 5 classes): its labels
+    are the whole-image buffer's, pixel for pixel."""
+    torch.manual_seed(0)
+    model = cs.create_model("unet(encoder='plain4')", classes=4).eval()
+    image = np.random.default_rng(2).random(shape).astype(np.float32)
+    expected = _whole_image_blend(model, image, [0.5], [0.2], tile, overlap)
+    labels = predict_image(model, image, [0.5], [0.2], tile=tile, overlap=overlap)
+    assert labels.shape == shape and labels.flags.c_contiguous
+    np.testing.assert_array_equal(labels, expected)
+
+
 def _images(folder):
     """One file of each layout predict takes: grey, 16-bit, RGB(A) (planar too), palette, grey
     with alpha, JPEG, BMP, stacks and a Z × C hyperstack."""

@@ -59,6 +59,8 @@ def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap:
     Tiles of ``tile`` px overlapping by ``overlap`` px (:func:`tile_grid`); softmax
     probabilities are blended with linear edge ramps. The image is padded to the tile
     (reflected, or replicated where it is small). ``on_tile()`` is called after each tile.
+    The blended probabilities are held for one row of tiles (classes × tile × W), not for
+    the whole image: the rows above the next row of tiles are final, and labelled.
     """
     model.eval()
     x = torch.from_numpy(image)
@@ -69,18 +71,23 @@ def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap:
     mode = "reflect" if ph - h < h and pw - w < w else "replicate"  # reflect needs pad < size
     x = F.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)
     weight = _ramp(tile, min(overlap, tile // 2))
-    probs, norm = None, torch.zeros(ph, pw)
-    for y0 in rows:
+    labels = np.empty((ph, pw), np.uint8)
+    probs, norm = None, torch.zeros(tile, pw)  # rows y0 … y0 + tile of the image
+    for i, y0 in enumerate(rows):
         for x0 in cols:
             patch = x[:, :, y0:y0 + tile, x0:x0 + tile].to(device)
             p = model(patch).softmax(1)[0].cpu()
             if probs is None:
-                probs = torch.zeros(p.shape[0], ph, pw)
-            probs[:, y0:y0 + tile, x0:x0 + tile] += p * weight
-            norm[y0:y0 + tile, x0:x0 + tile] += weight
+                probs = torch.zeros(p.shape[0], tile, pw)
+            probs[:, :, x0:x0 + tile] += p * weight
+            norm[:, x0:x0 + tile] += weight
             if on_tile:
                 on_tile()
-    return (probs / norm).argmax(0)[:h, :w].numpy().astype(np.uint8)
+        final = (rows[i + 1] if i + 1 < len(rows) else ph) - y0
+        labels[y0:y0 + final] = (probs[:, :final] / norm[:final]).argmax(0).numpy()
+        probs = torch.cat([probs[:, final:], probs.new_zeros(len(probs), final, pw)], 1)
+        norm = torch.cat([norm[final:], norm.new_zeros(final, pw)])
+    return np.ascontiguousarray(labels[:h, :w])
 
 
 def input_paths(inputs: list[str]) -> list[Path]:
