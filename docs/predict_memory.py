@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = cs.create_model("unet(encoder='plain4')", classes=args.classes).eval()
-    image = np.random.default_rng(0).random((args.size, args.size)).astype(np.float32)
+    image = np.random.default_rng(0).random((args.size, args.size), dtype=np.float32)
     predict_image(model, image[:64, :64], [0.5], [0.2], tile=64, overlap=0)  # warm-up
     before, start = peak_mb(), time.perf_counter()
     predict_image(model, image, [0.5], [0.2], tile=args.tile, overlap=args.overlap)

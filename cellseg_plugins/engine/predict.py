@@ -59,23 +59,25 @@ def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap:
     Tiles of ``tile`` px overlapping by ``overlap`` px (:func:`tile_grid`); softmax
     probabilities are blended with linear edge ramps. The image is padded to the tile
     (reflected, or replicated where it is small). ``on_tile()`` is called after each tile.
-    The blended probabilities are held for one row of tiles (classes × tile × W), not for
-    the whole image: the rows above the next row of tiles are final, and labelled.
+    Each tile is normalised as it is cut, and the blended probabilities are held for one row
+    of tiles (classes × tile × W): the rows above the next row of tiles are final, and
+    labelled. Beside the image, memory grows with its width only.
     """
     model.eval()
     x = torch.from_numpy(image)
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-    x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
-    _, h, w = x.shape
+    x = (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]
+    mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    h, w = x.shape[-2:]
     tile, ph, pw, rows, cols = tile_grid(h, w, tile, overlap, rules)
-    mode = "reflect" if ph - h < h and pw - w < w else "replicate"  # reflect needs pad < size
-    x = F.pad(x[None], (0, pw - w, 0, ph - h), mode=mode)
+    if (ph, pw) != (h, w):  # only an image smaller than the tile: no copy of a large one
+        mode = "reflect" if ph - h < h and pw - w < w else "replicate"  # reflect: pad < size
+        x = F.pad(x, (0, pw - w, 0, ph - h), mode=mode)
     weight = _ramp(tile, min(overlap, tile // 2))
     labels = np.empty((ph, pw), np.uint8)
     probs, norm = None, torch.zeros(tile, pw)  # rows y0 … y0 + tile of the image
     for i, y0 in enumerate(rows):
         for x0 in cols:
-            patch = x[:, :, y0:y0 + tile, x0:x0 + tile].to(device)
+            patch = ((x[:, :, y0:y0 + tile, x0:x0 + tile] - mean) / std).to(device)
             p = model(patch).softmax(1)[0].cpu()
             if probs is None:
                 probs = torch.zeros(p.shape[0], tile, pw)
