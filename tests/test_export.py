@@ -59,6 +59,24 @@ def test_a_torchscript_archive_is_named_after_its_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.torchscript.pt", "model.pt"]
 
 
+def test_an_export_beside_a_resuming_run_keeps_its_temporary_folder(tmp_path, monkeypatch):
+    """A run resuming in the checkpoint's folder deletes the temporary files a killed process
+    left (remove_stale); an export writing there at that moment keeps its own."""
+    import cellseg_plugins.engine.export as export
+    from cellseg_plugins.engine.checkpoint import remove_stale
+
+    write = export.write_torchscript
+
+    def resumed_meanwhile(model, ckpt, path):
+        write(model, ckpt, path)
+        remove_stale(path.parent.parent)  # the run folder, as `cellseg train` resuming does
+
+    monkeypatch.setattr(export, "write_torchscript", resumed_meanwhile)
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    out = export_checkpoint(path, "torchscript")
+    assert read_metadata(out, "torchscript")["spec"] == "classic_unet(width=4)"
+
+
 def test_training_only_modules_vanish_from_the_export(tmp_path):
     plain, _ = checkpoint(tmp_path, "classic_unet(width=4)", "plain.pt")
     extra, _ = checkpoint(tmp_path, "classic_unet(width=4)+frem+bottleneck_supervision"

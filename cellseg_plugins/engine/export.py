@@ -25,7 +25,7 @@ import torch
 from ..blocks import GlobalAttention
 from ..hooks import probe_size
 from ..registry import parse_spec
-from .checkpoint import TMP_SUFFIX, load_checkpoint, model_from_checkpoint, publish
+from .checkpoint import load_checkpoint, model_from_checkpoint, publish
 from .data import DataError
 
 FORMATS = ("torchscript", "onnx", "bioimageio")
@@ -207,8 +207,9 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
         raise ExportError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
     model = model_from_checkpoint(ckpt).eval()
     # written under its own name in a temporary folder beside ``out``: TorchScript names
-    # the archive's root folder after the file
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TMP_SUFFIX, dir=out.parent))
+    # the archive's root folder after the file (not named *.partial: a run folder's
+    # remove_stale deletes files so named, and an export may run beside the training)
+    folder = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     tmp = folder / out.name
     try:
         if fmt == "bioimageio":
