@@ -4,11 +4,13 @@ exported BioImage Model Zoo package (.zip) and adds the classes as a labels laye
 reader that opens ``cellseg predict``'s label TIFFs as labels layers with their class names.
 
 napari builds the widget from :func:`segment`'s signature (magicgui resolves the annotations
-at run time: no ``from __future__ import annotations`` here); nothing here imports napari at
-import time, so the functions are also plain Python: pass any object with the image layer's
-``data``, ``name``, ``rgb``, ``scale`` and ``translate``.
+at run time: no ``from __future__ import annotations`` here) and runs it in a thread worker
+(:func:`segment_in_background`); nothing here imports napari at import time, so
+:func:`segment` is also plain Python: pass any object with the image layer's ``data``,
+``name``, ``rgb``, ``scale`` and ``translate``.
 """
 
+import inspect
 import sys
 from contextlib import nullcontext
 from functools import lru_cache
@@ -43,6 +45,16 @@ def _progress_bar():
     return progress(desc="cellseg: segmenting tiles")
 
 
+def _counter(bar):
+    """A ``progress(done, total)`` callback that moves ``bar`` (None: no bar) one tile on."""
+    def advance(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(1)
+
+    return advance
+
+
 def _labels_kwargs(name: str, info: dict) -> dict:
     """Labels layer arguments: one feature row per label value (row k = class k), so napari
     shows the class name of the label under the cursor; the spec in the metadata."""
@@ -65,8 +77,15 @@ def segment(
     Returns a labels layer tuple ``(labels (..., H, W) uint8, kwargs, "labels")`` named after
     the image, on the image's scale and translation, with the class names as features. The
     model is loaded once and kept while its file is unchanged. ONNX Runtime (.onnx and .zip
-    models, or ``runtime="onnx"``) runs on the CPU whatever ``device`` says.
+    models, or ``runtime="onnx"``) runs on the CPU whatever ``device`` says. The dock widget
+    runs it in a thread: :func:`segment_in_background`.
     """
+    with _progress_bar() as bar:
+        return _segment(image, model, tile, overlap, runtime, device, _counter(bar))
+
+
+def _segment(image, model, tile, overlap, runtime, device, advance) -> tuple:
+    """:func:`segment`, calling ``advance(done, total)`` after each tile."""
     from .engine.predict import predict_array
     from .engine.train import resolve_device
 
@@ -81,18 +100,37 @@ def segment(
     device = "cpu" if runtime == "onnx" else str(resolve_device(device))
     predictor = _predictor(str(path.resolve()), path.stat().st_mtime, runtime, device)
     data = image.data[0] if getattr(image, "multiscale", False) else image.data
-    with _progress_bar() as bar:
-        def advance(done: int, total: int) -> None:
-            if bar is not None:
-                bar.total = total
-                bar.update(1)
-
-        labels = predict_array(predictor, data, rgb=bool(image.rgb), tile=tile,
-                               overlap=overlap, device=device, progress=advance)
+    labels = predict_array(predictor, data, rgb=bool(image.rgb), tile=tile, overlap=overlap,
+                           device=device, progress=advance)
     kwargs = _labels_kwargs(f"{image.name} cellseg", predictor[1])
     kwargs.update(scale=tuple(image.scale), translate=tuple(image.translate))
     kwargs["metadata"]["model"] = str(path)
     return labels, kwargs, "labels"
+
+
+def segment_in_background(*args, **kwargs):
+    """The dock widget (same parameters as :func:`segment`): segments in a napari thread
+    worker, so the viewer stays responsive and its progress bar counts the tiles as they are
+    done; napari adds the labels layer when the worker returns. An error is raised again in
+    the main thread, where napari's exception hook shows it as a notification. Returns the worker, started once control is back in Qt's event loop
+    (after napari has connected its ``returned`` signal: a small image could finish first)."""
+    from napari.qt.threading import create_worker
+    from napari.utils import progress
+    from qtpy.QtCore import QTimer
+    from superqt.utils import ensure_main_thread
+
+    call = _SIGNATURE.bind(*args, **kwargs)
+    call.apply_defaults()
+    bar = progress(desc="cellseg: segmenting tiles")  # Qt widgets: made and moved in the main thread
+    worker = create_worker(_segment, *call.args, ensure_main_thread(_counter(bar)))
+    worker.finished.connect(bar.close)
+    QTimer.singleShot(0, worker.start)
+    return worker
+
+
+_SIGNATURE = inspect.signature(segment)
+segment_in_background.__signature__ = _SIGNATURE.replace(
+    return_annotation="napari.qt.threading.FunctionWorker[napari.types.LayerDataTuple]")
 
 
 def get_reader(path):

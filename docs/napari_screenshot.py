@@ -11,6 +11,7 @@ import sys
 import napari
 import tifffile
 from PIL import Image
+from qtpy.QtCore import QEventLoop
 
 
 def main(checkpoint: str, image_path: str, out: str) -> None:
@@ -19,7 +20,10 @@ def main(checkpoint: str, image_path: str, out: str) -> None:
     viewer.add_image(tifffile.imread(image_path), name="ssTEM section")
     _, widget = viewer.window.add_plugin_dock_widget("cellseg", "Segment (cellseg)")
     widget.model.value = checkpoint
-    widget()  # what the "Run" button does
+    worker = widget()  # what the "Run" button does: segments in a thread
+    done = QEventLoop()
+    worker.finished.connect(done.quit)
+    done.exec()  # the labels layer is added as the worker returns, before it finishes
     viewer.layers["ssTEM section cellseg"].opacity = 0.45
     shot = Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).convert("RGB")
     shot.quantize(128).save(out, optimize=True)  # a palette PNG: small enough for git

@@ -18,7 +18,7 @@ from npe2 import PluginManifest
 import cellseg_plugins as cs
 from cellseg_plugins.engine.export import export_checkpoint
 from cellseg_plugins.engine.predict import predict_paths
-from cellseg_plugins.napari_widget import get_reader, segment
+from cellseg_plugins.napari_widget import get_reader, segment, segment_in_background
 from conftest import checkpoint
 
 MANIFEST = Path(cs.__file__).parent / "napari.yaml"
@@ -37,7 +37,8 @@ def test_the_manifest_is_valid_and_names_the_widget_and_the_reader():
     (widget,) = manifest.contributions.widgets
     (reader,) = manifest.contributions.readers
     assert widget.autogenerate
-    for command_id, function in [(widget.command, segment), (reader.command, get_reader)]:
+    for command_id, function in [(widget.command, segment_in_background),
+                                 (reader.command, get_reader)]:
         module, attr = commands[command_id].split(":")
         assert getattr(importlib.import_module(module), attr) is function
     installed = PluginManifest.from_distribution("cellseg")  # the napari.manifest entry point
@@ -158,16 +159,36 @@ def test_magicgui_builds_the_widget_from_the_signature(qtbot, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="a napari canvas needs OpenGL: "
                     "install Xvfb (pytest-xvfb starts it)")
-def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, tmp_path):
+def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, qtbot, tmp_path):
+    """The widget segments in a thread: its call returns before the labels exist (the viewer
+    is not frozen), the progress bar counts every tile, the layer comes when it is done; a bad
+    model is our one-line error, raised again in the main thread (napari's notifications)."""
+    from napari.utils import progress
+
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     viewer = make_napari_viewer()
     viewer.add_image(np.random.default_rng(0).random((2, 64, 80)).astype(np.float32), name="em")
     _, widget = viewer.window.add_plugin_dock_widget("cellseg", "Segment (cellseg)")
     widget.model.value, widget.tile.value = path, 64
-    widget()
+    worker = widget()
+    (bar,) = [p for p in progress._all_instances if p.desc == "cellseg: segmenting tiles"]
+    assert "em cellseg" not in viewer.layers  # the call came back first
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: "em cellseg" in viewer.layers)
     labels = viewer.layers["em cellseg"]
     assert type(labels).__name__ == "Labels" and labels.data.shape == (2, 64, 80)
     assert list(labels.features["class"]) == ["c0", "c1", "c2"]
+    assert (bar.n, bar.total) == (4, 4)  # 2 planes x 2 tiles (80 wide, tiles of 64)
+    assert bar not in progress._all_instances  # closed
+
+    widget.model.value = tmp_path / "none.pt"
+    with qtbot.capture_exceptions() as raised:  # in napari: its hook makes them notifications
+        with qtbot.waitSignal(widget().finished, timeout=60_000):
+            pass
+    ((kind, error, _),) = raised
+    assert issubclass(kind, cs.CellsegError) and "none.pt" in str(error)
+
     tifffile.imwrite(tmp_path / "section.tif", np.zeros((64, 64), np.uint8))
     (written,) = predict_paths(path, [str(tmp_path / "section.tif")], tmp_path / "pred", tile=64)
     (opened,) = viewer.open(written, plugin="cellseg")
