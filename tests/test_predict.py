@@ -68,6 +68,58 @@ def test_row_by_row_blending_labels_as_the_whole_image_buffer(shape, tile, overl
     np.testing.assert_array_equal(labels, expected)
 
 
+def _unit_reference(a):
+    """The image scaled whole, as predict did before it scaled tiles: float32, RGBA without
+    alpha, uint8/uint16 by their range, anything else by its min/max (0 if constant)."""
+    a = a[..., :3] if a.ndim == 3 and a.shape[-1] == 4 else a
+    f = a.astype(np.float32)
+    if a.dtype in (np.uint8, np.uint16):
+        return f / float(np.iinfo(a.dtype).max)
+    lo, hi = float(f.min()), float(f.max())
+    return (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float64", "int32", "rgba", "constant"])
+def test_tiles_scaled_as_cut_are_the_image_scaled_whole(dtype, monkeypatch):
+    """predict_array keeps the image as given (uint8: 1 byte a pixel, not a float32 copy of
+    4) and scales each tile as it is cut, with the whole image's range (min/max over the whole
+    image for floats): its labels are those of the whole image scaled first, pixel for pixel,
+    for images smaller than a tile (padded) and larger."""
+    from cellseg_plugins.engine import predict
+    from cellseg_plugins.engine.data import scale_to_unit, unit_range
+    from cellseg_plugins.engine.predict import predict_array
+    from cellseg_plugins.input_rules import input_rules
+
+    scaled = []  # the shapes of what is scaled to floats: tiles, never the large image
+    monkeypatch.setattr(predict, "scale_to_unit",
+                        lambda a, *r: scaled.append(a.shape[:2]) or scale_to_unit(a, *r))
+
+    rng = np.random.default_rng(3)
+    shape = (150, 97, 4) if dtype == "rgba" else (150, 97)
+    image = {"uint8": lambda: rng.integers(0, 256, shape, dtype=np.uint8),
+             "uint16": lambda: rng.integers(0, 65536, shape, dtype=np.uint16),
+             "float64": lambda: rng.normal(50, 20, shape),
+             "int32": lambda: rng.integers(-300, 9000, shape, dtype=np.int32),
+             "rgba": lambda: rng.integers(0, 256, shape, dtype=np.uint8),
+             "constant": lambda: np.full(shape, 7.5, np.float32)}[dtype]()
+    np.testing.assert_array_equal(scale_to_unit(image[40:90, 10:60], *unit_range(image, "im")),
+                                  _unit_reference(image)[40:90, 10:60])
+    torch.manual_seed(0)
+    channels = 3 if dtype == "rgba" else 1
+    model = cs.create_model("unet(encoder='plain4')", classes=4, in_channels=channels).eval()
+    predictor = (model, {"in_channels": channels, "norm": {"mean": [0.5] * channels,
+                                                           "std": [0.2] * channels}},
+                 input_rules(model))
+    for part, tile in ((image, 64), (image[:40, :50], 64)):  # tiled, and padded to a tile
+        labels = predict_array(predictor, part, rgb=dtype == "rgba", tile=tile, overlap=16)
+        expected = predict_image(model, _unit_reference(part), [0.5] * channels,
+                                 [0.2] * channels, tile=tile, overlap=16,
+                                 rules=input_rules(model))
+        np.testing.assert_array_equal(labels, expected)
+        assert max(scaled) == (min(tile, part.shape[0]), min(tile, part.shape[1]))
+        scaled.clear()
+
+
 def _images(folder):
     """One file of each layout predict takes: grey, 16-bit, RGB(A) (planar too), palette, grey
     with alpha, JPEG, BMP, stacks and a Z × C hyperstack."""

@@ -238,25 +238,41 @@ def plane_axes(path: Path) -> tuple[int, ...]:
         return tuple(n for n, axis in zip(series.shape, front) if axis != "S")
 
 
-def _to_unit(a: np.ndarray, name) -> np.ndarray:
-    """uint8/uint16/float → float32 in [0, 1]; RGBA loses alpha. An image ``name`` with NaN or
-    infinite pixels, or pixels that are not numbers (:func:`check_pixel_type`), raises
-    DataError (min/max scaling would make every pixel NaN)."""
+def unit_range(a: np.ndarray, name) -> tuple[float, float]:
+    """(offset, span) that maps image ``a`` (uint8/uint16 by their range, other numbers by
+    their min/max) to [0, 1] as ``(a - offset) / span``; span 0 for a constant image. Reads the
+    pixels without copying them. An image ``name`` with NaN or infinite pixels (min/max scaling
+    would make every pixel NaN), or pixels that are not numbers (:func:`check_pixel_type`),
+    raises DataError."""
     check_pixel_type(a.dtype, name)
     if a.ndim == 3 and a.shape[-1] == 4:
-        a = a[..., :3]
+        a = a[..., :3]  # alpha is dropped before scaling
     if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
+        return 0.0, 255.0
     if a.dtype == np.uint16:
-        return a.astype(np.float32) / 65535.0
-    a = a.astype(np.float32)
-    bad = ~np.isfinite(a)
-    if bad.any():
+        return 0.0, 65535.0
+    lo, hi = (float(np.float32(v)) for v in (a.min(), a.max()))  # float32: as it is scaled
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN is min and max; ±inf is one of them
+        bad = ~np.isfinite(a.astype(np.float32))
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         raise DataError(f"{name}: {int(bad.sum())} pixel(s) are NaN or infinite (the first at "
-                        f"{where}: {a[where]}); replace them with a finite value")
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+                        f"{where}: {a.astype(np.float32)[where]}); replace them with a finite "
+                        "value")
+    return lo, hi - lo
+
+
+def scale_to_unit(a: np.ndarray, offset: float, span: float) -> np.ndarray:
+    """float32 ``(a - offset) / span`` (zeros when span is 0); RGBA loses alpha. ``a`` may be
+    a tile of the image whose :func:`unit_range` gave ``offset`` and ``span``."""
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    a = a.astype(np.float32)
+    return (a - offset) / span if span > 0 else np.zeros_like(a)
+
+
+def _to_unit(a: np.ndarray, name) -> np.ndarray:
+    """uint8/uint16/float → float32 in [0, 1] (:func:`unit_range`); RGBA loses alpha."""
+    return scale_to_unit(a, *unit_range(a, name))
 
 
 def fit_channels(image: np.ndarray, channels: int, name) -> np.ndarray:

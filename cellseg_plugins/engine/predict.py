@@ -18,8 +18,9 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, _to_unit, fit_channels, pixel_kind,
-                   image_files, image_shape, is_stack, plane_axes, read_image)
+from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_files,
+                   image_shape, is_stack, pixel_kind, plane_axes, read_image, scale_to_unit,
+                   unit_range)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -51,34 +52,45 @@ def tile_grid(h: int, w: int, tile: int, overlap: int, rules: InputRules | None 
     return tile, ph, pw, _starts(ph, tile, step), _starts(pw, tile, step)
 
 
+def _as_is(a: np.ndarray) -> np.ndarray:
+    return a
+
+
 @torch.no_grad()
 def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap: int = 32,
-                  rules: InputRules | None = None, device="cpu", on_tile=None) -> np.ndarray:
-    """Label map (H, W) uint8 for one image (H, W[, C]) float in [0, 1].
+                  rules: InputRules | None = None, device="cpu", on_tile=None,
+                  to_unit=None) -> np.ndarray:
+    """Label map (H, W) uint8 for one image (H, W[, C]).
 
-    Tiles of ``tile`` px overlapping by ``overlap`` px (:func:`tile_grid`); softmax
-    probabilities are blended with linear edge ramps. The image is padded to the tile
-    (reflected, or replicated where it is small). ``on_tile()`` is called after each tile.
-    Each tile is normalised as it is cut, and the blended probabilities are held for one row
-    of tiles (classes × tile × W): the rows above the next row of tiles are final, and
-    labelled. Beside the image, memory grows with its width only.
+    ``to_unit`` maps a tile of ``image`` to float32 in [0, 1] with the model's channels
+    (:func:`unit_tiles`); without it ``image`` is that already. Tiles of ``tile`` px overlap
+    by ``overlap`` px (:func:`tile_grid`); softmax probabilities are blended with linear edge
+    ramps. An image smaller than the tile is padded to it (reflected, or replicated where it
+    is small). ``on_tile()`` is called after each tile. Each tile is scaled and normalised as
+    it is cut, and the blended probabilities are held for one row of tiles (classes × tile ×
+    W): the rows above the next row of tiles are final, and labelled. Beside the image as
+    given (uint8: 1 byte a pixel) and its labels, memory grows with its width only.
     """
     model.eval()
-    x = torch.from_numpy(image)
-    x = (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]
+    to_unit = to_unit or _as_is
     mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-    h, w = x.shape[-2:]
+    h, w = image.shape[:2]
     tile, ph, pw, rows, cols = tile_grid(h, w, tile, overlap, rules)
     if (ph, pw) != (h, w):  # only an image smaller than the tile: no copy of a large one
+        x = torch.from_numpy(np.ascontiguousarray(to_unit(image)))
+        x = (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]
         mode = "reflect" if ph - h < h and pw - w < w else "replicate"  # reflect: pad < size
-        x = F.pad(x, (0, pw - w, 0, ph - h), mode=mode)
+        image = F.pad(x, (0, pw - w, 0, ph - h), mode=mode)[0].permute(1, 2, 0).numpy()
+        to_unit = _as_is  # scaled above
     weight = _ramp(tile, min(overlap, tile // 2))
     labels = np.empty((ph, pw), np.uint8)
     probs, norm = None, torch.zeros(tile, pw)  # rows y0 … y0 + tile of the image
     for i, y0 in enumerate(rows):
         for x0 in cols:
-            patch = ((x[:, :, y0:y0 + tile, x0:x0 + tile] - mean) / std).to(device)
-            p = model(patch).softmax(1)[0].cpu()
+            patch = torch.from_numpy(np.ascontiguousarray(
+                to_unit(image[y0:y0 + tile, x0:x0 + tile])))
+            patch = (patch[None] if patch.ndim == 2 else patch.permute(2, 0, 1))[None]
+            p = model(((patch - mean) / std).to(device)).softmax(1)[0].cpu()
             if probs is None:
                 probs = torch.zeros(p.shape[0], tile, pw)
             probs[:, :, x0:x0 + tile] += p * weight
@@ -90,6 +102,14 @@ def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap:
         probs = torch.cat([probs[:, final:], probs.new_zeros(len(probs), final, pw)], 1)
         norm = torch.cat([norm[final:], norm.new_zeros(final, pw)])
     return np.ascontiguousarray(labels[:h, :w])
+
+
+def unit_tiles(image: np.ndarray, channels: int, name):
+    """The ``to_unit`` of :func:`predict_image` for a raw image (H, W[, C]) of any pixel type:
+    its tiles scaled as the whole image (:func:`unit_range`: min/max over the whole image for
+    floats) and fitted to the model's ``channels`` (:func:`fit_channels`)."""
+    offset, span = unit_range(image, name)
+    return lambda a: fit_channels(scale_to_unit(a, offset, span), channels, name)
 
 
 def input_paths(inputs: list[str]) -> list[Path]:
@@ -119,9 +139,10 @@ def image_layout(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def read_pages(path: Path) -> list[np.ndarray]:
-    """Float (H, W[, C]) pages in [0, 1] of an image file: one, or each page of a stack."""
+    """The (H, W[, C]) pages of an image file as stored (no float copy): one, or each page
+    of a stack."""
     a = read_image(path)
-    return [_to_unit(page, path) for page in a] if is_stack(a.shape) else [_to_unit(a, path)]
+    return list(a) if is_stack(a.shape) else [a]
 
 
 def check_channels(channels: int, expected: int, name, pixels) -> None:
@@ -181,10 +202,9 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
         progress(done[0], total)
 
     norm = meta["norm"]
-    labels = [predict_image(model, fit_channels(_to_unit(plane, name), meta["in_channels"],
-                                                name),
-                            norm["mean"], norm["std"], tile, overlap, rules, device,
-                            on_tile if progress else None) for plane in planes]
+    labels = [predict_image(model, plane, norm["mean"], norm["std"], tile, overlap, rules,
+                            device, on_tile if progress else None,
+                            unit_tiles(plane, meta["in_channels"], name)) for plane in planes]
     return np.stack(labels).reshape(*lead, h, w)
 
 
@@ -365,21 +385,22 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     for path, (_, channels) in zip(paths, layouts):
         check_channels(channels, meta["in_channels"], path, lambda: [read_image(path)[..., :3]])
         if pixel_kind(path) not in "bui":  # refused before anything is written: pixels that
-            _to_unit(read_image(path), path)  # are not numbers, NaN or infinite ones
+            unit_range(read_image(path), path)  # are not numbers, NaN or infinite ones
     out = Path(out)
     targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
                            with_overlay)
     out.mkdir(parents=True, exist_ok=True)
     norm, written = meta["norm"], []
     for path, (target, overlays) in zip(paths, targets):
-        pages = [fit_channels(p, meta["in_channels"], path)
-                 for p in read_pages(path)]  # one image in memory at a time
-        labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device)
-                  for p in pages]
+        pages = read_pages(path)  # one image in memory at a time, as stored
+        units = [unit_tiles(p, meta["in_channels"], path) for p in pages]
+        labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
+                                to_unit=unit) for p, unit in zip(pages, units)]
         write_labels(target, labels, meta, plane_axes(path))
         written.append(target)
-        for p, lab, png in zip(pages, labels, overlays):
-            write_atomic(png, lambda tmp: Image.fromarray(overlay(p, lab)).save(tmp, format="PNG"))
+        for p, unit, lab, png in zip(pages, units, labels, overlays):
+            write_atomic(png, lambda tmp: Image.fromarray(overlay(unit(p), lab)).save(
+                tmp, format="PNG"))
         if on_image:
             on_image(path, written[-1], labels)
     return written
