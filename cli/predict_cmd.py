@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import options as o
 from .errors import CLIError
@@ -33,7 +34,13 @@ def predict_command(
         raise CLIError("--device cuda: --runtime onnx runs ONNX Runtime on the CPU; use "
                        "--device cpu or auto, or --runtime torch")
     dev = resolve_device(device) if runtime == "torch" else "cpu"
-    predict_paths(checkpoint, inputs, out, tile, overlap, overlay, dev, runtime,
-                  on_image=lambda path, target, labels: console.print(
-                      f"{path} → {target} ({labels[0].shape[0]}×{labels[0].shape[1]}, "
-                      f"{len(labels)} page(s))"))
+    columns = [TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True,
+                  disable=not console.is_terminal) as progress:  # a bar, not lines in a log
+        task = progress.add_task("tiles", total=None)
+        predict_paths(checkpoint, inputs, out, tile, overlap, overlay, dev, runtime,
+                      on_image=lambda path, target, labels: progress.console.print(
+                          f"{path} → {target} ({labels[0].shape[0]}×{labels[0].shape[1]}, "
+                          f"{len(labels)} page(s))"),
+                      progress=lambda done, total: progress.update(task, completed=done,
+                                                                   total=total))

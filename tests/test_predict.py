@@ -180,13 +180,16 @@ def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_pa
 
     ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     paths = [p for p in _images(tmp_path / "in") if "rgb" not in p.name]
-    reads, events = [], []
+    reads, events, ticks = [], [], []
     real = predict.read_pages
     monkeypatch.setattr(predict, "read_pages", lambda p: reads.append(p.name) or real(p))
     written = predict.predict_paths(ckpt, [str(p) for p in paths], tmp_path / "out", tile=32,
-                                    overlap=8, on_image=lambda p, *_: events.append(len(reads)))
+                                    overlap=8, on_image=lambda p, *_: events.append(len(reads)),
+                                    progress=lambda done, total: ticks.append((done, total)))
     assert events == list(range(1, len(paths) + 1))  # each image read just before its labels
     pages = {"stack.tif": (3,), "imagej.tif": (4,), "hyper.tif": (5, 2)}  # Z × C kept
+    total = sum(int(np.prod(pages.get(p.name, (1,)))) for p in paths)  # 1 tile a 20×30 page
+    assert ticks == [(k, total) for k in range(1, total + 1)]  # known from the headers
     for path, out in zip(paths, written):
         assert out.name == f"{path.stem}.tif"
         labels = tifffile.imread(out)

@@ -104,6 +104,25 @@ def predict_image(model, image: np.ndarray, mean, std, tile: int = 256, overlap:
     return np.ascontiguousarray(labels[:h, :w])
 
 
+def _tiles(shape: tuple[int, ...], tile: int, overlap: int, rules) -> int:
+    """How many tiles :func:`predict_image` cuts from an image of this (H, W, ...) shape."""
+    _, _, _, rows, cols = tile_grid(shape[0], shape[1], tile, overlap, rules)
+    return len(rows) * len(cols)
+
+
+def _tile_counter(progress, total: int):
+    """predict_image's ``on_tile()`` that calls ``progress(done, total)``; None without one."""
+    if progress is None:
+        return None
+    done = [0]
+
+    def on_tile() -> None:
+        done[0] += 1
+        progress(done[0], total)
+
+    return on_tile
+
+
 def unit_tiles(image: np.ndarray, channels: int, name):
     """The ``to_unit`` of :func:`predict_image` for a raw image (H, W[, C]) of any pixel type:
     its tiles scaled as the whole image (:func:`unit_range`: min/max over the whole image for
@@ -194,17 +213,11 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
     check_channels(channels, meta["in_channels"], name, lambda: [data[..., :3]])
     lead, (h, w) = data.shape[:-plane_ndim], data.shape[-plane_ndim:][:2]
     planes = data.reshape(-1, *data.shape[-plane_ndim:])
-    _, _, _, rows, cols = tile_grid(h, w, tile, overlap, rules)
-    total, done = len(planes) * len(rows) * len(cols), [0]
-
-    def on_tile():
-        done[0] += 1
-        progress(done[0], total)
-
+    on_tile = _tile_counter(progress, len(planes) * _tiles((h, w), tile, overlap, rules))
     norm = meta["norm"]
     labels = [predict_image(model, plane, norm["mean"], norm["std"], tile, overlap, rules,
-                            device, on_tile if progress else None,
-                            unit_tiles(plane, meta["in_channels"], name)) for plane in planes]
+                            device, on_tile, unit_tiles(plane, meta["in_channels"], name))
+              for plane in planes]
     return np.stack(labels).reshape(*lead, h, w)
 
 
@@ -370,18 +383,21 @@ def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool =
 
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
-                  runtime: str = "torch", on_image=None) -> list[Path]:
+                  runtime: str = "torch", on_image=None, progress=None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks) in ``out``, with colour
     overlay PNGs if asked. Every input's header (size, pages, channels, pixel type; the pixels
     of RGB files for a grey model too, grey saved as RGB being taken as grey, and of float
     files, whose NaN or infinite pixels are refused) and every output name are checked before
-    anything is written; then the images are read one at a time."""
+    anything is written; then the images are read one at a time. ``on_image(path, target,
+    labels)`` is called after each input, ``progress(done, total)`` after each tile of all of
+    them (the total from the headers)."""
     from PIL import Image
 
     check_tiling(tile, overlap)
     model, meta, rules = load_predictor(source, runtime, device)
     paths = input_paths(inputs)
-    layouts = [image_layout(image_shape(path)) for path in paths]  # headers only
+    shapes = [image_shape(path) for path in paths]  # headers only
+    layouts = [image_layout(shape) for shape in shapes]
     for path, (_, channels) in zip(paths, layouts):
         check_channels(channels, meta["in_channels"], path, lambda: [read_image(path)[..., :3]])
         if pixel_kind(path) not in "bui":  # refused before anything is written: pixels that
@@ -389,13 +405,16 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     out = Path(out)
     targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
                            with_overlay)
+    on_tile = _tile_counter(progress, sum(
+        n * _tiles(shape[1:] if is_stack(shape) else shape, tile, overlap, rules)
+        for shape, (n, _) in zip(shapes, layouts)))
     out.mkdir(parents=True, exist_ok=True)
     norm, written = meta["norm"], []
     for path, (target, overlays) in zip(paths, targets):
         pages = read_pages(path)  # one image in memory at a time, as stored
         units = [unit_tiles(p, meta["in_channels"], path) for p in pages]
         labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
-                                to_unit=unit) for p, unit in zip(pages, units)]
+                                on_tile, unit) for p, unit in zip(pages, units)]
         write_labels(target, labels, meta, plane_axes(path))
         written.append(target)
         for p, unit, lab, png in zip(pages, units, labels, overlays):
