@@ -64,6 +64,15 @@ def test_segment_labels_a_layer_as_cellseg_predict_labels_the_file(tmp_path):
     np.testing.assert_array_equal(planes[1], segment(layer(image[::-1]), model=path, tile=64)[0])
 
 
+def test_a_dask_layer_is_labelled_as_its_array(tmp_path):
+    """napari opens large stacks lazily (dask): they are segmented a plane at a time."""
+    da = pytest.importorskip("dask.array")
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    stack = np.random.default_rng(5).integers(0, 256, (3, 64, 96), dtype=np.uint8)
+    labels, _, _ = segment(layer(da.from_array(stack, chunks=(1, 64, 96))), model=path, tile=64)
+    np.testing.assert_array_equal(labels, segment(layer(stack), model=path, tile=64)[0])
+
+
 def test_predict_array_reports_every_tile_of_every_plane(tmp_path):
     from cellseg_plugins.engine.predict import load_predictor, predict_array
 

@@ -404,3 +404,35 @@ def test_ctrl_c_during_predict_says_what_is_on_disk(tmp_path, capsys, monkeypatc
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == ("error: interrupted; the label files written so far are "
                                        "whole (the same command writes them all again)\n")
+
+
+class _LazyStack:
+    """A lazy (planes, H, W) array as dask or zarr give napari: shape, dtype, indexing; it
+    records what is read and refuses to be read whole."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, idx):
+        self.reads.append(idx)
+        return self.array[idx]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole stack was read at once")
+
+
+def test_predict_array_reads_a_lazy_stack_one_plane_at_a_time():
+    from cellseg_plugins.engine.predict import predict_array
+    from cellseg_plugins.input_rules import input_rules
+
+    torch.manual_seed(0)
+    model = cs.create_model("unet(encoder='plain4')", classes=3).eval()
+    predictor = (model, {"in_channels": 1, "norm": {"mean": [0.5], "std": [0.2]}},
+                 input_rules(model))
+    stack = np.random.default_rng(4).integers(0, 256, (2, 3, 40, 70), dtype=np.uint8)
+    lazy = _LazyStack(stack)
+    labels = predict_array(predictor, lazy, tile=32, overlap=8)
+    assert lazy.reads == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    np.testing.assert_array_equal(labels, predict_array(predictor, stack, tile=32, overlap=8))
+    np.testing.assert_array_equal(labels[1, 2], predict_array(predictor, stack[1, 2], tile=32,
+                                                              overlap=8))

@@ -196,29 +196,36 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
     ``predictor`` is :func:`load_predictor`'s (model, metadata, input rules). Leading axes
     (stack, time, z) are planes segmented one by one; each plane is scaled to [0, 1] as
     ``cellseg predict`` scales a file (uint8/uint16 by their range, floats by min/max).
-    ``progress(done, total)`` is called after each tile. The tiles go to the model's device
-    (``load_predictor``'s; ONNX Runtime: the CPU); ``device``, when given, must be that one.
-    Returns uint8 labels (..., H, W); this is what the napari widget runs.
+    ``data`` may be a lazy array (dask, zarr: anything with ``shape``, ``dtype`` and
+    indexing), read one plane at a time. ``progress(done, total)`` is called after each tile.
+    The tiles go to the model's device (``load_predictor``'s; ONNX Runtime: the CPU);
+    ``device``, when given, must be that one. Returns uint8 labels (..., H, W); this is what
+    the napari widget runs.
     """
     check_tiling(tile, overlap)
     model, meta, rules = predictor
     device = _model_device(model, device)
-    data = np.asarray(data)
-    plane_ndim = 3 if rgb else 2
-    if data.ndim < plane_ndim or 0 in data.shape:
-        raise DataError(f"image of shape {data.shape}: expected (..., H, W)"
-                        f"{', C' if rgb else ''}")
-    name = f"image of shape {data.shape}"
-    channels = min(data.shape[-1], 3) if rgb else 1  # RGBA loses alpha, as in files
-    check_channels(channels, meta["in_channels"], name, lambda: [data[..., :3]])
-    lead, (h, w) = data.shape[:-plane_ndim], data.shape[-plane_ndim:][:2]
-    planes = data.reshape(-1, *data.shape[-plane_ndim:])
-    on_tile = _tile_counter(progress, len(planes) * _tiles((h, w), tile, overlap, rules))
-    norm = meta["norm"]
-    labels = [predict_image(model, plane, norm["mean"], norm["std"], tile, overlap, rules,
-                            device, on_tile, unit_tiles(plane, meta["in_channels"], name))
-              for plane in planes]
-    return np.stack(labels).reshape(*lead, h, w)
+    if not all(hasattr(data, a) for a in ("shape", "dtype", "__getitem__")):
+        data = np.asarray(data)  # lists; arrays, lazy or not, are read a plane at a time
+    shape, plane_ndim = tuple(int(n) for n in data.shape), 3 if rgb else 2
+    if len(shape) < plane_ndim or 0 in shape:
+        raise DataError(f"image of shape {shape}: expected (..., H, W){', C' if rgb else ''}")
+    name = f"image of shape {shape}"
+    lead, (h, w) = shape[:-plane_ndim], shape[-plane_ndim:][:2]
+
+    def planes():
+        return ((idx, np.asarray(data[idx])) for idx in np.ndindex(*lead))
+
+    channels = min(shape[-1], 3) if rgb else 1  # RGBA loses alpha, as in files
+    check_channels(channels, meta["in_channels"], name,
+                   lambda: (plane[..., :3] for _, plane in planes()))
+    on_tile = _tile_counter(progress, int(np.prod(lead)) * _tiles((h, w), tile, overlap, rules))
+    norm, labels = meta["norm"], np.empty((*lead, h, w), np.uint8)
+    for idx, plane in planes():
+        labels[idx] = predict_image(model, plane, norm["mean"], norm["std"], tile, overlap,
+                                    rules, device, on_tile,
+                                    unit_tiles(plane, meta["in_channels"], name))
+    return labels
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
