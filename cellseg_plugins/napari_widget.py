@@ -108,12 +108,19 @@ def _segment(image, model, tile, overlap, runtime, device, advance) -> tuple:
     return labels, kwargs, "labels"
 
 
+class _Stopped(Exception):
+    """Raised after a tile once napari has asked the worker to stop."""
+
+
 def segment_in_background(*args, **kwargs):
     """The dock widget (same parameters as :func:`segment`): segments in a napari thread
     worker, so the viewer stays responsive and its progress bar counts the tiles as they are
     done; napari adds the labels layer when the worker returns. An error is raised again in
-    the main thread, where napari's exception hook shows it as a notification. Returns the worker, started once control is back in Qt's event loop
-    (after napari has connected its ``returned`` signal: a small image could finish first)."""
+    the main thread, where napari's exception hook shows it as a notification. The worker
+    stops after the tile in progress when napari asks it to (``worker.quit()``: its task's
+    cancel, closing the viewer), adding nothing. Returns the worker, started once control is
+    back in Qt's event loop (after napari has connected its ``returned`` signal: a small
+    image could finish first)."""
     from napari.qt.threading import create_worker
     from napari.utils import progress
     from qtpy.QtCore import QTimer
@@ -122,10 +129,23 @@ def segment_in_background(*args, **kwargs):
     call = _SIGNATURE.bind(*args, **kwargs)
     call.apply_defaults()
     bar = progress(desc="cellseg: segmenting tiles")  # Qt widgets: made and moved in the main thread
-    worker = create_worker(_segment, *call.args, ensure_main_thread(_counter(bar)))
-    worker.finished.connect(bar.close)
-    QTimer.singleShot(0, worker.start)
-    return worker
+    show, worker = ensure_main_thread(_counter(bar)), []
+
+    def advance(done: int, total: int) -> None:
+        if worker[0].abort_requested:
+            raise _Stopped
+        show(done, total)
+
+    def work():
+        try:
+            return _segment(*call.args, advance)
+        except _Stopped:
+            return None  # abort requested: napari adds nothing
+
+    worker.append(create_worker(work))
+    worker[0].finished.connect(bar.close)
+    QTimer.singleShot(0, worker[0].start)
+    return worker[0]
 
 
 _SIGNATURE = inspect.signature(segment)

@@ -170,8 +170,9 @@ def test_magicgui_builds_the_widget_from_the_signature(qtbot, tmp_path):
                     "install Xvfb (pytest-xvfb starts it)")
 def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, qtbot, tmp_path):
     """The widget segments in a thread: its call returns before the labels exist (the viewer
-    is not frozen), the progress bar counts every tile, the layer comes when it is done; a bad
-    model is our one-line error, raised again in the main thread (napari's notifications)."""
+    is not frozen), the progress bar counts every tile, the layer comes when it is done; asked
+    to stop, it adds nothing; a bad model is our one-line error, raised again in the main
+    thread (napari's notifications)."""
     from napari.utils import progress
 
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
@@ -190,6 +191,14 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
     assert list(labels.features["class"]) == ["c0", "c1", "c2"]
     assert (bar.n, bar.total) == (4, 4)  # 2 planes x 2 tiles (80 wide, tiles of 64)
     assert bar not in progress._all_instances  # closed
+
+    stopped = widget()
+    (bar,) = [p for p in progress._all_instances if p.desc == "cellseg: segmenting tiles"]
+    stopped.quit()  # napari's cancel: it stops after the first tile, adding nothing
+    with qtbot.waitSignal(stopped.finished, timeout=60_000):
+        pass
+    assert [layer.name for layer in viewer.layers] == ["em", "em cellseg"]
+    assert bar.n == 0  # not one tile counted: it stopped at the first
 
     widget.model.value = tmp_path / "none.pt"
     with qtbot.capture_exceptions() as raised:  # in napari: its hook makes them notifications
