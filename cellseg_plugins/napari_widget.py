@@ -122,13 +122,12 @@ def segment_in_background(*args, **kwargs):
     back in Qt's event loop (after napari has connected its ``returned`` signal: a small
     image could finish first)."""
     from napari.qt.threading import create_worker
-    from napari.utils import progress
     from qtpy.QtCore import QTimer
     from superqt.utils import ensure_main_thread
 
     call = _SIGNATURE.bind(*args, **kwargs)
     call.apply_defaults()
-    bar = progress(desc="cellseg: segmenting tiles")  # Qt widgets: made and moved in the main thread
+    bar = _progress_bar()  # its Qt widget is made, and moved, in the main thread
     show, worker = ensure_main_thread(_counter(bar)), []
 
     def advance(done: int, total: int) -> None:
