@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -39,8 +40,8 @@ def predict_command(
                   disable=not console.is_terminal) as progress:  # a bar, not lines in a log
         task = progress.add_task("tiles", total=None)
         predict_paths(checkpoint, inputs, out, tile, overlap, overlay, dev, runtime,
-                      on_image=lambda path, target, labels: progress.console.print(
-                          f"{path} → {target} ({labels[0].shape[0]}×{labels[0].shape[1]}, "
-                          f"{len(labels)} page(s))"),
+                      on_image=lambda path, target, shape: progress.console.print(
+                          f"{path} → {target} ({shape[-2]}×{shape[-1]}, "
+                          f"{math.prod(shape[:-2])} page(s))"),
                       progress=lambda done, total: progress.update(task, completed=done,
                                                                    total=total))

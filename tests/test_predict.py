@@ -174,20 +174,112 @@ def test_tiff_layouts_by_their_axes(tmp_path):
     np.testing.assert_array_equal(read["rgb_stack.tif"], raw["rgb_stack.tif"])
 
 
+def _more_tiffs(folder):
+    """TIFF layouts beside :func:`_images`': an OME stack (T × Z), a tiled zlib-compressed
+    stack, planar RGB pages, and an ImageJ stack stored as one page (as ImageJ writes files
+    over 4 GB)."""
+    rng = np.random.default_rng(1)
+    u8 = lambda *shape: (rng.random(shape) * 255).astype(np.uint8)  # noqa: E731
+    tifffile.imwrite(folder / "ome.ome.tif", u8(2, 3, 20, 30), metadata={"axes": "TZYX"})
+    tifffile.imwrite(folder / "tiled.tif", u8(3, 64, 64), photometric="minisblack",
+                     tile=(32, 32), compression="zlib")
+    tifffile.imwrite(folder / "planar_stack.tif", u8(2, 3, 20, 30), photometric="rgb",
+                     planarconfig="separate")
+    tifffile.imwrite(folder / "one_page_imagej.tif", u8(6, 20, 30), imagej=True, truncate=True)
+    return ["ome.ome.tif", "tiled.tif", "planar_stack.tif"], ["one_page_imagej.tif"]
+
+
+def test_planes_are_decoded_page_by_page_as_read_image_lays_them_out(tmp_path, monkeypatch):
+    """read_planes gives read_image's pages (or its one image) in order; a TIFF whose pages
+    each hold one image is never decoded whole, other layouts are."""
+    from cellseg_plugins.engine.data import image_shape, is_stack, read_image, read_planes
+
+    paths = _images(tmp_path / "in")
+    paged, one_page = _more_tiffs(tmp_path / "in")
+    paged += ["stack.tif", "imagej.tif", "hyper.tif", "rgb_stack.tif"]
+    for path in sorted((tmp_path / "in").iterdir()):
+        whole = read_image(path)
+        planes = list(read_planes(path))
+        expected = list(whole) if is_stack(whole.shape) else [whole]
+        assert len(planes) == len(expected) > 0, path.name
+        for plane, page in zip(planes, expected):
+            np.testing.assert_array_equal(plane, page, err_msg=path.name)
+    whole_reads = []
+    real = tifffile.TiffPageSeries.asarray
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray",
+                        lambda self, *a, **k: whole_reads.append(self.parent.filehandle.name)
+                        or real(self, *a, **k))
+    for path in sorted((tmp_path / "in").iterdir()):
+        list(read_planes(path))
+    assert not set(whole_reads) & set(paged) and set(one_page) <= set(whole_reads)
+    assert {p.name for p in paths if p.suffix == ".tif" and is_stack(image_shape(p))
+            } <= set(paged)  # every stack of _images is among those read page by page
+
+
+def test_a_stack_is_predicted_and_written_a_page_at_a_time(tmp_path, monkeypatch):
+    """cellseg predict on a stack: each page's labels are those of the page alone, written as
+    they come (the stack is never decoded whole); a failure on a later page leaves no label
+    file, overlay or temporary file behind."""
+    from PIL import Image
+
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    rng = np.random.default_rng(2)
+    stack = (rng.random((4, 40, 50)) * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "sections.tif", stack, imagej=True)
+    for k, page in enumerate(stack):
+        tifffile.imwrite(tmp_path / "in" / f"page{k}.tif", page)
+    pages = predict.predict_paths(ckpt, [str(tmp_path / "in" / f"page{k}.tif") for k in range(4)],
+                                  tmp_path / "pages", tile=32, overlap=8, with_overlay=True)
+    monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", None)  # would be a TypeError
+    (written,) = predict.predict_paths(ckpt, [str(tmp_path / "in" / "sections.tif")],
+                                       tmp_path / "out", tile=32, overlap=8, with_overlay=True)
+    labels = tifffile.imread(written)
+    assert labels.shape == (4, 40, 50) and labels.dtype == np.uint8
+    for k, page in enumerate(pages):
+        np.testing.assert_array_equal(labels[k], tifffile.imread(page))
+        overlay = np.asarray(Image.open(tmp_path / "out" / f"sections_{k}_overlay.png"))
+        np.testing.assert_array_equal(overlay, np.asarray(
+            Image.open(tmp_path / "pages" / f"page{k}_overlay.png")))
+    assert predict.labels_info(written)["class_names"]  # the model's metadata travels
+
+    real, calls = predict.predict_image, []
+
+    def fail_on_page_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_image", fail_on_page_3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        predict.predict_paths(ckpt, [str(tmp_path / "in" / "sections.tif")], tmp_path / "failed",
+                              tile=32, overlap=8, with_overlay=True)
+    assert len(calls) == 3 and list((tmp_path / "failed").iterdir()) == []
+
+
 def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_path, monkeypatch):
     from cellseg_plugins.engine import predict
     from conftest import checkpoint
 
     ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     paths = [p for p in _images(tmp_path / "in") if "rgb" not in p.name]
-    reads, events, ticks = [], [], []
-    real = predict.read_pages
-    monkeypatch.setattr(predict, "read_pages", lambda p: reads.append(p.name) or real(p))
-    written = predict.predict_paths(ckpt, [str(p) for p in paths], tmp_path / "out", tile=32,
-                                    overlap=8, on_image=lambda p, *_: events.append(len(reads)),
-                                    progress=lambda done, total: ticks.append((done, total)))
-    assert events == list(range(1, len(paths) + 1))  # each image read just before its labels
+    log, ticks, shapes = [], [], []
+    real = predict.read_planes
+    monkeypatch.setattr(predict, "read_planes", lambda p: log.append(("read", p.name)) or real(p))
+    written = predict.predict_paths(
+        ckpt, [str(p) for p in paths], tmp_path / "out", tile=32, overlap=8,
+        on_image=lambda p, target, shape: log.append(("done", p.name)) or shapes.append(shape),
+        progress=lambda done, total: ticks.append((done, total)))
+    # first the pixels that need a check (the float file's NaN or inf, a palette PNG's colours
+    # for a grey model); then each image read just before its labels, after the last is done
+    checked = [("read", "float.tif"), ("read", "palette.png")]
+    assert log == checked + [(event, p.name) for p in paths for event in ("read", "done")]
     pages = {"stack.tif": (3,), "imagej.tif": (4,), "hyper.tif": (5, 2)}  # Z × C kept
+    assert shapes == [pages.get(p.name, ()) + (20, 30) for p in paths]
     total = sum(int(np.prod(pages.get(p.name, (1,)))) for p in paths)  # 1 tile a 20×30 page
     assert ticks == [(k, total) for k in range(1, total + 1)]  # known from the headers
     for path, out in zip(paths, written):
@@ -196,11 +288,12 @@ def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_pa
         assert labels.shape == pages.get(path.name, ()) + (20, 30)
         with tifffile.TiffFile(out) as f:  # 3 or 4 label pages are pages, not RGB(A) samples
             assert "S" not in f.series[0].axes, (out.name, f.series[0].axes)
-    reads.clear()
+    log.clear()
     with pytest.raises(predict.DataError, match="planar_rgb.tif: 3 channel"):  # 10th of 14
         predict.predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "refused", tile=32,
-                              overlap=8)
-    assert reads == [] and not (tmp_path / "refused").exists()
+                              overlap=8)  # only the pixels that had to be checked were read
+    assert log == checked + [("read", "planar_rgb.tif")]
+    assert not (tmp_path / "refused").exists()
 
 
 def test_grey_saved_as_rgb_feeds_a_grey_model_and_grey_feeds_a_colour_one(tmp_path):

@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -175,17 +177,64 @@ def _tiff_layout(a: np.ndarray, axes: str) -> np.ndarray:
     return a.reshape(-1, *a.shape[lead:]) if lead > 1 else a
 
 
+@contextmanager
+def _reading(path: Path):
+    """Any error of the block as DataError "PATH: unreadable image (ErrorType)"."""
+    try:
+        yield
+    except Exception as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
+
+
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in (".tif", ".tiff")
+
+
 def read_image(path: Path, mask: bool = False) -> np.ndarray:
     """(pages, H, W[, C]) for multi-page TIFF stacks, else (H, W[, C]); raises DataError."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+    with _reading(path):
+        if _is_tiff(path):
             with tifffile.TiffFile(path) as f:
                 series = f.series[0]
                 return _tiff_layout(series.asarray(), series.axes)
         with Image.open(path) as im:
             return _pil_array(im, mask)
-    except Exception as e:
-        raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
+
+
+def _plane_pages(series) -> list | None:
+    """The TIFF pages of ``series`` if each holds one image (a stack of sections, an ImageJ
+    hyperstack, an RGB stack), in the order of :func:`read_image`'s pages; None otherwise (one
+    page; samples split over pages; an ImageJ file over 4 GB, stored as one page)."""
+    pages, page = list(series.pages), series.keyframe
+    lead = len(series.shape) - len(page.shape)
+    if (len(pages) < 2 or lead < 1 or not series.axes.endswith(page.axes)
+            or "S" in series.axes[:lead] or tuple(series.shape[lead:]) != tuple(page.shape)
+            or len(pages) != int(np.prod(series.shape[:lead])) or None in pages):
+        return None
+    return pages
+
+
+def read_planes(path: Path) -> Iterator[np.ndarray]:
+    """The (H, W[, C]) images of :func:`read_image`'s array (its pages, or the image), read one
+    at a time where the file allows: a TIFF whose pages each hold one image is decoded page by
+    page, so a stack of sections is never whole in memory. Raises DataError."""
+    if not _is_tiff(path):
+        yield read_image(path)
+        return
+    with _reading(path):
+        f = tifffile.TiffFile(path)
+    with f:
+        with _reading(path):
+            series = f.series[0]
+            pages = _plane_pages(series)
+            whole = None if pages else _tiff_layout(series.asarray(), series.axes)
+        if whole is not None:
+            yield from (whole if is_stack(whole.shape) else [whole])
+            return
+        for page in pages:
+            with _reading(path):
+                plane = _tiff_layout(page.asarray(), page.axes)
+            yield plane
 
 
 def is_stack(shape: tuple[int, ...]) -> bool:
@@ -196,8 +245,8 @@ def is_stack(shape: tuple[int, ...]) -> bool:
 def image_shape(path: Path) -> tuple[int, ...]:
     """The shape :func:`read_image` returns for ``path``, from the file's header only (no pixel
     data is decoded); raises DataError."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+    with _reading(path):
+        if _is_tiff(path):
             with tifffile.TiffFile(path) as f:
                 series = f.series[0]
                 pixels = np.broadcast_to(np.bool_(False), series.shape)  # no memory
@@ -205,13 +254,11 @@ def image_shape(path: Path) -> tuple[int, ...]:
         with Image.open(path) as im:
             (w, h), grey = im.size, im.mode in (*GREY_MODES, "LA")
             return (h, w) if grey else (h, w, 4 if im.mode == "RGBA" else 3)
-    except Exception as e:
-        raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
 def pixel_kind(path: Path) -> str:
     """NumPy's dtype kind of an image file's pixels ('u', 'i', 'f', 'c', ...; header only)."""
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if _is_tiff(path):
         with tifffile.TiffFile(path) as f:
             return f.series[0].dtype.kind
     with Image.open(path) as im:
@@ -230,7 +277,7 @@ def check_pixel_type(dtype: np.dtype, name) -> None:
 def plane_axes(path: Path) -> tuple[int, ...]:
     """The sizes of the axes in front of an image file's planes, as the file has them: (Z, C)
     of a ZCYX TIFF hyperstack, (pages,) of a stack, () of one image (header only)."""
-    if path.suffix.lower() not in (".tif", ".tiff"):
+    if not _is_tiff(path):
         return ()
     with tifffile.TiffFile(path) as f:
         series = f.series[0]

@@ -7,6 +7,7 @@ import numbers
 import re
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
 from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_files,
-                   image_shape, is_stack, pixel_kind, plane_axes, read_image, scale_to_unit,
+                   image_shape, is_stack, pixel_kind, plane_axes, read_planes, scale_to_unit,
                    unit_range)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -157,13 +158,6 @@ def image_layout(shape: tuple[int, ...]) -> tuple[int, int]:
     return (shape[0] if is_stack(shape) else 1), (1 if len(page) == 2 else min(page[-1], 3))
 
 
-def read_pages(path: Path) -> list[np.ndarray]:
-    """The (H, W[, C]) pages of an image file as stored (no float copy): one, or each page
-    of a stack."""
-    a = read_image(path)
-    return list(a) if is_stack(a.shape) else [a]
-
-
 def check_channels(channels: int, expected: int, name, pixels) -> None:
     """Raise DataError unless images of ``channels`` channels can feed a model that expects
     ``expected``: grey feeds a colour model (repeated into RGB); colour feeds a grey model
@@ -235,17 +229,25 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.nda
     return ((1 - alpha) * rgb + alpha * colours).astype(np.uint8)
 
 
-def write_labels(path: Path, pages: list[np.ndarray], meta: dict | None = None,
-                 axes: tuple[int, ...] = ()) -> None:
-    """Label TIFF (a stack for several pages, shaped (*axes, H, W) when the input's planes
-    had more axes than one) carrying the model's class names and spec in its metadata
-    (``read_labels`` and the napari reader use them)."""
+def label_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the labels of image file ``path`` (:func:`image_shape` ``shape``):
+    (H, W) for one image, (pages, H, W) for a stack, (*axes, H, W) when the file's planes have
+    more axes than one (Z × C of a hyperstack; header only)."""
+    (n, _), axes = image_layout(shape), plane_axes(path)
+    h, w = (shape[1:] if is_stack(shape) else shape)[:2]
+    front = () if n == 1 else (axes if int(np.prod(axes)) == n else (n,))
+    return (*front, h, w)
+
+
+def write_labels(path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...],
+                 meta: dict | None = None) -> None:
+    """Label TIFF of ``shape`` (:func:`label_shape`) written as ``pages`` yields its (H, W)
+    uint8 planes, one page at a time, carrying the model's class names and spec in its
+    metadata (``read_labels`` and the napari reader use them). Nothing is left at ``path``
+    if ``pages`` fails."""
     info = meta and {"cellseg": {"class_names": list(meta["class_names"]), "spec": meta["spec"]}}
-    labels = np.stack(pages) if len(pages) > 1 else pages[0]
-    if len(axes) > 1 and np.prod(axes) == len(pages):
-        labels = labels.reshape(*axes, *labels.shape[-2:])
     write_atomic(path, lambda tmp: tifffile.imwrite(  # minisblack: 3 or 4 pages are not RGB
-        tmp, labels, metadata=info, photometric="minisblack"))
+        tmp, iter(pages), shape=shape, dtype=np.uint8, metadata=info, photometric="minisblack"))
 
 
 def labels_info(path: str | Path) -> dict | None:
@@ -395,9 +397,10 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     overlay PNGs if asked. Every input's header (size, pages, channels, pixel type; the pixels
     of RGB files for a grey model too, grey saved as RGB being taken as grey, and of float
     files, whose NaN or infinite pixels are refused) and every output name are checked before
-    anything is written; then the images are read one at a time. ``on_image(path, target,
-    labels)`` is called after each input, ``progress(done, total)`` after each tile of all of
-    them (the total from the headers)."""
+    anything is written; then the images are read one plane at a time (:func:`read_planes`:
+    a TIFF stack page by page), each plane's labels written as they come. ``on_image(path,
+    target, shape)`` is called after each input (``shape``: its labels'), ``progress(done,
+    total)`` after each tile of all of them (the total from the headers)."""
     from PIL import Image
 
     check_tiling(tile, overlap)
@@ -406,9 +409,11 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     shapes = [image_shape(path) for path in paths]  # headers only
     layouts = [image_layout(shape) for shape in shapes]
     for path, (_, channels) in zip(paths, layouts):
-        check_channels(channels, meta["in_channels"], path, lambda: [read_image(path)[..., :3]])
+        check_channels(channels, meta["in_channels"], path,
+                       lambda: (plane[..., :3] for plane in read_planes(path)))
         if pixel_kind(path) not in "bui":  # refused before anything is written: pixels that
-            unit_range(read_image(path), path)  # are not numbers, NaN or infinite ones
+            for plane in read_planes(path):  # are not numbers, NaN or infinite ones
+                unit_range(plane, path)
     out = Path(out)
     targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
                            with_overlay)
@@ -417,16 +422,16 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
         for shape, (n, _) in zip(shapes, layouts)))
     out.mkdir(parents=True, exist_ok=True)
     norm, written = meta["norm"], []
-    for path, (target, overlays) in zip(paths, targets):
-        pages = read_pages(path)  # one image in memory at a time, as stored
-        units = [unit_tiles(p, meta["in_channels"], path) for p in pages]
-        labels = [predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
-                                on_tile, unit) for p, unit in zip(pages, units)]
-        write_labels(target, labels, meta, plane_axes(path))
+    unit = lambda plane, path: unit_tiles(plane, meta["in_channels"], path)  # noqa: E731
+    for path, shape, (target, overlays) in zip(paths, shapes, targets):
+        labels = (predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
+                                on_tile, unit(p, path)) for p in read_planes(path))
+        write_labels(target, labels, label_shape(path, shape), meta)  # a plane at a time
         written.append(target)
-        for p, unit, lab, png in zip(pages, units, labels, overlays):
-            write_atomic(png, lambda tmp: Image.fromarray(overlay(unit(p), lab)).save(
-                tmp, format="PNG"))
+        if overlays:  # each page again, beside its labels read back from the TIFF
+            for png, p, lab in zip(overlays, read_planes(path), read_planes(target)):
+                write_atomic(png, lambda tmp: Image.fromarray(overlay(unit(p, path)(p), lab)
+                                                              ).save(tmp, format="PNG"))
         if on_image:
-            on_image(path, written[-1], labels)
+            on_image(path, target, label_shape(path, shape))
     return written
