@@ -296,6 +296,39 @@ def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_pa
     assert not (tmp_path / "refused").exists()
 
 
+def test_images_past_pillows_decompression_bomb_limit_are_read(tmp_path, monkeypatch):
+    """Pillow refuses images past 2 × Image.MAX_IMAGE_PIXELS (179 megapixels: a 14 000² EM
+    montage) as a "decompression bomb" and warns past 1 ×; a user's own image is read, without
+    a warning, and the limit stays as it was for everything else. The limit is lowered here to
+    make a 40 × 50 PNG that large."""
+    import warnings
+
+    from PIL import Image
+
+    from cellseg_plugins.engine import predict
+    from cellseg_plugins.engine.data import image_shape, pixel_kind, read_image
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    image = (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "montage.png")
+    tifffile.imwrite(tmp_path / "montage.tif", image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "montage.png")
+    path = tmp_path / "montage.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        assert image_shape(path) == (40, 50) and pixel_kind(path) == "u"
+        np.testing.assert_array_equal(read_image(path), image)
+        (png_labels,) = predict.predict_paths(ckpt, [str(path)], tmp_path / "png", tile=32,
+                                              overlap=8)
+    (tif_labels,) = predict.predict_paths(ckpt, [str(tmp_path / "montage.tif")],
+                                          tmp_path / "tif", tile=32, overlap=8)
+    np.testing.assert_array_equal(tifffile.imread(png_labels), tifffile.imread(tif_labels))
+    assert Image.MAX_IMAGE_PIXELS == 500
+
+
 def test_grey_saved_as_rgb_feeds_a_grey_model_and_grey_feeds_a_colour_one(tmp_path):
     """Grey with alpha (LA) and grey saved as RGB(A) or as a palette give a grey model the
     labels of the grey file; a colour model takes a grey file as RGB with equal channels; a

@@ -186,6 +186,19 @@ def _reading(path: Path):
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
+@contextmanager
+def _open_pil(path: Path):
+    """``Image.open(path)`` without Pillow's decompression-bomb limit (a warning past 89
+    megapixels, an error past 179: a 14 000² montage of EM sections), which guards servers
+    against uploaded files, not a user's own micrographs."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as im:
+            yield im
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in (".tif", ".tiff")
 
@@ -197,7 +210,7 @@ def read_image(path: Path, mask: bool = False) -> np.ndarray:
             with tifffile.TiffFile(path) as f:
                 series = f.series[0]
                 return _tiff_layout(series.asarray(), series.axes)
-        with Image.open(path) as im:
+        with _open_pil(path) as im:
             return _pil_array(im, mask)
 
 
@@ -251,7 +264,7 @@ def image_shape(path: Path) -> tuple[int, ...]:
                 series = f.series[0]
                 pixels = np.broadcast_to(np.bool_(False), series.shape)  # no memory
                 return _tiff_layout(pixels, series.axes).shape
-        with Image.open(path) as im:
+        with _open_pil(path) as im:
             (w, h), grey = im.size, im.mode in (*GREY_MODES, "LA")
             return (h, w) if grey else (h, w, 4 if im.mode == "RGBA" else 3)
 
@@ -261,7 +274,7 @@ def pixel_kind(path: Path) -> str:
     if _is_tiff(path):
         with tifffile.TiffFile(path) as f:
             return f.series[0].dtype.kind
-    with Image.open(path) as im:
+    with _open_pil(path) as im:
         return {"F": "f", "I": "i"}.get(im.mode, "u")
 
 
