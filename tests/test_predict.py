@@ -434,6 +434,46 @@ def test_pixels_that_are_not_numbers_are_one_line_before_anything_is_written(tmp
         assert predict.predict_array(predictor, array, tile=32, overlap=8).shape == (40, 48)
 
 
+def test_a_tiff_of_separate_images_is_one_line_before_anything_is_written(tmp_path, capsys):
+    """Pages of different sizes (or OME positions) are separate image series in tifffile;
+    only the first was read: `cellseg predict` labelled two of a file's three sections and
+    training took one image of a folder's file. Such a file is now one line, naming the
+    images, in predict (nothing written) and in a training folder; a thumbnail stored as a
+    reduced-resolution page is not a separate image."""
+    from cellseg_plugins.cli.main import main
+    from cellseg_plugins.engine.data import image_shape, load_folder, read_image
+    from cellseg_plugins.errors import DataError
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a_fine.tif", np.ones((40, 48), np.uint8))
+    with tifffile.TiffWriter(tmp_path / "in" / "sections.tif") as tif:
+        for shape in ((40, 48), (32, 50), (40, 48)):
+            tif.write(np.zeros(shape, np.uint8), photometric="minisblack", metadata=None)
+    with tifffile.TiffWriter(tmp_path / "in" / "thumbnail.tif") as tif:
+        tif.write(np.ones((40, 48), np.uint8), photometric="minisblack")
+        tif.write(np.ones((10, 12), np.uint8), photometric="minisblack", subfiletype=1)
+    assert image_shape(tmp_path / "in" / "thumbnail.tif") == (40, 48)
+    assert read_image(tmp_path / "in" / "thumbnail.tif").shape == (40, 48)
+    line = (f"{tmp_path / 'in' / 'sections.tif'}: 2 image series in one TIFF (2×40×48, 32×50); "
+            "cellseg reads a file's one image or one stack of same-size pages: save each series "
+            "as its own file")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code != 0
+    assert capsys.readouterr().err == f"error: {line}\n"
+    assert not (tmp_path / "out").exists()
+    for name in ("images", "masks"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "data" / "images" / "a.tif", np.ones((40, 48), np.uint8))
+    tifffile.imwrite(tmp_path / "data" / "masks" / "a.tif", np.ones((40, 48), np.uint8))
+    (tmp_path / "in" / "sections.tif").rename(tmp_path / "data" / "images" / "b.tif")
+    tifffile.imwrite(tmp_path / "data" / "masks" / "b.tif", np.ones((40, 48), np.uint8))
+    with pytest.raises(DataError, match=re.escape("b.tif: 2 image series in one TIFF")):
+        load_folder(tmp_path / "data")
+
+
 def test_predict_arrays_tile_and_overlap_must_be_integers(tmp_path):
     from cellseg_plugins.engine import predict
     from conftest import checkpoint

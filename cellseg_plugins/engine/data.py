@@ -182,8 +182,22 @@ def _reading(path: Path):
     """Any error of the block as DataError "PATH: unreadable image (ErrorType)"."""
     try:
         yield
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
+
+
+def _series(f: tifffile.TiffFile, path: Path):
+    """The TIFF's one image series (an image, or a stack of pages of one size; reduced-
+    resolution pages are its levels); raises DataError for a file holding several (pages of
+    different sizes, OME positions), of which only the first would be read."""
+    if len(f.series) > 1:
+        shapes = ", ".join("×".join(map(str, s.shape)) for s in f.series)
+        raise DataError(f"{path}: {len(f.series)} image series in one TIFF ({shapes}); "
+                        "cellseg reads a file's one image or one stack of same-size pages: "
+                        "save each series as its own file")
+    return f.series[0]
 
 
 @contextmanager
@@ -208,7 +222,7 @@ def read_image(path: Path, mask: bool = False) -> np.ndarray:
     with _reading(path):
         if _is_tiff(path):
             with tifffile.TiffFile(path) as f:
-                series = f.series[0]
+                series = _series(f, path)
                 return _tiff_layout(series.asarray(), series.axes)
         with _open_pil(path) as im:
             return _pil_array(im, mask)
@@ -238,7 +252,7 @@ def read_planes(path: Path) -> Iterator[np.ndarray]:
         f = tifffile.TiffFile(path)
     with f:
         with _reading(path):
-            series = f.series[0]
+            series = _series(f, path)
             pages = _plane_pages(series)
             whole = None if pages else _tiff_layout(series.asarray(), series.axes)
         if whole is not None:
@@ -261,7 +275,7 @@ def image_shape(path: Path) -> tuple[int, ...]:
     with _reading(path):
         if _is_tiff(path):
             with tifffile.TiffFile(path) as f:
-                series = f.series[0]
+                series = _series(f, path)
                 pixels = np.broadcast_to(np.bool_(False), series.shape)  # no memory
                 return _tiff_layout(pixels, series.axes).shape
         with _open_pil(path) as im:
@@ -273,7 +287,7 @@ def pixel_kind(path: Path) -> str:
     """NumPy's dtype kind of an image file's pixels ('u', 'i', 'f', 'c', ...; header only)."""
     if _is_tiff(path):
         with tifffile.TiffFile(path) as f:
-            return f.series[0].dtype.kind
+            return _series(f, path).dtype.kind
     with _open_pil(path) as im:
         return {"F": "f", "I": "i"}.get(im.mode, "u")
 
@@ -293,7 +307,7 @@ def plane_axes(path: Path) -> tuple[int, ...]:
     if not _is_tiff(path):
         return ()
     with tifffile.TiffFile(path) as f:
-        series = f.series[0]
+        series = _series(f, path)
         front = series.axes[:series.axes.index("Y")] if "Y" in series.axes else ""
         return tuple(n for n, axis in zip(series.shape, front) if axis != "S")
 
