@@ -112,6 +112,9 @@ class _Stopped(Exception):
     """Raised after a tile once napari has asked the worker to stop."""
 
 
+_BUSY: set[int] = set()  # ids of the image layers a worker is segmenting
+
+
 def segment_in_background(*args, **kwargs):
     """The dock widget (same parameters as :func:`segment`): segments in a napari thread
     worker, so the viewer stays responsive and its progress bar counts the tiles as they are
@@ -120,13 +123,18 @@ def segment_in_background(*args, **kwargs):
     stops after the tile in progress when napari asks it to (``worker.quit()``: its task's
     cancel, closing the viewer), adding nothing. Returns the worker, started once control is
     back in Qt's event loop (after napari has connected its ``returned`` signal: a small
-    image could finish first)."""
+    image could finish first). Run again on a layer that is being segmented is one line
+    (two workers would share the CPU or GPU and add the same layer twice)."""
     from napari.qt.threading import create_worker
     from qtpy.QtCore import QTimer
     from superqt.utils import ensure_main_thread
 
     call = _SIGNATURE.bind(*args, **kwargs)
     call.apply_defaults()
+    image = call.arguments["image"]
+    if image is not None and id(image) in _BUSY:
+        raise DataError(f"image layer {image.name!r} is being segmented already: wait for its "
+                        "labels, or cancel it in napari's activity dock")
     bar = _progress_bar()  # its Qt widget is made, and moved, in the main thread
     show, worker = ensure_main_thread(_counter(bar)), []
 
@@ -143,6 +151,9 @@ def segment_in_background(*args, **kwargs):
 
     worker.append(create_worker(work))
     worker[0].finished.connect(bar.close)
+    if image is not None:
+        _BUSY.add(id(image))
+        worker[0].finished.connect(lambda: _BUSY.discard(id(image)))
     QTimer.singleShot(0, worker[0].start)
     return worker[0]
 

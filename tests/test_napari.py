@@ -194,6 +194,9 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
 
     stopped = widget()
     (bar,) = [p for p in progress._all_instances if p.desc == "cellseg: segmenting tiles"]
+    with pytest.raises(cs.CellsegError, match="layer 'em' is being segmented already"):
+        widget()  # Run pressed again before the labels came: no second worker, bar or layer
+    assert len([p for p in progress._all_instances if p.desc == bar.desc]) == 1
     stopped.quit()  # napari's cancel: it stops after the first tile, adding nothing
     with qtbot.waitSignal(stopped.finished, timeout=60_000):
         pass
