@@ -426,12 +426,13 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     for path, shape, (target, overlays) in zip(paths, shapes, targets):
         labels = (predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
                                 on_tile, unit(p, path)) for p in read_planes(path))
-        write_labels(target, labels, label_shape(path, shape), meta)  # a plane at a time
+        out_shape = label_shape(path, shape)
+        write_labels(target, labels, out_shape, meta)  # a plane at a time
         written.append(target)
         if overlays:  # each page again, beside its labels read back from the TIFF
             for png, p, lab in zip(overlays, read_planes(path), read_planes(target)):
                 write_atomic(png, lambda tmp: Image.fromarray(overlay(unit(p, path)(p), lab)
                                                               ).save(tmp, format="PNG"))
         if on_image:
-            on_image(path, target, label_shape(path, shape))
+            on_image(path, target, out_shape)
     return written
