@@ -317,6 +317,9 @@ def test_images_past_pillows_decompression_bomb_limit_are_read(tmp_path, monkeyp
     with pytest.raises(Image.DecompressionBombError):
         Image.open(tmp_path / "montage.png")
     path = tmp_path / "montage.png"
+    decoding = []  # the limit while the pixels are decoded: the user's, not lifted
+    monkeypatch.setattr(Image.Image, "load", lambda im, load=Image.Image.load: (
+        decoding.append(Image.MAX_IMAGE_PIXELS), load(im))[1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no DecompressionBombWarning either
         assert image_shape(path) == (40, 50) and pixel_kind(path) == "u"
@@ -326,7 +329,7 @@ def test_images_past_pillows_decompression_bomb_limit_are_read(tmp_path, monkeyp
     (tif_labels,) = predict.predict_paths(ckpt, [str(tmp_path / "montage.tif")],
                                           tmp_path / "tif", tile=32, overlap=8)
     np.testing.assert_array_equal(tifffile.imread(png_labels), tifffile.imread(tif_labels))
-    assert Image.MAX_IMAGE_PIXELS == 500
+    assert Image.MAX_IMAGE_PIXELS == 500 and decoding and set(decoding) == {500}
 
 
 def test_grey_saved_as_rgb_feeds_a_grey_model_and_grey_feeds_a_colour_one(tmp_path):

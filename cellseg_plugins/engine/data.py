@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -200,17 +201,24 @@ def _series(f: tifffile.TiffFile, path: Path):
     return f.series[0]
 
 
+_PIL_LIMIT = threading.Lock()
+
+
 @contextmanager
 def _open_pil(path: Path):
     """``Image.open(path)`` without Pillow's decompression-bomb limit (a warning past 89
     megapixels, an error past 179: a 14 000² montage of EM sections), which guards servers
-    against uploaded files, not a user's own micrographs."""
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        with Image.open(path) as im:
-            yield im
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    against uploaded files, not a user's own micrographs. Pillow checks its module-wide limit
+    while it opens a PNG/JPEG/BMP (not while it decodes), so the limit is lifted only for that
+    header read, under a lock, and is the user's again while the pixels are decoded."""
+    with _PIL_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    with im:
+        yield im
 
 
 def _is_tiff(path: Path) -> bool:
