@@ -1,9 +1,10 @@
 """Peak memory of tiled prediction on one large image: what predict_array (the Python API and
 the napari widget; ``cellseg predict`` runs the same per page) adds to the process; with
-``--pages N``, what predict_paths (``cellseg predict``) adds for a TIFF stack of N such pages.
+``--pages N``, what predict_paths (``cellseg predict``) adds for a TIFF stack of N such pages
+(a page each, or with ``--one-page`` all in one page, as ImageJ writes files over 4 GB).
 
     python docs/predict_memory.py [--size 4096] [--dtype uint8] [--classes 5] [--tile 512]
-                                  [--overlap 32] [--pages N]
+                                  [--overlap 32] [--pages N [--one-page]]
 
 An untrained ``unet(encoder='plain4')`` labels a random SIZE² image of pixel type DTYPE
 (uint8 as electron micrographs are stored, or float32; the labels do not matter: the buffers
@@ -40,6 +41,7 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--dtype", choices=["uint8", "float32"], default="uint8")
     parser.add_argument("--pages", type=int, default=0)
+    parser.add_argument("--one-page", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = cs.create_model("unet(encoder='plain4')", classes=args.classes).eval()
@@ -52,9 +54,10 @@ def main() -> None:
     if args.pages:
         with tempfile.TemporaryDirectory() as tmp:
             stack, ckpt = Path(tmp) / "stack.tif", Path(tmp) / "model.pt"
-            with tifffile.TiffWriter(stack) as tif:  # page by page: the stack is never whole
-                for _ in range(args.pages):
-                    tif.write(image, photometric="minisblack", contiguous=True)
+            with tifffile.TiffWriter(stack, imagej=args.one_page) as tif:  # never whole
+                tif.write((image for _ in range(args.pages)), photometric="minisblack",
+                          shape=(args.pages, *image.shape), dtype=image.dtype,
+                          truncate=args.one_page)
             torch.save({"format": FORMAT, "spec": model.cellseg_spec, "in_channels": 1,
                         "class_names": [f"c{i}" for i in range(args.classes)],
                         "norm": predictor[1]["norm"], "model": model.state_dict(),

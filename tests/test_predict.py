@@ -176,8 +176,8 @@ def test_tiff_layouts_by_their_axes(tmp_path):
 
 def _more_tiffs(folder):
     """TIFF layouts beside :func:`_images`': an OME stack (T × Z), a tiled zlib-compressed
-    stack, planar RGB pages, and an ImageJ stack stored as one page (as ImageJ writes files
-    over 4 GB)."""
+    stack, planar RGB pages, and ImageJ stacks stored as one page (as ImageJ writes files
+    over 4 GB: grey, big-endian 16-bit, a Z × C hyperstack, RGB), read a section at a time."""
     rng = np.random.default_rng(1)
     u8 = lambda *shape: (rng.random(shape) * 255).astype(np.uint8)  # noqa: E731
     tifffile.imwrite(folder / "ome.ome.tif", u8(2, 3, 20, 30), metadata={"axes": "TZYX"})
@@ -186,16 +186,25 @@ def _more_tiffs(folder):
     tifffile.imwrite(folder / "planar_stack.tif", u8(2, 3, 20, 30), photometric="rgb",
                      planarconfig="separate")
     tifffile.imwrite(folder / "one_page_imagej.tif", u8(6, 20, 30), imagej=True, truncate=True)
-    return ["ome.ome.tif", "tiled.tif", "planar_stack.tif"], ["one_page_imagej.tif"]
+    tifffile.imwrite(folder / "one_page_imagej_be16.tif", u8(6, 20, 30).astype(np.uint16) * 257,
+                     imagej=True, truncate=True, byteorder=">")
+    tifffile.imwrite(folder / "one_page_imagej_zc.tif", u8(2, 3, 20, 30), imagej=True,
+                     truncate=True, metadata={"axes": "ZCYX"})
+    tifffile.imwrite(folder / "one_page_imagej_rgb.tif", u8(4, 20, 30, 3), imagej=True,
+                     truncate=True, photometric="rgb")
+    return (["ome.ome.tif", "tiled.tif", "planar_stack.tif"],
+            ["one_page_imagej.tif", "one_page_imagej_be16.tif", "one_page_imagej_zc.tif",
+             "one_page_imagej_rgb.tif"])
 
 
 def test_planes_are_decoded_page_by_page_as_read_image_lays_them_out(tmp_path, monkeypatch):
-    """read_planes gives read_image's pages (or its one image) in order; a TIFF whose pages
-    each hold one image is never decoded whole, other layouts are."""
+    """read_planes gives read_image's pages (or its one image) in order, in native byte order;
+    a TIFF whose pages each hold one image, or an uncompressed stack stored in one page (read
+    a section at a time from its bytes), is never decoded whole; one-image files are."""
     from cellseg_plugins.engine.data import image_shape, is_stack, read_image, read_planes
 
     paths = _images(tmp_path / "in")
-    paged, one_page = _more_tiffs(tmp_path / "in")
+    paged, contiguous = _more_tiffs(tmp_path / "in")
     paged += ["stack.tif", "imagej.tif", "hyper.tif", "rgb_stack.tif"]
     for path in sorted((tmp_path / "in").iterdir()):
         whole = read_image(path)
@@ -204,6 +213,8 @@ def test_planes_are_decoded_page_by_page_as_read_image_lays_them_out(tmp_path, m
         assert len(planes) == len(expected) > 0, path.name
         for plane, page in zip(planes, expected):
             np.testing.assert_array_equal(plane, page, err_msg=path.name)
+            assert plane.dtype == page.dtype and plane.dtype.isnative and \
+                type(plane) is np.ndarray, path.name
     whole_reads = []
     real = tifffile.TiffPageSeries.asarray
     monkeypatch.setattr(tifffile.TiffPageSeries, "asarray",
@@ -211,15 +222,18 @@ def test_planes_are_decoded_page_by_page_as_read_image_lays_them_out(tmp_path, m
                         or real(self, *a, **k))
     for path in sorted((tmp_path / "in").iterdir()):
         list(read_planes(path))
-    assert not set(whole_reads) & set(paged) and set(one_page) <= set(whole_reads)
+    assert not set(whole_reads) & set(paged + contiguous)
+    assert {"alpha_grey.tif", "planar_rgb.tif"} <= set(whole_reads)  # one image each
     assert {p.name for p in paths if p.suffix == ".tif" and is_stack(image_shape(p))
             } <= set(paged)  # every stack of _images is among those read page by page
 
 
-def test_a_stack_is_predicted_and_written_a_page_at_a_time(tmp_path, monkeypatch):
-    """cellseg predict on a stack: each page's labels are those of the page alone, written as
-    they come (the stack is never decoded whole); a failure on a later page leaves no label
-    file, overlay or temporary file behind."""
+@pytest.mark.parametrize("truncate", [False, True], ids=["pages", "imagej_one_page"])
+def test_a_stack_is_predicted_and_written_a_page_at_a_time(tmp_path, monkeypatch, truncate):
+    """cellseg predict on a stack (a page a section, or stored in one page as ImageJ writes
+    files over 4 GB): each page's labels are those of the page alone, written as they come
+    (the stack is never decoded whole); a failure on a later page leaves no label file,
+    overlay or temporary file behind."""
     from PIL import Image
 
     from cellseg_plugins.engine import predict
@@ -229,7 +243,9 @@ def test_a_stack_is_predicted_and_written_a_page_at_a_time(tmp_path, monkeypatch
     rng = np.random.default_rng(2)
     stack = (rng.random((4, 40, 50)) * 255).astype(np.uint8)
     (tmp_path / "in").mkdir()
-    tifffile.imwrite(tmp_path / "in" / "sections.tif", stack, imagej=True)
+    tifffile.imwrite(tmp_path / "in" / "sections.tif", stack, imagej=True, truncate=truncate)
+    with tifffile.TiffFile(tmp_path / "in" / "sections.tif") as f:
+        assert len(f.pages) == (1 if truncate else 4)
     for k, page in enumerate(stack):
         tifffile.imwrite(tmp_path / "in" / f"page{k}.tif", page)
     pages = predict.predict_paths(ckpt, [str(tmp_path / "in" / f"page{k}.tif") for k in range(4)],

@@ -249,10 +249,23 @@ def _plane_pages(series) -> list | None:
     return pages
 
 
+def _contiguous_planes(f: tifffile.TiffFile, series) -> tuple[int, tuple[int, ...]] | None:
+    """(pages, (H, W[, C])) of a stack stored as one run of uncompressed bytes in one page (as
+    ImageJ writes files over 4 GB), whose pages of :func:`read_image` lie one after the other
+    in the file; None for other layouts (compressed, scattered, planar samples, one image)."""
+    axes = series.axes
+    if series.dataoffset is None or ("S" in axes and not axes.endswith("S")):
+        return None
+    shape = _tiff_layout(np.broadcast_to(np.bool_(False), series.shape), axes).shape
+    return (shape[0], shape[1:]) if is_stack(shape) else None
+
+
 def read_planes(path: Path) -> Iterator[np.ndarray]:
     """The (H, W[, C]) images of :func:`read_image`'s array (its pages, or the image), read one
     at a time where the file allows: a TIFF whose pages each hold one image is decoded page by
-    page, so a stack of sections is never whole in memory. Raises DataError."""
+    page, an uncompressed stack stored in one page (ImageJ's files over 4 GB) a section at a
+    time from its bytes, so a stack of sections is never whole in memory. Raises
+    DataError."""
     if not _is_tiff(path):
         yield read_image(path)
         return
@@ -262,7 +275,18 @@ def read_planes(path: Path) -> Iterator[np.ndarray]:
         with _reading(path):
             series = _series(f, path)
             pages = _plane_pages(series)
-            whole = None if pages else _tiff_layout(series.asarray(), series.axes)
+            contiguous = None if pages else _contiguous_planes(f, series)
+            whole = (None if pages or contiguous
+                     else _tiff_layout(series.asarray(), series.axes))
+        if contiguous:
+            (count, shape), dtype = contiguous, series.dtype.newbyteorder(f.byteorder)
+            size = int(np.prod(shape))
+            for k in range(count):
+                with _reading(path):  # in native byte order, as tifffile decodes
+                    plane = f.filehandle.read_array(
+                        dtype, size, offset=series.dataoffset + k * size * dtype.itemsize)
+                yield plane.reshape(shape)
+            return
         if whole is not None:
             yield from (whole if is_stack(whole.shape) else [whole])
             return
