@@ -97,6 +97,26 @@ def test_predict_pads_what_the_model_cannot_take(tmp_path, capsys):
     assert labels.shape == (70, 50)
 
 
+def test_predict_names_a_file_format_it_does_not_read(tmp_path, capsys):
+    """An EM format no reader of ours knows (MRC) is named in one line, before anything is
+    written; a PNG saved without its extension is still read by its content."""
+    ckpt, _ = checkpoint(tmp_path, TINY)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "tomo.mrc").write_bytes(b"\0" * 1024 + b"MAP ")
+    image = (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "in" / "section", format="PNG")
+    code, _, err = cli(capsys, "predict", ckpt, tmp_path / "in" / "section",
+                       tmp_path / "in" / "tomo.mrc", "--out", tmp_path / "pred", "--tile", 32,
+                       "--overlap", 8)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{tmp_path / 'in' / 'tomo.mrc'}: cellseg does not read .mrc files; it reads TIFF, " \
+           "PNG, JPEG, BMP" in err
+    assert not (tmp_path / "pred").exists()
+    code, _, err = cli(capsys, "predict", ckpt, tmp_path / "in" / "section", "--out",
+                       tmp_path / "pred", "--tile", 32, "--overlap", 8)
+    assert code == 0 and (tmp_path / "pred" / "section.tif").exists(), err
+
+
 def test_predict_never_writes_over_an_input_or_one_output_twice(tmp_path, capsys):
     ckpt, _ = checkpoint(tmp_path, TINY)
     image = (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)

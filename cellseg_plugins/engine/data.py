@@ -210,7 +210,13 @@ def _open_pil(path: Path):
     megapixels, an error past 179: a 14 000² montage of EM sections), which guards servers
     against uploaded files, not a user's own micrographs. Pillow checks its module-wide limit
     while it opens a PNG/JPEG/BMP (not while it decodes), so the limit is lifted only for that
-    header read, under a lock, and is the user's again while the pixels are decoded."""
+    header read, under a lock, and is the user's again while the pixels are decoded. A file
+    whose extension no reader knows (an MRC or CZI file) raises DataError naming it."""
+    suffix = path.suffix.lower()
+    if suffix and suffix not in Image.registered_extensions():
+        raise DataError(f"{path}: cellseg does not read {suffix} files; it reads TIFF, PNG, "
+                        "JPEG, BMP and Pillow's other formats: save the image as TIFF "
+                        "(e.g. with Fiji)")
     with _PIL_LIMIT:
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
