@@ -117,6 +117,36 @@ def test_predict_names_a_file_format_it_does_not_read(tmp_path, capsys):
     assert code == 0 and (tmp_path / "pred" / "section.tif").exists(), err
 
 
+@pytest.mark.parametrize("layout, fragment", [
+    ({"imagej": True}, "its ImageJ header describes a stack of 4 images that cannot be read"),
+    ({"imagej": True, "truncate": True},
+     "its ImageJ header describes a stack of 4 images that cannot be read"),
+    ({}, "the file ends before its pixels do ("),  # (N bytes, N + 5000 needed): a truncated file
+])
+def test_a_stack_cut_short_is_one_line_not_its_first_page(tmp_path, capsys, layout, fragment):
+    """A TIFF stack whose last bytes are missing (a copy cut short): tifffile reads an ImageJ
+    stack as its first page alone (predict labelled one section of four) and fails on the last
+    page of others; now one line before anything is read or written, wherever it is read."""
+    import tifffile
+
+    from cellseg_plugins.engine.data import DataError, read_image
+
+    ckpt, _ = checkpoint(tmp_path, TINY)
+    path = tmp_path / "sections.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (4, 64, 64), np.uint8),
+                     **layout)
+    path.write_bytes(path.read_bytes()[:-5000])
+    code, _, err = cli(capsys, "predict", ckpt, path, "--out", tmp_path / "pred", "--tile", 32,
+                       "--overlap", 8)
+    assert code == 2 and err == f"error: {path}: {fragment}" + err.split(fragment)[1], err
+    assert err.count("\n") == 1 and not (tmp_path / "pred").exists()
+    if not layout:
+        size = path.stat().st_size
+        assert f"({size} bytes, {size + 5000} needed): a truncated file" in err
+    with pytest.raises(DataError, match="truncated"):
+        read_image(path)
+
+
 def test_predict_never_writes_over_an_input_or_one_output_twice(tmp_path, capsys):
     ckpt, _ = checkpoint(tmp_path, TINY)
     image = (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)

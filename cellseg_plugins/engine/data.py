@@ -7,6 +7,7 @@ crops, folds and augmentation work on source indices, so splits never share a so
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -189,10 +190,33 @@ def _reading(path: Path):
         raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
+def _not_imagej_fallback(record: logging.LogRecord) -> bool:
+    """False for tifffile's log line on an ImageJ stack it cannot read (it falls back to the
+    first page), which :func:`_series` reports as DataError instead."""
+    return "ImageJ series metadata invalid" not in record.getMessage()
+
+
 def _series(f: tifffile.TiffFile, path: Path):
     """The TIFF's one image series (an image, or a stack of pages of one size; reduced-
     resolution pages are its levels); raises DataError for a file holding several (pages of
-    different sizes, OME positions), of which only the first would be read."""
+    different sizes, OME positions), of which only the first would be read, and for an ImageJ
+    stack that tifffile cannot read whole or an uncompressed one cut short (truncated files:
+    tifffile would give the first page, or fail on a later one)."""
+    log = logging.getLogger("tifffile")
+    log.addFilter(_not_imagej_fallback)
+    try:
+        f.series  # noqa: B018 (parsed once, here, and cached by tifffile)
+    finally:
+        log.removeFilter(_not_imagej_fallback)
+    images = (f.imagej_metadata or {}).get("images", 1) if f.is_imagej else 1
+    if images > 1 and f.series[0].kind != "imagej":
+        raise DataError(f"{path}: its ImageJ header describes a stack of {images} images "
+                        "that cannot be read (a truncated or corrupted file); only its first "
+                        "page would be: save the stack again (e.g. with Fiji)")
+    whole = f.series[0]
+    if whole.dataoffset is not None and whole.dataoffset + whole.nbytes > f.filehandle.size:
+        raise DataError(f"{path}: the file ends before its pixels do ({f.filehandle.size} "
+                        f"bytes, {whole.dataoffset + whole.nbytes} needed): a truncated file")
     if len(f.series) > 1:
         shapes = ", ".join("×".join(map(str, s.shape)) for s in f.series)
         raise DataError(f"{path}: {len(f.series)} image series in one TIFF ({shapes}); "
