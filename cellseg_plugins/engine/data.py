@@ -181,13 +181,17 @@ def _tiff_layout(a: np.ndarray, axes: str) -> np.ndarray:
 
 @contextmanager
 def _reading(path: Path):
-    """Any error of the block as DataError "PATH: unreadable image (ErrorType)"."""
+    """Any error of the block as DataError "PATH: unreadable image (ErrorType: its message's
+    first line)" (the message says what is missing, e.g. a codec for a compressed TIFF)."""
     try:
         yield
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path}: unreadable image ({type(e).__name__})") from None
+        text = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)).strip()
+        text = text.splitlines()[0][:200] if text else ""
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}"
+                        f"{': ' + text if text else ''})") from None
 
 
 def _not_imagej_fallback(record: logging.LogRecord) -> bool:
