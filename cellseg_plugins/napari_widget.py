@@ -175,21 +175,8 @@ def get_reader(path):
 
 def read_prediction(path) -> list:
     """[(labels, kwargs, "labels")] for a ``cellseg predict`` label TIFF."""
-    from .engine.predict import labels_info
-
-    return [(_label_pixels(path), _labels_kwargs(Path(path).stem, labels_info(path)), "labels")]
-
-
-def _label_pixels(path):
-    """A label TIFF's pixels; an uncompressed one (as ``cellseg predict`` writes them) as a
-    copy-on-write memory map, so napari reads the sections it shows, not a whole stack, and
-    painting changes the layer, never the file. Others are read whole."""
-    import numpy as np
     import tifffile
 
-    with tifffile.TiffFile(path) as f:
-        series = f.series[0]
-        if series.dataoffset is None:
-            return series.asarray()
-        return np.memmap(path, dtype=series.dtype.newbyteorder(f.byteorder), mode="c",
-                         offset=series.dataoffset, shape=series.shape)
+    from .engine.predict import labels_info
+
+    return [(tifffile.imread(path), _labels_kwargs(Path(path).stem, labels_info(path)), "labels")]
