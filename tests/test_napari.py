@@ -210,7 +210,13 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
     ((kind, error, _),) = raised
     assert issubclass(kind, cs.CellsegError) and "none.pt" in str(error)
 
-    tifffile.imwrite(tmp_path / "section.tif", np.zeros((64, 64), np.uint8))
+    tifffile.imwrite(tmp_path / "section.tif", np.zeros((5, 128, 128), np.uint8))
     (written,) = predict_paths(path, [str(tmp_path / "section.tif")], tmp_path / "pred", tile=64)
     (opened,) = viewer.open(written, plugin="cellseg")
     assert type(opened).__name__ == "Labels" and opened.name == "section"
+    # proofreading: a brush stroke, then the layer saved over the file it came from
+    label = int(opened.data[0, 10, 10]) ^ 1
+    opened.paint((0, 10, 10), label)
+    expected = np.array(opened.data)
+    opened.save(str(written))
+    np.testing.assert_array_equal(tifffile.imread(written), expected)
