@@ -283,15 +283,19 @@ def _plane_pages(series) -> list | None:
     return pages
 
 
-def _contiguous_planes(f: tifffile.TiffFile, series) -> tuple[int, tuple[int, ...]] | None:
-    """(pages, (H, W[, C])) of a stack stored as one run of uncompressed bytes in one page (as
-    ImageJ writes files over 4 GB), whose pages of :func:`read_image` lie one after the other
-    in the file; None for other layouts (compressed, scattered, planar samples, one image)."""
+def _contiguous_planes(series) -> tuple[int, tuple[int, ...], str] | None:
+    """(pages, stored shape of one, its axes) of a stack stored as one run of uncompressed
+    bytes in one page (as ImageJ writes files over 4 GB), whose pages of :func:`read_image`
+    lie one after the other in the file; None for other layouts (compressed, scattered,
+    planar samples, one image)."""
     axes = series.axes
-    if series.dataoffset is None or ("S" in axes and not axes.endswith("S")):
+    if series.dataoffset is None or "Y" not in axes or "S" in axes[:axes.index("Y")]:
         return None
-    shape = _tiff_layout(np.broadcast_to(np.bool_(False), series.shape), axes).shape
-    return (shape[0], shape[1:]) if is_stack(shape) else None
+    lead = axes.index("Y")
+    layout = _tiff_layout(np.broadcast_to(np.bool_(False), series.shape), axes).shape
+    if lead == 0 or not is_stack(layout):
+        return None
+    return int(np.prod(series.shape[:lead])), tuple(series.shape[lead:]), axes[lead:]
 
 
 def read_planes(path: Path) -> Iterator[np.ndarray]:
@@ -309,17 +313,18 @@ def read_planes(path: Path) -> Iterator[np.ndarray]:
         with _reading(path):
             series = _series(f, path)
             pages = _plane_pages(series)
-            contiguous = None if pages else _contiguous_planes(f, series)
+            contiguous = None if pages else _contiguous_planes(series)
             whole = (None if pages or contiguous
                      else _tiff_layout(series.asarray(), series.axes))
         if contiguous:
-            (count, shape), dtype = contiguous, series.dtype.newbyteorder(f.byteorder)
+            (count, shape, axes), dtype = contiguous, series.dtype.newbyteorder(f.byteorder)
             size = int(np.prod(shape))
             for k in range(count):
                 with _reading(path):  # in native byte order, as tifffile decodes
                     plane = f.filehandle.read_array(
                         dtype, size, offset=series.dataoffset + k * size * dtype.itemsize)
-                yield plane.reshape(shape)
+                    plane = _tiff_layout(plane.reshape(shape), axes)
+                yield plane
             return
         if whole is not None:
             yield from (whole if is_stack(whole.shape) else [whole])
