@@ -118,9 +118,10 @@ def test_predict_names_a_file_format_it_does_not_read(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("layout, fragment", [
-    ({"imagej": True}, "its ImageJ header describes a stack of 4 images that cannot be read"),
-    ({"imagej": True, "truncate": True},
-     "its ImageJ header describes a stack of 4 images that cannot be read"),
+    ({"imagej": True}, "its ImageJ header describes a stack of 4 images, of which 1 can be "
+                       "read (a truncated or corrupted file): save the stack again"),
+    ({"imagej": True, "truncate": True}, "its ImageJ header describes a stack of 4 images, of "
+                                         "which 1 can be read (a truncated or corrupted file)"),
     ({}, "the file ends before its pixels do ("),  # (N bytes, N + 5000 needed): a truncated file
 ])
 def test_a_stack_cut_short_is_one_line_not_its_first_page(tmp_path, capsys, layout, fragment):

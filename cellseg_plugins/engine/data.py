@@ -212,12 +212,13 @@ def _series(f: tifffile.TiffFile, path: Path):
         f.series  # noqa: B018 (parsed once, here, and cached by tifffile)
     finally:
         log.removeFilter(_not_imagej_fallback)
-    images = (f.imagej_metadata or {}).get("images", 1) if f.is_imagej else 1
-    if images > 1 and f.series[0].kind != "imagej":
-        raise DataError(f"{path}: its ImageJ header describes a stack of {images} images "
-                        "that cannot be read (a truncated or corrupted file); only its first "
-                        "page would be: save the stack again (e.g. with Fiji)")
     whole = f.series[0]
+    images = (f.imagej_metadata or {}).get("images", 1) if f.is_imagej else 1
+    found = int(np.prod(whole.shape[:whole.axes.index("Y")])) if "Y" in whole.axes else 1
+    if images > found and whole.kind != "imagej":
+        raise DataError(f"{path}: its ImageJ header describes a stack of {images} images, of "
+                        f"which {found} can be read (a truncated or corrupted file): save the "
+                        "stack again (e.g. with Fiji)")
     if whole.dataoffset is not None and whole.dataoffset + whole.nbytes > f.filehandle.size:
         raise DataError(f"{path}: the file ends before its pixels do ({f.filehandle.size} "
                         f"bytes, {whole.dataoffset + whole.nbytes} needed): a truncated file")
