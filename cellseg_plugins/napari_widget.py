@@ -1,7 +1,8 @@
 """napari plugin (manifest ``napari.yaml``, entry point ``napari.manifest``): a dock widget
 that segments an image layer with a cellseg checkpoint (.pt), an exported model (.onnx) or an
-exported BioImage Model Zoo package (.zip) and adds the classes as a labels layer, and a
-reader that opens ``cellseg predict``'s label TIFFs as labels layers with their class names.
+exported BioImage Model Zoo package (.zip) and adds the classes as a labels layer; a
+reader that opens ``cellseg predict``'s label TIFFs as labels layers with their class names;
+and a writer that saves such a layer, proofread or not, as a label TIFF that keeps them.
 
 napari builds the widget from :func:`segment`'s signature (magicgui resolves the annotations
 at run time: no ``from __future__ import annotations`` here) and runs it in a thread worker
@@ -180,3 +181,42 @@ def read_prediction(path) -> list:
     from .engine.predict import labels_info
 
     return [(tifffile.imread(path), _labels_kwargs(Path(path).stem, labels_info(path)), "labels")]
+
+
+def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
+    """napari writer hook for a labels layer saved as .tif: *File › Save Selected Layers*
+    offers it beside napari's own ("cellseg label TIFF with class names"; in code,
+    ``layer.save(path, plugin="cellseg")``), and napari may pick either for a plain save. A
+    layer of cellseg's (the widget's, or a label TIFF opened by the reader), (..., H, W),
+    proofread or not, is saved as ``cellseg predict`` writes labels: uint8 with its class
+    names and spec, so it opens again as labels with them (napari's own writer keeps the
+    pixels only). Any other labels layer goes to napari's own writer, as without cellseg.
+    Checked before anything is written (DataError): a multiscale layer, a label value that
+    names no class. A path without an extension gets ``.tif``. The file is replaced whole:
+    saving over the TIFF the layer came from is safe."""
+    import numpy as np
+
+    from .engine.predict import write_labels
+
+    name, info = attributes.get("name"), attributes.get("metadata") or {}
+    names = info.get("class_names")
+    if not names:
+        from napari_builtins.io import napari_write_labels
+
+        written = napari_write_labels(path, data, attributes)
+        return [written] if written else []
+    if attributes.get("multiscale"):
+        raise DataError(f"labels layer {name!r} is multiscale: cellseg writes one resolution")
+    array = np.asarray(data)
+    if array.ndim < 2 or 0 in array.shape:
+        raise DataError(f"labels layer {name!r} of shape {array.shape}: expected (..., H, W)")
+    low, high = array.min(), array.max()
+    if low < 0 or high >= len(names):
+        raise DataError(f"labels layer {name!r} holds label {low if low < 0 else high}: its "
+                        f"classes are 0–{len(names) - 1} ({', '.join(names)}); paint over it "
+                        "with one of them, or save the pixels only with napari's own writer "
+                        "(napari builtins)")
+    path = Path(path) if Path(path).suffix else Path(f"{path}.tif")  # as napari's own writer
+    pages = (array[idx].astype(np.uint8) for idx in np.ndindex(*array.shape[:-2]))
+    write_labels(path, pages, array.shape, {"class_names": names, "spec": info.get("spec")})
+    return [str(path)]

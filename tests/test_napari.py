@@ -1,6 +1,7 @@
 """The napari plugin: a manifest npe2 accepts; a widget that labels a layer as ``cellseg
 predict`` labels the same image (planes of stacks, scale, class names, progress, bad input);
-a reader for prediction TIFFs; and the widget docked in a real viewer (under Xvfb)."""
+a reader for prediction TIFFs, a writer that keeps their class names; and the widget docked
+in a real viewer (under Xvfb)."""
 
 import importlib
 import os
@@ -18,7 +19,8 @@ from npe2 import PluginManifest
 import cellseg_plugins as cs
 from cellseg_plugins.engine.export import export_checkpoint
 from cellseg_plugins.engine.predict import predict_paths
-from cellseg_plugins.napari_widget import get_reader, segment, segment_in_background
+from cellseg_plugins.napari_widget import (get_reader, segment, segment_in_background,
+                                           write_labels_layer)
 from conftest import checkpoint
 
 MANIFEST = Path(cs.__file__).parent / "napari.yaml"
@@ -30,15 +32,20 @@ def layer(data, rgb=False, name="em"):
                            translate=(5.0,) * ndim)
 
 
-def test_the_manifest_is_valid_and_names_the_widget_and_the_reader():
+def test_the_manifest_is_valid_and_names_the_widget_the_reader_and_the_writer():
     manifest = PluginManifest.from_file(MANIFEST)
     assert manifest.name == "cellseg"  # npe2 requires the distribution's name
     commands = {c.id: c.python_name for c in manifest.contributions.commands}
     (widget,) = manifest.contributions.widgets
     (reader,) = manifest.contributions.readers
+    (writer,) = manifest.contributions.writers
     assert widget.autogenerate
+    assert [(c.layer_type, c.bounds) for c in writer.layer_type_constraints()
+            if not c.is_zero()] == [("labels", (1, 2))]  # exactly one labels layer
+    assert writer.filename_extensions == [".tif", ".tiff"]
     for command_id, function in [(widget.command, segment_in_background),
-                                 (reader.command, get_reader)]:
+                                 (reader.command, get_reader),
+                                 (writer.command, write_labels_layer)]:
         module, attr = commands[command_id].split(":")
         assert getattr(importlib.import_module(module), attr) is function
     installed = PluginManifest.from_distribution("cellseg")  # the napari.manifest entry point
@@ -123,6 +130,43 @@ def test_the_reader_opens_predictions_only(tmp_path):
     assert kind == "labels" and data.shape == (2, 64, 64)
     assert kwargs["features"] == {"class": ["c0", "c1", "c2"]}
     assert kwargs["metadata"]["spec"] == "classic_unet(width=4)"
+
+
+def test_the_writer_saves_a_proofread_layer_that_opens_again_with_its_classes(tmp_path):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    tifffile.imwrite(tmp_path / "em.tif", np.zeros((2, 64, 64), np.uint8))
+    (written,) = predict_paths(path, [str(tmp_path / "em.tif")], tmp_path / "pred", tile=64)
+    ((data, kwargs, _),) = get_reader(str(written))(str(written))
+    data = data.astype(np.int32)  # napari may hand back a wider type; values 0..2 all the same
+    data[1, :8, :8] = 2  # a brush stroke of class c2
+    attributes = {**kwargs, "multiscale": False}
+    assert write_labels_layer(str(written), data, attributes) == [str(written)]  # over itself
+    ((again, again_kwargs, kind),) = get_reader(str(written))(str(written))
+    assert kind == "labels" and again.dtype == np.uint8 and again.shape == (2, 64, 64)
+    np.testing.assert_array_equal(again, data)
+    assert again_kwargs["features"] == {"class": ["c0", "c1", "c2"]}
+    assert again_kwargs["metadata"]["spec"] == "classic_unet(width=4)"
+    assert write_labels_layer(str(tmp_path / "plane"), data[0], attributes) == \
+        [str(tmp_path / "plane.tif")]  # no extension: .tif, as napari's own writer
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "plane.tif"), data[0])
+
+    # a labels layer not of cellseg's: napari's own writer, as without cellseg (its pixels)
+    other = {**attributes, "metadata": {}, "name": "hand-painted"}
+    assert write_labels_layer(str(tmp_path / "other.tif"), data, other) == \
+        [str(tmp_path / "other.tif")]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "other.tif"), data)
+    assert get_reader(str(tmp_path / "other.tif")) is None
+
+    before = written.read_bytes()
+    with pytest.raises(cs.CellsegError, match="labels layer 'em' is multiscale"):
+        write_labels_layer(str(written), data, {**attributes, "multiscale": True})
+    for value in (3, -1, 300):  # a label no class has: not written as another class
+        painted = data.copy()
+        painted[0, 5, 5] = value
+        with pytest.raises(cs.CellsegError, match=rf"holds label {value}: its classes are "
+                                                  r"0–2 \(c0, c1, c2\)"):
+            write_labels_layer(str(written), painted, attributes)
+    assert written.read_bytes() == before  # nothing written by a refused save
 
 
 def test_bad_input_is_one_line_naming_the_value(tmp_path):
@@ -214,9 +258,19 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
     (written,) = predict_paths(path, [str(tmp_path / "section.tif")], tmp_path / "pred", tile=64)
     (opened,) = viewer.open(written, plugin="cellseg")
     assert type(opened).__name__ == "Labels" and opened.name == "section"
-    # proofreading: a brush stroke, then the layer saved over the file it came from
+    # proofreading: a brush stroke, then the layer saved over the file it came from by our
+    # writer (the save dialog's "cellseg label TIFF with class names"), which keeps them
     label = int(opened.data[0, 10, 10]) ^ 1
     opened.paint((0, 10, 10), label)
     expected = np.array(opened.data)
-    opened.save(str(written))
-    np.testing.assert_array_equal(tifffile.imread(written), expected)
+    assert opened.save(str(written), plugin="cellseg") == [str(written)]
+    (reopened,) = viewer.open(written, plugin="cellseg")
+    assert type(reopened).__name__ == "Labels"
+    np.testing.assert_array_equal(reopened.data, expected)
+    assert list(reopened.features["class"]) == ["c0", "c1", "c2"]
+    viewer.add_labels(np.ones((16, 16), np.uint8), name="hand-painted")  # not cellseg's:
+    for plugin in ("cellseg", None):  # ours hands it to napari's own writer, as without us
+        assert viewer.layers["hand-painted"].save(str(tmp_path / "hand.tif"), plugin=plugin) \
+            == [str(tmp_path / "hand.tif")]
+        assert get_reader(str(tmp_path / "hand.tif")) is None
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "hand.tif"), 1)
