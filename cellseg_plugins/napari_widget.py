@@ -175,12 +175,18 @@ def get_reader(path):
 
 
 def read_prediction(path) -> list:
-    """[(labels, kwargs, "labels")] for a ``cellseg predict`` label TIFF."""
+    """[(labels, kwargs, "labels")] for a ``cellseg predict`` label TIFF; its pixel size is
+    kept in the layer's metadata (``calibration``) for :func:`write_labels_layer`."""
     import tifffile
 
+    from .engine.data import pixel_calibration
     from .engine.predict import labels_info
 
-    return [(tifffile.imread(path), _labels_kwargs(Path(path).stem, labels_info(path)), "labels")]
+    kwargs = _labels_kwargs(Path(path).stem, labels_info(path))
+    calibration = pixel_calibration(Path(path))
+    if calibration:
+        kwargs["metadata"]["calibration"] = calibration
+    return [(tifffile.imread(path), kwargs, "labels")]
 
 
 def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
@@ -189,8 +195,9 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     ``layer.save(path, plugin="cellseg")``), and napari may pick either for a plain save. A
     layer of cellseg's (the widget's, or a label TIFF opened by the reader), (..., H, W),
     proofread or not, is saved as ``cellseg predict`` writes labels: uint8 with its class
-    names and spec, so it opens again as labels with them (napari's own writer keeps the
-    pixels only). Any other labels layer goes to napari's own writer, as without cellseg.
+    names, spec and pixel size (the reader's ``calibration``), so it opens again as labels
+    with them (napari's own writer keeps the pixels only). Any other labels layer goes to
+    napari's own writer, as without cellseg.
     Checked before anything is written (DataError): a multiscale layer, a label value that
     names no class. A path without an extension gets ``.tif``. The file is replaced whole:
     saving over the TIFF the layer came from is safe."""
@@ -218,5 +225,6 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
                         "(napari builtins)")
     path = Path(path) if Path(path).suffix else Path(f"{path}.tif")  # as napari's own writer
     pages = (array[idx].astype(np.uint8) for idx in np.ndindex(*array.shape[:-2]))
-    write_labels(path, pages, array.shape, {"class_names": names, "spec": info.get("spec")})
+    write_labels(path, pages, array.shape, {"class_names": names, "spec": info.get("spec")},
+                 info.get("calibration"))
     return [str(path)]

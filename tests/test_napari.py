@@ -17,6 +17,7 @@ import torch
 from npe2 import PluginManifest
 
 import cellseg_plugins as cs
+from cellseg_plugins.engine.data import pixel_calibration
 from cellseg_plugins.engine.export import export_checkpoint
 from cellseg_plugins.engine.predict import predict_paths
 from cellseg_plugins.napari_widget import (get_reader, segment, segment_in_background,
@@ -134,7 +135,8 @@ def test_the_reader_opens_predictions_only(tmp_path):
 
 def test_the_writer_saves_a_proofread_layer_that_opens_again_with_its_classes(tmp_path):
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
-    tifffile.imwrite(tmp_path / "em.tif", np.zeros((2, 64, 64), np.uint8))
+    tifffile.imwrite(tmp_path / "em.tif", np.zeros((2, 64, 64), np.uint8),
+                     resolution=(2.5e6, 2.5e6), resolutionunit="CENTIMETER")  # 4 nm pixels
     (written,) = predict_paths(path, [str(tmp_path / "em.tif")], tmp_path / "pred", tile=64)
     ((data, kwargs, _),) = get_reader(str(written))(str(written))
     data = data.astype(np.int32)  # napari may hand back a wider type; values 0..2 all the same
@@ -146,6 +148,7 @@ def test_the_writer_saves_a_proofread_layer_that_opens_again_with_its_classes(tm
     np.testing.assert_array_equal(again, data)
     assert again_kwargs["features"] == {"class": ["c0", "c1", "c2"]}
     assert again_kwargs["metadata"]["spec"] == "classic_unet(width=4)"
+    assert pixel_calibration(written) == {"resolution": (2.5e6, 2.5e6), "resolutionunit": 3}
     assert write_labels_layer(str(tmp_path / "plane"), data[0], attributes) == \
         [str(tmp_path / "plane.tif")]  # no extension: .tif, as napari's own writer
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "plane.tif"), data[0])

@@ -277,6 +277,44 @@ def test_a_stack_is_predicted_and_written_a_page_at_a_time(tmp_path, monkeypatch
     assert len(calls) == 3 and list((tmp_path / "failed").iterdir()) == []
 
 
+@pytest.mark.parametrize("unit, per_cm", [("um", 1e4), ("micron", 1e4), ("\\u00B5m", 1e4),
+                                           ("nm", 1e7), ("pixel", None)])
+def test_a_label_tiff_keeps_the_pixel_size_of_its_image(tmp_path, unit, per_cm):
+    """Fiji's calibration (4 nm pixels: 250 pixels per µm, its unit in the ImageJ description,
+    ResolutionUnit "none" in the tags) comes out as pixels per centimetre, which every TIFF
+    reader knows; a unit that is no length (ImageJ's "pixel") stays relative; other TIFFs'
+    resolution tags are copied; a PNG's labels are uncalibrated."""
+    from PIL import Image
+
+    from cellseg_plugins.engine.data import pixel_calibration
+    from cellseg_plugins.engine.predict import predict_paths
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    (tmp_path / "in").mkdir()
+    image = np.zeros((2, 40, 50), np.uint8)
+    size = 0.004 if per_cm == 1e4 else 4.0  # the same 4 nm pixel
+    tifffile.imwrite(tmp_path / "in" / "fiji.tif", image, imagej=True,
+                     resolution=(1 / size, 1 / size), metadata={"unit": unit})
+    tifffile.imwrite(tmp_path / "in" / "scanner.tif", image[0], resolution=(300, 600),
+                     resolutionunit="INCH")
+    Image.fromarray(image[0]).save(tmp_path / "in" / "photo.png")
+    written = predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "out", tile=32, overlap=8)
+    labels = {path.stem: path for path in written}
+    with tifffile.TiffFile(labels["fiji"]) as f:
+        x, y = f.pages.first.get_resolution()
+        if per_cm is None:
+            assert int(f.pages.first.resolutionunit) == 1 and (x, y) == pytest.approx((0.25,) * 2)
+        else:
+            assert int(f.pages.first.resolutionunit) == 3  # centimetre
+            assert x == pytest.approx(2.5e6, rel=1e-6) and y == pytest.approx(2.5e6, rel=1e-6)
+    assert pixel_calibration(labels["scanner"]) == {"resolution": (300.0, 600.0),
+                                                    "resolutionunit": 2}
+    assert pixel_calibration(labels["photo"]) == {"resolution": (1.0, 1.0),
+                                                  "resolutionunit": 1}  # tifffile's default
+    assert pixel_calibration(tmp_path / "in" / "photo.png") is None
+
+
 def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_path, monkeypatch):
     from cellseg_plugins.engine import predict
     from conftest import checkpoint

@@ -384,6 +384,37 @@ def plane_axes(path: Path) -> tuple[int, ...]:
         return tuple(n for n, axis in zip(series.shape, front) if axis != "S")
 
 
+_CM_PER_UNIT = {"nm": 1e-7, "nanometer": 1e-7, "µm": 1e-4, "um": 1e-4, "micron": 1e-4,
+                "micrometer": 1e-4, "mm": 0.1, "millimeter": 0.1, "cm": 1.0, "centimeter": 1.0,
+                "m": 100.0, "meter": 100.0, "inch": 2.54}
+
+
+def pixel_calibration(path: Path) -> dict | None:
+    """The pixel size of a TIFF's first page as ``tifffile.imwrite`` keywords,
+    {resolution: (x, y) pixels per unit, resolutionunit: TIFF ResolutionUnit (1 none,
+    2 inch, 3 cm)}: its resolution tags, where an ImageJ file's length unit (its description's
+    ``unit``: µm, nm, ...; ImageJ writes ResolutionUnit "none" beside it) is turned into
+    centimetres, the unit every TIFF reader (Fiji's included) knows. None for other files and
+    a TIFF without resolution tags (header only)."""
+    if not _is_tiff(path):
+        return None
+    with tifffile.TiffFile(path) as f:
+        page = f.pages.first
+        if "XResolution" not in page.tags or "YResolution" not in page.tags:
+            return None
+        try:
+            (x, y), unit = page.get_resolution(), int(page.resolutionunit)
+        except (ArithmeticError, ValueError):  # a zero denominator, an unknown unit
+            return None
+        name = str((f.imagej_metadata or {}).get("unit", "")).replace("\\u00B5", "µ")
+    if not all(np.isfinite(v) and v > 0 for v in (x, y)):
+        return None
+    cm = _CM_PER_UNIT.get(name.strip().lower().rstrip("s")) if unit == 1 else None
+    if cm:
+        x, y, unit = x / cm, y / cm, 3
+    return {"resolution": (x, y), "resolutionunit": unit}
+
+
 def unit_range(a: np.ndarray, name) -> tuple[float, float]:
     """(offset, span) that maps image ``a`` (uint8/uint16 by their range, other numbers by
     their min/max) to [0, 1] as ``(a - offset) / span``; span 0 for a constant image. Reads the

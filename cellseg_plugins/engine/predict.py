@@ -20,8 +20,8 @@ from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
 from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_files,
-                   image_shape, is_stack, pixel_kind, plane_axes, read_planes, scale_to_unit,
-                   unit_range)
+                   image_shape, is_stack, pixel_calibration, pixel_kind, plane_axes,
+                   read_planes, scale_to_unit, unit_range)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -240,14 +240,16 @@ def label_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def write_labels(path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...],
-                 meta: dict | None = None) -> None:
+                 meta: dict | None = None, calibration: dict | None = None) -> None:
     """Label TIFF of ``shape`` (:func:`label_shape`) written as ``pages`` yields its (H, W)
     uint8 planes, one page at a time, carrying the model's class names and spec in its
-    metadata (``read_labels`` and the napari reader use them). Nothing is left at ``path``
-    if ``pages`` fails."""
+    metadata (``read_labels`` and the napari reader use them) and the input's pixel size
+    (``calibration``: :func:`pixel_calibration`'s, so areas measured on the labels in Fiji
+    are in the image's units). Nothing is left at ``path`` if ``pages`` fails."""
     info = meta and {"cellseg": {"class_names": list(meta["class_names"]), "spec": meta["spec"]}}
     write_atomic(path, lambda tmp: tifffile.imwrite(  # minisblack: 3 or 4 pages are not RGB
-        tmp, iter(pages), shape=shape, dtype=np.uint8, metadata=info, photometric="minisblack"))
+        tmp, iter(pages), shape=shape, dtype=np.uint8, metadata=info, photometric="minisblack",
+        **(calibration or {})))
 
 
 def labels_info(path: str | Path) -> dict | None:
@@ -393,8 +395,8 @@ def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool =
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None, progress=None) -> list[Path]:
-    """Label TIFFs (one per input, named after it; stacks stay stacks) in ``out``, with colour
-    overlay PNGs if asked. Every input's header (size, pages, channels, pixel type; the pixels
+    """Label TIFFs (one per input, named after it; stacks stay stacks; a TIFF's pixel size
+    kept) in ``out``, with colour overlay PNGs if asked. Every input's header (size, pages, channels, pixel type; the pixels
     of RGB files for a grey model too, grey saved as RGB being taken as grey, and of float
     files, whose NaN or infinite pixels are refused) and every output name are checked before
     anything is written; then the images are read one plane at a time (:func:`read_planes`:
@@ -427,7 +429,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
         labels = (predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
                                 on_tile, unit(p, path)) for p in read_planes(path))
         out_shape = label_shape(path, shape)
-        write_labels(target, labels, out_shape, meta)  # a plane at a time
+        write_labels(target, labels, out_shape, meta, pixel_calibration(path))  # by planes
         written.append(target)
         if overlays:  # each page again, beside its labels read back from the TIFF
             for png, p, lab in zip(overlays, read_planes(path), read_planes(target)):
