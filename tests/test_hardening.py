@@ -98,20 +98,26 @@ def test_predict_pads_what_the_model_cannot_take(tmp_path, capsys):
 
 
 def test_predict_names_a_file_format_it_does_not_read(tmp_path, capsys):
-    """An EM format no reader of ours knows (MRC) is named in one line, before anything is
-    written; a PNG saved without its extension is still read by its content."""
+    """A microscope format no reader of ours knows (Zeiss CZI) is named in one line, and a
+    broken MRC file is one line saying why, before anything is written; a PNG saved without
+    its extension is still read by its content."""
     ckpt, _ = checkpoint(tmp_path, TINY)
     (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "scan.czi").write_bytes(b"ZISRAWFILE" + b"\0" * 100)
     (tmp_path / "in" / "tomo.mrc").write_bytes(b"\0" * 1024 + b"MAP ")
     image = (np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "in" / "section", format="PNG")
-    code, _, err = cli(capsys, "predict", ckpt, tmp_path / "in" / "section",
-                       tmp_path / "in" / "tomo.mrc", "--out", tmp_path / "pred", "--tile", 32,
-                       "--overlap", 8)
-    assert code == 2 and err.count("\n") == 1, err
-    assert f"{tmp_path / 'in' / 'tomo.mrc'}: cellseg does not read .mrc files; it reads TIFF, " \
-           "PNG, JPEG, BMP" in err
-    assert not (tmp_path / "pred").exists()
+    for bad, message in [
+        ("scan.czi", "cellseg does not read .czi files; it reads TIFF, MRC, PNG, JPEG, BMP"),
+        ("tomo.mrc", "unreadable image (ValueError: Map ID string not found - not an MRC "
+                     "file, or file is corrupt)"),
+    ]:
+        code, _, err = cli(capsys, "predict", ckpt, tmp_path / "in" / "section",
+                           tmp_path / "in" / bad, "--out", tmp_path / "pred", "--tile", 32,
+                           "--overlap", 8)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{tmp_path / 'in' / bad}: {message}" in err
+        assert not (tmp_path / "pred").exists()
     code, _, err = cli(capsys, "predict", ckpt, tmp_path / "in" / "section", "--out",
                        tmp_path / "pred", "--tile", 32, "--overlap", 8)
     assert code == 0 and (tmp_path / "pred" / "section.tif").exists(), err

@@ -315,6 +315,70 @@ def test_a_label_tiff_keeps_the_pixel_size_of_its_image(tmp_path, unit, per_cm):
     assert pixel_calibration(tmp_path / "in" / "photo.png") is None
 
 
+def _mrc(path, data, voxel=0.0, imod_flags=None):
+    """An MRC file of ``data`` (3-D: a stack of sections), stamped as IMOD stamps its files
+    when ``imod_flags`` is given."""
+    import mrcfile
+
+    from cellseg_plugins.engine.mrc import IMOD_STAMP
+
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(data)
+        if data.ndim == 3:
+            mrc.set_image_stack()
+        mrc.voxel_size = voxel
+        if imod_flags is not None:
+            extra = bytearray(mrc.header.extra2.tobytes())  # header bytes 112-195
+            extra[40:48] = np.array([IMOD_STAMP, imod_flags], "<i4").tobytes()
+            mrc.header.extra2 = bytes(extra)
+
+
+@pytest.mark.parametrize("flags, dtype", [(0, np.uint8), (1, np.int8), (None, np.int8)])
+def test_mrc_bytes_are_unsigned_where_imod_says_so(tmp_path, flags, dtype):
+    """IMOD (and SerialEM) write unsigned bytes in mode 0 and flag signed ones; the MRC2014
+    standard, and mrcfile, read every mode-0 file as signed, so an IMOD stack's bright
+    pixels (128-255) would come out negative and the darkest."""
+    from cellseg_plugins.engine.data import image_shape, pixel_kind, read_image, read_planes
+
+    sections = np.arange(3 * 16 * 16, dtype=np.uint32).reshape(3, 16, 16).astype(np.uint8)
+    _mrc(tmp_path / "em.st", sections.view(np.int8), imod_flags=flags)
+    image = read_image(tmp_path / "em.st")
+    assert image.dtype == dtype and image_shape(tmp_path / "em.st") == (3, 16, 16)
+    np.testing.assert_array_equal(image.view(np.uint8), sections)
+    assert pixel_kind(tmp_path / "em.st") == np.dtype(dtype).kind
+    planes = list(read_planes(tmp_path / "em.st"))
+    assert len(planes) == 3 and all(p.dtype == dtype for p in planes)
+    np.testing.assert_array_equal(np.stack(planes), image)
+
+
+def test_an_mrc_stack_is_labelled_as_the_same_tiff_stack_with_its_pixel_size(tmp_path):
+    """An MRC stack of sections (uint16, 4 nm pixels: 40 Å in its header) gives the labels of
+    the same pixels in a TIFF stack, a page a section, with the pixel size in pixels per cm;
+    a stack of volumes keeps its two axes (V, Z, H, W) as a TIFF hyperstack does."""
+    from cellseg_plugins.engine.data import pixel_calibration
+    from cellseg_plugins.engine.predict import labels_info, predict_paths
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    rng = np.random.default_rng(3)
+    sections = (rng.random((3, 40, 50)) * 65535).astype(np.uint16)
+    (tmp_path / "in").mkdir()
+    _mrc(tmp_path / "in" / "em.mrc", sections, voxel=40.0)
+    tifffile.imwrite(tmp_path / "em.tif", sections, photometric="minisblack")
+    volumes = rng.random((2, 2, 32, 32)).astype(np.float32)
+    _mrc(tmp_path / "in" / "tomos.mrcs", volumes)
+    written = predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "out", tile=32, overlap=8)
+    labels = {path.name: tifffile.imread(path) for path in written}
+    (reference,) = predict_paths(ckpt, [str(tmp_path / "em.tif")], tmp_path / "ref", tile=32,
+                                 overlap=8)
+    np.testing.assert_array_equal(labels["em.tif"], tifffile.imread(reference))
+    assert labels["em.tif"].shape == (3, 40, 50) and labels["tomos.tif"].shape == (2, 2, 32, 32)
+    (x, y) = pixel_calibration(tmp_path / "out" / "em.tif")["resolution"]
+    assert (x, y) == pytest.approx((2.5e6, 2.5e6))  # 1e8 Å a cm / 40 Å
+    assert pixel_calibration(tmp_path / "out" / "tomos.tif")["resolutionunit"] == 1  # none
+    assert labels_info(tmp_path / "out" / "em.tif")["spec"] == "classic_unet(width=4)"
+
+
 def test_predict_checks_every_header_first_then_reads_one_image_at_a_time(tmp_path, monkeypatch):
     from cellseg_plugins.engine import predict
     from conftest import checkpoint
@@ -605,7 +669,7 @@ def test_a_data_set_folder_given_to_predict_points_to_its_images(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ds" / "Images" / "a.png")
     with pytest.raises(predict.DataError) as err:
         predict.input_paths([str(tmp_path / "ds")])
-    assert str(err.value) == (f"no PNG, TIFF, JPEG or BMP images in {tmp_path / 'ds'} (its "
+    assert str(err.value) == (f"no PNG, TIFF, MRC, JPEG or BMP images in {tmp_path / 'ds'} (its "
                               "images are in "
                               f"'{tmp_path / 'ds' / 'Images'}')")
 

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from .mrc import (MRC_SUFFIXES, is_mrc, mrc_calibration, mrc_layout, mrc_pixels, mrc_planes,
+                  mrc_shape, open_mrc)
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import synthetic_dataset
 
@@ -41,7 +43,7 @@ MAX_CLASSES = 255  # labels are written as uint8 images
 IMAGE_DIRS = ("images", "image", "imgs", "img", "raw", "x", "imagesTr")  # imagesTr: nnU-Net's
 MASK_DIRS = ("masks", "mask", "labels", "label", "gt", "annotations", "y", "labelsTr")
 SUFFIXES = (".png", ".tif", ".tiff")  # masks and labels: lossless formats
-IMAGE_SUFFIXES = (*SUFFIXES, ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = (*SUFFIXES, ".jpg", ".jpeg", ".bmp", *MRC_SUFFIXES)
 
 
 @dataclass
@@ -240,11 +242,11 @@ def _open_pil(path: Path):
     against uploaded files, not a user's own micrographs. Pillow checks its module-wide limit
     while it opens a PNG/JPEG/BMP (not while it decodes), so the limit is lifted only for that
     header read, under a lock, and is the user's again while the pixels are decoded. A file
-    whose extension no reader knows (an MRC or CZI file) raises DataError naming it."""
+    whose extension no reader knows (a CZI or ND2 file) raises DataError naming it."""
     suffix = path.suffix.lower()
     if suffix and suffix not in Image.registered_extensions():
-        raise DataError(f"{path}: cellseg does not read {suffix} files; it reads TIFF, PNG, "
-                        "JPEG, BMP and Pillow's other formats: save the image as TIFF "
+        raise DataError(f"{path}: cellseg does not read {suffix} files; it reads TIFF, MRC, "
+                        "PNG, JPEG, BMP and Pillow's other formats: save the image as TIFF "
                         "(e.g. with Fiji)")
     with _PIL_LIMIT:
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -261,8 +263,13 @@ def _is_tiff(path: Path) -> bool:
 
 
 def read_image(path: Path, mask: bool = False) -> np.ndarray:
-    """(pages, H, W[, C]) for multi-page TIFF stacks, else (H, W[, C]); raises DataError."""
+    """(pages, H, W[, C]) for multi-page TIFF stacks and MRC stacks or volumes, else
+    (H, W[, C]); raises DataError."""
     with _reading(path):
+        if is_mrc(path):
+            with open_mrc(path) as mrc:
+                data = mrc_pixels(mrc)
+                return np.array(data.reshape(mrc_layout(data.shape)))
         if _is_tiff(path):
             with tifffile.TiffFile(path) as f:
                 series = _series(f, path)
@@ -303,8 +310,16 @@ def read_planes(path: Path) -> Iterator[np.ndarray]:
     """The (H, W[, C]) images of :func:`read_image`'s array (its pages, or the image), read one
     at a time where the file allows: a TIFF whose pages each hold one image is decoded page by
     page, an uncompressed stack stored in one page (ImageJ's files over 4 GB) a section at a
-    time from its bytes, so a stack of sections is never whole in memory. Raises
-    DataError."""
+    time from its bytes, an MRC file a section at a time from its memory map, so a stack of
+    sections is never whole in memory. Raises DataError."""
+    if is_mrc(path):
+        planes = mrc_planes(path)
+        while True:
+            with _reading(path):
+                plane = next(planes, None)
+            if plane is None:
+                return
+            yield plane
     if not _is_tiff(path):
         yield read_image(path)
         return
@@ -345,6 +360,8 @@ def image_shape(path: Path) -> tuple[int, ...]:
     """The shape :func:`read_image` returns for ``path``, from the file's header only (no pixel
     data is decoded); raises DataError."""
     with _reading(path):
+        if is_mrc(path):
+            return mrc_shape(path)
         if _is_tiff(path):
             with tifffile.TiffFile(path) as f:
                 series = _series(f, path)
@@ -357,6 +374,9 @@ def image_shape(path: Path) -> tuple[int, ...]:
 
 def pixel_kind(path: Path) -> str:
     """NumPy's dtype kind of an image file's pixels ('u', 'i', 'f', 'c', ...; header only)."""
+    if is_mrc(path):
+        with open_mrc(path) as mrc:
+            return mrc_pixels(mrc).dtype.kind
     if _is_tiff(path):
         with tifffile.TiffFile(path) as f:
             return _series(f, path).dtype.kind
@@ -375,7 +395,11 @@ def check_pixel_type(dtype: np.dtype, name) -> None:
 
 def plane_axes(path: Path) -> tuple[int, ...]:
     """The sizes of the axes in front of an image file's planes, as the file has them: (Z, C)
-    of a ZCYX TIFF hyperstack, (pages,) of a stack, () of one image (header only)."""
+    of a ZCYX TIFF hyperstack, (V, Z) of an MRC stack of volumes, (pages,) of a stack, () of
+    one image (header only)."""
+    if is_mrc(path):
+        with open_mrc(path) as mrc:
+            return tuple(mrc.data.shape[:-2])
     if not _is_tiff(path):
         return ()
     with tifffile.TiffFile(path) as f:
@@ -395,7 +419,10 @@ def pixel_calibration(path: Path) -> dict | None:
     2 inch, 3 cm)}: its resolution tags, where an ImageJ file's length unit (its description's
     ``unit``: µm, nm, ...; ImageJ writes ResolutionUnit "none" beside it) is turned into
     centimetres, the unit every TIFF reader (Fiji's included) knows. None for other files and
-    a TIFF without resolution tags (header only)."""
+    a TIFF without resolution tags (header only); an MRC file's voxel size (Å) in pixels per
+    centimetre."""
+    if is_mrc(path):
+        return mrc_calibration(path)
     if not _is_tiff(path):
         return None
     with tifffile.TiffFile(path) as f:
@@ -484,7 +511,7 @@ def parse_class_map(text: str) -> tuple[tuple[str, ...], dict[int, int]]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files of ``folder`` (PNG, TIFF, JPEG, BMP), sorted; hidden files (macOS'
+    """The image files of ``folder`` (PNG, TIFF, JPEG, BMP, MRC), sorted; hidden files (macOS'
     ``._name.png`` resource forks, ...) are not images."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.name.startswith(".") and p.is_file())
@@ -574,7 +601,7 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
             masks.append(ms)
             stems.append(f"{path.stem}[{k}]" if stack else path.stem)
     if not images:
-        raise DataError(f"{image_dir}: no PNG, TIFF, JPEG or BMP images")
+        raise DataError(f"{image_dir}: no PNG, TIFF, MRC, JPEG or BMP images")
     if len({im.ndim for im in images}) > 1:  # grey and colour: all as colour
         images = [fit_channels(im, 3, name) for im, name in zip(images, stems)]
     if not names:

@@ -148,7 +148,7 @@ def input_paths(inputs: list[str]) -> list[Path]:
                       for d in sorted(Path(item).iterdir())
                       if d.is_dir() and d.name.lower() in {n.lower() for n in IMAGE_DIRS}]
         hint = f" (its images are in {str(subfolders[0])!r})" if subfolders else ""
-        raise DataError(f"no PNG, TIFF, JPEG or BMP images in {', '.join(inputs)}{hint}")
+        raise DataError(f"no PNG, TIFF, MRC, JPEG or BMP images in {', '.join(inputs)}{hint}")
     return paths
 
 
