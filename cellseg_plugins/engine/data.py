@@ -414,13 +414,13 @@ _CM_PER_UNIT = {"nm": 1e-7, "nanometer": 1e-7, "µm": 1e-4, "um": 1e-4, "micron"
 
 
 def pixel_calibration(path: Path) -> dict | None:
-    """The pixel size of a TIFF's first page as ``tifffile.imwrite`` keywords,
-    {resolution: (x, y) pixels per unit, resolutionunit: TIFF ResolutionUnit (1 none,
-    2 inch, 3 cm)}: its resolution tags, where an ImageJ file's length unit (its description's
+    """The pixel size of an image file as ``tifffile.imwrite`` keywords, {resolution: (x, y)
+    pixels per unit, resolutionunit: TIFF ResolutionUnit (1 none, 2 inch, 3 cm)}: a TIFF's
+    resolution tags (its first page's), where an ImageJ file's length unit (its description's
     ``unit``: µm, nm, ...; ImageJ writes ResolutionUnit "none" beside it) is turned into
-    centimetres, the unit every TIFF reader (Fiji's included) knows. None for other files and
-    a TIFF without resolution tags (header only); an MRC file's voxel size (Å) in pixels per
-    centimetre."""
+    centimetres, the unit every TIFF reader (Fiji's included) knows; an MRC file's voxel size
+    (Å) in pixels per centimetre. None for other files and where the file gives no size
+    (header only)."""
     if is_mrc(path):
         return mrc_calibration(path)
     if not _is_tiff(path):

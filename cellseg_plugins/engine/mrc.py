@@ -31,7 +31,7 @@ def open_mrc(path: Path):
 
 def _signed_bytes(header) -> bool:
     """Whether mode-0 bytes are signed. The MRC2014 standard says signed; IMOD, which writes
-    most EM stacks (SerialEM too), writes unsigned bytes and stamps its header, setting bit 1
+    most EM stacks (SerialEM too), writes unsigned bytes and stamps its header, setting flag 1
     of its flags (byte 156) only for signed ones."""
     order = header.nx.dtype.byteorder
     stamp, flags = np.frombuffer(header.extra2.tobytes()[40:48],  # header bytes 152-159

@@ -395,9 +395,9 @@ def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool =
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None, progress=None) -> list[Path]:
-    """Label TIFFs (one per input, named after it; stacks stay stacks; a TIFF's pixel size
-    kept) in ``out``, with colour overlay PNGs if asked. Every input's header (size, pages, channels, pixel type; the pixels
-    of RGB files for a grey model too, grey saved as RGB being taken as grey, and of float
+    """Label TIFFs (one per input, named after it; stacks stay stacks; the pixel size of a
+    TIFF or MRC file kept) in ``out``, with colour overlay PNGs if asked. Every input's header
+    (size, pages, channels, pixel type; the pixels of RGB files for a grey model too, grey saved as RGB being taken as grey, and of float
     files, whose NaN or infinite pixels are refused) and every output name are checked before
     anything is written; then the images are read one plane at a time (:func:`read_planes`:
     a TIFF stack page by page), each plane's labels written as they come. ``on_image(path,
