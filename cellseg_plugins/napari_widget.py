@@ -76,7 +76,7 @@ def segment(
     multiscale image) with a cellseg model, tile by tile.
 
     Returns a labels layer tuple ``(labels (..., H, W) uint8, kwargs, "labels")`` named after
-    the image, on the image's scale and translation, with the class names as features. The
+    the image, on the image's scale, units and translation, with the class names as features. The
     model is loaded once and kept while its file is unchanged. ONNX Runtime (.onnx and .zip
     models, or ``runtime="onnx"``) runs on the CPU whatever ``device`` says. The dock widget
     runs it in a thread: :func:`segment_in_background`.
@@ -105,6 +105,8 @@ def _segment(image, model, tile, overlap, runtime, device, advance) -> tuple:
                            device=device, progress=advance)
     kwargs = _labels_kwargs(f"{image.name} cellseg", predictor[1])
     kwargs.update(scale=tuple(image.scale), translate=tuple(image.translate))
+    if getattr(image, "units", None) is not None:  # napari >= 0.6: µm, nm, ... or pixel
+        kwargs["units"] = tuple(image.units)
     kwargs["metadata"]["model"] = str(path)
     return labels, kwargs, "labels"
 
@@ -189,14 +191,31 @@ def read_prediction(path) -> list:
     return [(tifffile.imread(path), kwargs, "labels")]
 
 
+def _layer_calibration(attributes: dict) -> dict | None:
+    """A layer's pixel size (its last two axes' ``scale`` in its ``units``, napari >= 0.6) as
+    :func:`~cellseg_plugins.engine.data.pixel_calibration` gives it, in pixels per cm; None
+    where the units are not lengths (napari's default: pixels)."""
+    units, scale = attributes.get("units"), attributes.get("scale")
+    if not units or scale is None or len(units) < 2 or len(scale) < 2:
+        return None
+    try:
+        cm = [float((1 * unit).to("centimeter").magnitude) for unit in units[-2:]]
+    except (TypeError, ValueError, AttributeError):  # pint's DimensionalityError: pixels
+        return None
+    size = [float(s) * c for s, c in zip(scale[-2:], cm)]  # (y, x) in cm
+    if not all(v > 0 for v in size):
+        return None
+    return {"resolution": (1 / size[1], 1 / size[0]), "resolutionunit": 3}
+
+
 def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     """napari writer hook for a labels layer saved as .tif: *File › Save Selected Layers*
     offers it beside napari's own ("cellseg label TIFF with class names"; in code,
     ``layer.save(path, plugin="cellseg")``), and napari may pick either for a plain save. A
     layer of cellseg's (the widget's, or a label TIFF opened by the reader), (..., H, W),
     proofread or not, is saved as ``cellseg predict`` writes labels: uint8 with its class
-    names, spec and pixel size (the reader's ``calibration``), so it opens again as labels
-    with them (napari's own writer keeps the pixels only). Any other labels layer goes to
+    names, spec and pixel size (its scale where its units are lengths, else the reader's
+    ``calibration``), so it opens again as labels with them (napari's own writer keeps the pixels only). Any other labels layer goes to
     napari's own writer, as without cellseg.
     Checked before anything is written (DataError): a multiscale layer, a label value that
     names no class. A path without an extension gets ``.tif``. The file is replaced whole:
@@ -226,5 +245,5 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     path = Path(path) if Path(path).suffix else Path(f"{path}.tif")  # as napari's own writer
     pages = (array[idx].astype(np.uint8) for idx in np.ndindex(*array.shape[:-2]))
     write_labels(path, pages, array.shape, {"class_names": names, "spec": info.get("spec")},
-                 info.get("calibration"))
+                 _layer_calibration(attributes) or info.get("calibration"))
     return [str(path)]

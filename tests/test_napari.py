@@ -149,6 +149,15 @@ def test_the_writer_saves_a_proofread_layer_that_opens_again_with_its_classes(tm
     assert again_kwargs["features"] == {"class": ["c0", "c1", "c2"]}
     assert again_kwargs["metadata"]["spec"] == "classic_unet(width=4)"
     assert pixel_calibration(written) == {"resolution": (2.5e6, 2.5e6), "resolutionunit": 3}
+    import pint  # napari >= 0.6 layers carry units: a scale in µm gives the pixel size
+
+    um, px = pint.get_application_registry().micrometer, pint.get_application_registry().pixel
+    scaled = {**attributes, "scale": (1.0, 0.008, 0.004), "units": (px, um, um)}
+    write_labels_layer(str(tmp_path / "scaled.tif"), data, scaled)
+    (x, y) = pixel_calibration(tmp_path / "scaled.tif")["resolution"]  # x: 4 nm, y: 8 nm
+    assert (x, y) == pytest.approx((2.5e6, 1.25e6))
+    write_labels_layer(str(tmp_path / "pixels.tif"), data, {**scaled, "units": (px, px, px)})
+    assert pixel_calibration(tmp_path / "pixels.tif")["resolution"] == (2.5e6, 2.5e6)  # kept
     assert write_labels_layer(str(tmp_path / "plane"), data[0], attributes) == \
         [str(tmp_path / "plane.tif")]  # no extension: .tif, as napari's own writer
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "plane.tif"), data[0])
@@ -224,7 +233,8 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
 
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(0).random((2, 64, 80)).astype(np.float32), name="em")
+    viewer.add_image(np.random.default_rng(0).random((2, 64, 80)).astype(np.float32), name="em",
+                     scale=(0.05, 0.004, 0.004), units="micrometer")
     _, widget = viewer.window.add_plugin_dock_widget("cellseg", "Segment (cellseg)")
     widget.model.value, widget.tile.value = path, 64
     worker = widget()
@@ -236,6 +246,10 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
     labels = viewer.layers["em cellseg"]
     assert type(labels).__name__ == "Labels" and labels.data.shape == (2, 64, 80)
     assert list(labels.features["class"]) == ["c0", "c1", "c2"]
+    assert [str(u) for u in labels.units] == ["micrometer"] * 3  # the image's, with its scale
+    assert labels.save(str(tmp_path / "em_labels.tif"), plugin="cellseg")
+    assert pixel_calibration(tmp_path / "em_labels.tif")["resolution"] == \
+        pytest.approx((2.5e6, 2.5e6))  # 4 nm pixels, in pixels per cm
     assert (bar.n, bar.total) == (4, 4)  # 2 planes x 2 tiles (80 wide, tiles of 64)
     assert bar not in progress._all_instances  # closed
 
