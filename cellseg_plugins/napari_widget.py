@@ -59,8 +59,10 @@ def _counter(bar):
 def _labels_kwargs(name: str, info: dict) -> dict:
     """Labels layer arguments: one feature row per label value (row k = class k), so napari
     shows the class name of the label under the cursor; the spec in the metadata."""
+    made_by = {"made_by": info["made_by"]} if info.get("made_by") else {}  # predict --resume
     return {"name": name, "features": {"class": list(info["class_names"])},
-            "metadata": {"class_names": list(info["class_names"]), "spec": info["spec"]}}
+            "metadata": {"class_names": list(info["class_names"]), "spec": info["spec"],
+                         **made_by}}
 
 
 def segment(
@@ -214,8 +216,9 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     ``layer.save(path, plugin="cellseg")``), and napari may pick either for a plain save. A
     layer of cellseg's (the widget's, or a label TIFF opened by the reader), (..., H, W),
     proofread or not, is saved as ``cellseg predict`` writes labels: uint8 with its class
-    names, spec and pixel size (its scale where its units are lengths, else the reader's
-    ``calibration``), so it opens again as labels with them (napari's own writer keeps the pixels only). Any other labels layer goes to
+    names, spec, what made it (``predict --resume`` keeps a proofread file) and pixel size
+    (its scale where its units are lengths, else the reader's ``calibration``), so it opens
+    again as labels with them (napari's own writer keeps the pixels only). Any other labels layer goes to
     napari's own writer, as without cellseg.
     Checked before anything is written (DataError): a multiscale layer, a label value that
     names no class. A path without an extension gets ``.tif``. The file is replaced whole:
@@ -244,6 +247,7 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
                         "(napari builtins)")
     path = Path(path) if Path(path).suffix else Path(f"{path}.tif")  # as napari's own writer
     pages = (array[idx].astype(np.uint8) for idx in np.ndindex(*array.shape[:-2]))
-    write_labels(path, pages, array.shape, {"class_names": names, "spec": info.get("spec")},
+    meta = {"class_names": names, "spec": info.get("spec"), "made_by": info.get("made_by")}
+    write_labels(path, pages, array.shape, meta,
                  _layer_calibration(attributes) or info.get("calibration"))
     return [str(path)]

@@ -65,8 +65,8 @@ INTERRUPTED = {  # what continues an interrupted command; its files on disk are 
     "cv": "; finished runs are kept: the same command resumes the others",
     "study run": "; finished runs are kept: the same command resumes the others",
     "tune": "; finished trials are kept in the study: the same command goes on",
-    "predict": "; the label files written so far are whole (the same command writes them all "
-               "again)",
+    "predict": "; the label files written so far are whole: the same command with --resume "
+               "keeps them and writes the rest",
 }
 
 

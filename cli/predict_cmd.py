@@ -26,6 +26,9 @@ def predict_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     runtime: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime on the CPU)")
                        ] = "torch",
+    resume: Annotated[bool, typer.Option(
+        help="keep the label files in --out that this model, runtime, tile and overlap wrote "
+             "already (an interrupted batch goes on where it stopped)")] = False,
 ) -> None:
     """Label TIFFs (one per input, named after it) for images of any size."""
     from ..engine.train import resolve_device
@@ -44,4 +47,7 @@ def predict_command(
                           f"{path} → {target} ({shape[-2]}×{shape[-1]}, "
                           f"{math.prod(shape[:-2])} page(s))"),
                       progress=lambda done, total: progress.update(task, completed=done,
-                                                                   total=total))
+                                                                   total=total),
+                      resume=resume,
+                      on_kept=lambda path, target: progress.console.print(
+                          f"{path} → {target} (kept: this model wrote it already)"))

@@ -19,7 +19,7 @@ from npe2 import PluginManifest
 import cellseg_plugins as cs
 from cellseg_plugins.engine.data import pixel_calibration
 from cellseg_plugins.engine.export import export_checkpoint
-from cellseg_plugins.engine.predict import predict_paths
+from cellseg_plugins.engine.predict import labels_info, predict_paths
 from cellseg_plugins.napari_widget import (get_reader, segment, segment_in_background,
                                            write_labels_layer)
 from conftest import checkpoint
@@ -138,6 +138,7 @@ def test_the_writer_saves_a_proofread_layer_that_opens_again_with_its_classes(tm
     tifffile.imwrite(tmp_path / "em.tif", np.zeros((2, 64, 64), np.uint8),
                      resolution=(2.5e6, 2.5e6), resolutionunit="CENTIMETER")  # 4 nm pixels
     (written,) = predict_paths(path, [str(tmp_path / "em.tif")], tmp_path / "pred", tile=64)
+    made_by = labels_info(written)["made_by"]  # what predict --resume compares
     ((data, kwargs, _),) = get_reader(str(written))(str(written))
     data = data.astype(np.int32)  # napari may hand back a wider type; values 0..2 all the same
     data[1, :8, :8] = 2  # a brush stroke of class c2
@@ -148,6 +149,7 @@ def test_the_writer_saves_a_proofread_layer_that_opens_again_with_its_classes(tm
     np.testing.assert_array_equal(again, data)
     assert again_kwargs["features"] == {"class": ["c0", "c1", "c2"]}
     assert again_kwargs["metadata"]["spec"] == "classic_unet(width=4)"
+    assert labels_info(written)["made_by"] == made_by  # --resume keeps the proofread file
     assert pixel_calibration(written) == {"resolution": (2.5e6, 2.5e6), "resolutionunit": 3}
     import pint  # napari >= 0.6 layers carry units: a scale in µm gives the pixel size
 

@@ -690,7 +690,70 @@ def test_ctrl_c_during_predict_says_what_is_on_disk(tmp_path, capsys, monkeypatc
         main(["predict", str(ckpt), str(tmp_path / "a.tif"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == ("error: interrupted; the label files written so far are "
-                                       "whole (the same command writes them all again)\n")
+                                       "whole: the same command with --resume keeps them and "
+                                       "writes the rest\n")
+
+
+def test_predict_resume_keeps_what_the_same_model_and_settings_wrote(tmp_path, capsys,
+                                                                      monkeypatch):
+    """An interrupted batch goes on where it stopped: --resume keeps a label file (and its
+    overlay) that the same model file, runtime, tile and overlap wrote, and predicts the rest;
+    another model, other settings, a missing overlay or a cut label file are written again."""
+    from cellseg_plugins.cli.main import main
+    from cellseg_plugins.engine import predict
+    from conftest import checkpoint
+
+    ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    other, _ = checkpoint(tmp_path, "classic_unet(width=8)", name="other.pt")
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(4)
+    for name in "abc":
+        tifffile.imwrite(tmp_path / "in" / f"{name}.tif",
+                         (rng.random((2, 40, 50)) * 255).astype(np.uint8),
+                         photometric="minisblack")
+    real, predicted = predict.predict_image, []
+
+    def interrupted_at_c(image, *args, **kwargs):
+        if len(predicted) == 4:  # a and b written, c's first page
+            raise KeyboardInterrupt
+        predicted.append(1)
+        return real(image, *args, **kwargs)
+
+    def run(*options, ckpt=ckpt):
+        predicted.clear()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                  "--tile", "32", "--overlap", "8", *options])
+        return exit_info.value.code, capsys.readouterr()
+
+    monkeypatch.setattr(predict, "predict_image", interrupted_at_c)
+    code, _ = run("--overlay")
+    assert code == 130 and sorted(p.name for p in (tmp_path / "out").glob("*.tif")) == \
+        ["a.tif", "b.tif"]
+    monkeypatch.setattr(predict, "predict_image", real)
+    before = {n: (tmp_path / "out" / f"{n}.tif").stat().st_mtime_ns for n in "ab"}
+    (tmp_path / "out" / "b_1_overlay.png").unlink()  # b's overlays are not whole: b again
+    monkeypatch.setattr(predict, "predict_image", lambda *a, **k: predicted.append(1) or
+                        real(*a, **k))
+    code, out = run("--overlay", "--resume")
+    assert code == 0 and len(predicted) == 4, out.err  # b's and c's two pages
+    assert " ".join(out.err.split()).count("(kept: this model wrote it already)") == 1  # a
+    assert (tmp_path / "out" / "a.tif").stat().st_mtime_ns == before["a"]
+    assert (tmp_path / "out" / "b.tif").stat().st_mtime_ns != before["b"]
+    assert (tmp_path / "out" / "b_1_overlay.png").is_file()
+    reference = predict.predict_paths(ckpt, [str(tmp_path / "in")], tmp_path / "ref", tile=32,
+                                      overlap=8)
+    for path in reference:  # what --resume kept and wrote: the labels of one whole run
+        np.testing.assert_array_equal(tifffile.imread(path),
+                                      tifffile.imread(tmp_path / "out" / path.name))
+
+    assert run("--overlay", "--resume")[0] == 0 and predicted == []  # all kept
+    assert run("--resume")[0] == 0 and predicted == []  # overlays not asked: kept too
+    assert run("--resume", "--tile", "64")[0] == 0 and len(predicted) == 6  # other settings
+    assert run("--resume", ckpt=other)[0] == 0 and len(predicted) == 6  # another model
+    data = (tmp_path / "out" / "c.tif").read_bytes()
+    (tmp_path / "out" / "c.tif").write_bytes(data[:len(data) // 2])  # cut short
+    assert run("--resume", ckpt=other)[0] == 0 and len(predicted) == 2  # c only
 
 
 class _LazyStack:

@@ -3,6 +3,7 @@ Runtime (:class:`OnnxModel`); :func:`predict_paths` is what ``cellseg predict`` 
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import re
 import tempfile
@@ -243,18 +244,20 @@ def write_labels(path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...]
                  meta: dict | None = None, calibration: dict | None = None) -> None:
     """Label TIFF of ``shape`` (:func:`label_shape`) written as ``pages`` yields its (H, W)
     uint8 planes, one page at a time, carrying the model's class names and spec in its
-    metadata (``read_labels`` and the napari reader use them) and the input's pixel size
-    (``calibration``: :func:`pixel_calibration`'s, so areas measured on the labels in Fiji
-    are in the image's units). Nothing is left at ``path`` if ``pages`` fails."""
-    info = meta and {"cellseg": {"class_names": list(meta["class_names"]), "spec": meta["spec"]}}
+    metadata (``read_labels`` and the napari reader use them), with ``meta["made_by"]``
+    (:func:`model_identity`) where given, and the input's pixel size (``calibration``:
+    :func:`pixel_calibration`'s, so areas measured on the labels in Fiji are in the image's
+    units). Nothing is left at ``path`` if ``pages`` fails."""
+    info = meta and {"cellseg": {"class_names": list(meta["class_names"]), "spec": meta["spec"],
+                                 **({"made_by": meta["made_by"]} if meta.get("made_by") else {})}}
     write_atomic(path, lambda tmp: tifffile.imwrite(  # minisblack: 3 or 4 pages are not RGB
         tmp, iter(pages), shape=shape, dtype=np.uint8, metadata=info, photometric="minisblack",
         **(calibration or {})))
 
 
 def labels_info(path: str | Path) -> dict | None:
-    """{class_names, spec} of a label TIFF written by ``cellseg predict``; None for any other
-    file (only the TIFF's header is read)."""
+    """{class_names, spec[, made_by]} of a label TIFF written by ``cellseg predict``; None for
+    any other file (only the TIFF's header is read)."""
     try:
         with tifffile.TiffFile(path) as f:
             info = (f.shaped_metadata or ({},))[0].get("cellseg")
@@ -364,6 +367,33 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
         return OnnxModel(onnx_path), meta, input_rules(model)
 
 
+def model_identity(source: Path, runtime: str, tile: int, overlap: int) -> dict:
+    """What makes a label file's pixels besides its image: the model file's SHA-256, the
+    runtime, tile and overlap. ``predict --resume`` keeps a label file whose ``made_by`` is
+    this."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "runtime": runtime, "tile": tile, "overlap": overlap}
+
+
+def _written_by(target: Path, overlays: list[Path], identity: dict,
+                shape: tuple[int, ...]) -> bool:
+    """Whether ``target`` is a whole label file of ``shape`` made by ``identity`` (beside its
+    overlay PNGs, where asked): what ``--resume`` keeps."""
+    if not target.is_file() or not all(png.is_file() for png in overlays):
+        return False
+    info = labels_info(target)
+    if not info or info.get("made_by") != identity:
+        return False
+    try:  # the header's shape, and a file that ends before its pixels do refused
+        return image_shape(target) == (shape if len(shape) == 2
+                                       else (int(np.prod(shape[:-2])), *shape[-2:]))
+    except DataError:
+        return False
+
+
 def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool = False
                  ) -> list[tuple[Path, list[Path]]]:
     """(label TIFF, overlay PNGs) in ``out`` for each (input path, page count): OUT/STEM.tif,
@@ -394,47 +424,61 @@ def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool =
 
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
-                  runtime: str = "torch", on_image=None, progress=None) -> list[Path]:
+                  runtime: str = "torch", on_image=None, progress=None, resume: bool = False,
+                  on_kept=None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks; the pixel size of a
-    TIFF or MRC file kept) in ``out``, with colour overlay PNGs if asked. Every input's header
-    (size, pages, channels, pixel type; the pixels of RGB files for a grey model too, grey saved as RGB being taken as grey, and of float
-    files, whose NaN or infinite pixels are refused) and every output name are checked before
-    anything is written; then the images are read one plane at a time (:func:`read_planes`:
-    a TIFF stack page by page), each plane's labels written as they come. ``on_image(path,
-    target, shape)`` is called after each input (``shape``: its labels'), ``progress(done,
-    total)`` after each tile of all of them (the total from the headers)."""
+    TIFF or MRC file kept) in ``out``, with colour overlay PNGs if asked; returns them.
+
+    Every input's header (size, pages, channels, pixel type; the pixels of RGB files for a
+    grey model too, grey saved as RGB being taken as grey, and of float files, whose NaN or
+    infinite pixels are refused) and every output name are checked before anything is
+    written; then the images are read one plane at a time (:func:`read_planes`: a TIFF stack
+    page by page), each plane's labels written as they come. ``on_image(path, target,
+    shape)`` is called after each input (``shape``: its labels'), ``progress(done, total)``
+    after each tile of all of them (the total from the headers). Each label file records what
+    made it (:func:`model_identity`); with ``resume``, an input whose label file (and
+    overlays) the same model, runtime, tile and overlap made already is skipped, with
+    ``on_kept(path, target)``: an interrupted batch goes on where it stopped."""
     from PIL import Image
 
     check_tiling(tile, overlap)
     model, meta, rules = load_predictor(source, runtime, device)
+    meta = {**meta, "made_by": model_identity(Path(source), runtime, tile, overlap)}
     paths = input_paths(inputs)
     shapes = [image_shape(path) for path in paths]  # headers only
     layouts = [image_layout(shape) for shape in shapes]
-    for path, (_, channels) in zip(paths, layouts):
+    out = Path(out)
+    targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
+                           with_overlay)
+    kept = [resume and _written_by(target, overlays, meta["made_by"], label_shape(path, shape))
+            for path, shape, (target, overlays) in zip(paths, shapes, targets)]
+    for path, (_, channels), done in zip(paths, layouts, kept):
+        if done:
+            continue
         check_channels(channels, meta["in_channels"], path,
                        lambda: (plane[..., :3] for plane in read_planes(path)))
         if pixel_kind(path) not in "bui":  # refused before anything is written: pixels that
             for plane in read_planes(path):  # are not numbers, NaN or infinite ones
                 unit_range(plane, path)
-    out = Path(out)
-    targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
-                           with_overlay)
     on_tile = _tile_counter(progress, sum(
         n * _tiles(shape[1:] if is_stack(shape) else shape, tile, overlap, rules)
-        for shape, (n, _) in zip(shapes, layouts)))
+        for shape, (n, _), done in zip(shapes, layouts, kept) if not done))
     out.mkdir(parents=True, exist_ok=True)
-    norm, written = meta["norm"], []
+    norm = meta["norm"]
     unit = lambda plane, path: unit_tiles(plane, meta["in_channels"], path)  # noqa: E731
-    for path, shape, (target, overlays) in zip(paths, shapes, targets):
+    for path, shape, (target, overlays), done in zip(paths, shapes, targets, kept):
+        if done:
+            if on_kept:
+                on_kept(path, target)
+            continue
         labels = (predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
                                 on_tile, unit(p, path)) for p in read_planes(path))
         out_shape = label_shape(path, shape)
         write_labels(target, labels, out_shape, meta, pixel_calibration(path))  # by planes
-        written.append(target)
         if overlays:  # each page again, beside its labels read back from the TIFF
             for png, p, lab in zip(overlays, read_planes(path), read_planes(target)):
                 write_atomic(png, lambda tmp: Image.fromarray(overlay(unit(p, path)(p), lab)
                                                               ).save(tmp, format="PNG"))
         if on_image:
             on_image(path, target, out_shape)
-    return written
+    return [target for target, _ in targets]
