@@ -179,26 +179,30 @@ def get_reader(path):
 
 
 def read_prediction(path) -> list:
-    """[(labels, kwargs, "labels")] for a ``cellseg predict`` label TIFF; its pixel size is
-    kept in the layer's metadata (``calibration``) for :func:`write_labels_layer`."""
+    """[(labels, kwargs, "labels")] for a ``cellseg predict`` label TIFF; its pixel size and
+    the ImageJ letters of the axes in front of its planes are kept in the layer's metadata
+    (``calibration``, ``axes``) for :func:`write_labels_layer`."""
     import tifffile
 
-    from .engine.data import pixel_calibration
+    from .engine.data import pixel_calibration, plane_axes
     from .engine.predict import labels_info
 
     kwargs = _labels_kwargs(Path(path).stem, labels_info(path))
+    kwargs["metadata"]["axes"] = plane_axes(Path(path))[0]
     calibration = pixel_calibration(Path(path))
     if calibration:
         kwargs["metadata"]["calibration"] = calibration
     return [(tifffile.imread(path), kwargs, "labels")]
 
 
-def _layer_calibration(attributes: dict) -> dict | None:
+def _layer_calibration(attributes: dict, axes: str) -> dict | None:
     """A layer's pixel size (its last two axes' ``scale`` in its ``units``, napari >= 0.6) as
-    :func:`~cellseg_plugins.engine.data.pixel_calibration` gives it, in pixels per cm; None
-    where the units are not lengths (napari's default: pixels)."""
+    :func:`~cellseg_plugins.engine.data.pixel_calibration` gives it, in pixels per cm, with
+    the scale of its Z axis as ``spacing`` where ``axes`` (ImageJ's letters of the axes in
+    front of its planes) has one; None where the units are not lengths (napari's default:
+    pixels)."""
     units, scale = attributes.get("units"), attributes.get("scale")
-    if not units or scale is None or len(units) < 2 or len(scale) < 2:
+    if not units or scale is None or len(units) < 2 or len(units) != len(scale):
         return None
     try:
         cm = [float((1 * unit).to("centimeter").magnitude) for unit in units[-2:]]
@@ -207,7 +211,16 @@ def _layer_calibration(attributes: dict) -> dict | None:
     size = [float(s) * c for s, c in zip(scale[-2:], cm)]  # (y, x) in cm
     if not all(v > 0 for v in size):
         return None
-    return {"resolution": (1 / size[1], 1 / size[0]), "resolutionunit": 3}
+    calibration = {"resolution": (1 / size[1], 1 / size[0]), "resolutionunit": 3}
+    if "Z" in axes and len(axes) == len(scale) - 2:
+        z = axes.index("Z")
+        try:
+            spacing = float(scale[z]) * float((1 * units[z]).to("centimeter").magnitude)
+        except (TypeError, ValueError, AttributeError):
+            spacing = 0.0
+        if spacing > 0:
+            calibration["spacing"] = spacing
+    return calibration
 
 
 def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
@@ -216,16 +229,17 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     ``layer.save(path, plugin="cellseg")``), and napari may pick either for a plain save. A
     layer of cellseg's (the widget's, or a label TIFF opened by the reader), (..., H, W),
     proofread or not, is saved as ``cellseg predict`` writes labels: uint8 with its class
-    names, spec, what made it (``predict --resume`` keeps a proofread file) and pixel size
-    (its scale where its units are lengths, else the reader's ``calibration``), so it opens
-    again as labels with them (napari's own writer keeps the pixels only). Any other labels layer goes to
-    napari's own writer, as without cellseg.
+    names, spec, what made it (``predict --resume`` keeps a proofread file), its axes (the
+    label TIFF's it came from, else by their number) and pixel size and Z spacing (its scale
+    where its units are lengths, else the reader's ``calibration``), so it opens again as
+    labels with them, in Fiji as a calibrated hyperstack (napari's own writer keeps the
+    pixels only). Any other labels layer goes to napari's own writer, as without cellseg.
     Checked before anything is written (DataError): a multiscale layer, a label value that
     names no class. A path without an extension gets ``.tif``. The file is replaced whole:
     saving over the TIFF the layer came from is safe."""
     import numpy as np
 
-    from .engine.predict import write_labels
+    from .engine.label_files import imagej_axes, write_labels
 
     name, info = attributes.get("name"), attributes.get("metadata") or {}
     names = info.get("class_names")
@@ -248,6 +262,8 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     path = Path(path) if Path(path).suffix else Path(f"{path}.tif")  # as napari's own writer
     pages = (array[idx].astype(np.uint8) for idx in np.ndindex(*array.shape[:-2]))
     meta = {"class_names": names, "spec": info.get("spec"), "made_by": info.get("made_by")}
+    axes = imagej_axes(info.get("axes") if len(info.get("axes") or "") == array.ndim - 2
+                       else "I" * (array.ndim - 2))
     write_labels(path, pages, array.shape, meta,
-                 _layer_calibration(attributes) or info.get("calibration"))
+                 _layer_calibration(attributes, axes or "") or info.get("calibration"), axes)
     return [str(path)]

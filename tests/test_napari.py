@@ -160,6 +160,17 @@ def test_the_writer_saves_a_proofread_layer_that_opens_again_with_its_classes(tm
     assert (x, y) == pytest.approx((2.5e6, 1.25e6))
     write_labels_layer(str(tmp_path / "pixels.tif"), data, {**scaled, "units": (px, px, px)})
     assert pixel_calibration(tmp_path / "pixels.tif")["resolution"] == (2.5e6, 2.5e6)  # kept
+    sections = {**attributes, "scale": (0.05, 0.004, 0.004), "units": (um, um, um)}
+    write_labels_layer(str(tmp_path / "sections.tif"), data, sections)  # 50 nm sections
+    assert pixel_calibration(tmp_path / "sections.tif")["spacing"] == pytest.approx(5e-6)
+    assert "spacing" not in pixel_calibration(tmp_path / "scaled.tif")  # Z in pixels
+    assert kwargs["metadata"]["axes"] == "Z"  # a stack's pages are ImageJ's slices
+    volumes = np.stack([data, data])  # (V, Z, H, W): an MRC stack of volumes' labels
+    for axes, expected in [("TZ", "TZYX"), (None, "ZCYX")]:  # the file's axes, else by number
+        meta = {**attributes["metadata"], **({"axes": axes} if axes else {})}
+        write_labels_layer(str(tmp_path / "volumes.tif"), volumes, {**attributes, "metadata": meta})
+        with tifffile.TiffFile(tmp_path / "volumes.tif") as f:
+            assert f.series[0].axes == expected
     assert write_labels_layer(str(tmp_path / "plane"), data[0], attributes) == \
         [str(tmp_path / "plane.tif")]  # no extension: .tif, as napari's own writer
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "plane.tif"), data[0])
@@ -250,8 +261,9 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
     assert list(labels.features["class"]) == ["c0", "c1", "c2"]
     assert [str(u) for u in labels.units] == ["micrometer"] * 3  # the image's, with its scale
     assert labels.save(str(tmp_path / "em_labels.tif"), plugin="cellseg")
-    assert pixel_calibration(tmp_path / "em_labels.tif")["resolution"] == \
-        pytest.approx((2.5e6, 2.5e6))  # 4 nm pixels, in pixels per cm
+    em = pixel_calibration(tmp_path / "em_labels.tif")
+    assert em["resolution"] == pytest.approx((2.5e6, 2.5e6))  # 4 nm pixels, in pixels per cm
+    assert em["spacing"] == pytest.approx(5e-6)  # 50 nm sections
     assert (bar.n, bar.total) == (4, 4)  # 2 planes x 2 tiles (80 wide, tiles of 64)
     assert bar not in progress._all_instances  # closed
 

@@ -280,10 +280,11 @@ def test_a_stack_is_predicted_and_written_a_page_at_a_time(tmp_path, monkeypatch
 @pytest.mark.parametrize("unit, per_cm", [("um", 1e4), ("micron", 1e4), ("\\u00B5m", 1e4),
                                            ("nm", 1e7), ("pixel", None)])
 def test_a_label_tiff_keeps_the_pixel_size_of_its_image(tmp_path, unit, per_cm):
-    """Fiji's calibration (4 nm pixels: 250 pixels per µm, its unit in the ImageJ description,
-    ResolutionUnit "none" in the tags) comes out as pixels per centimetre, which every TIFF
-    reader knows; a unit that is no length (ImageJ's "pixel") stays relative; other TIFFs'
-    resolution tags are copied; a PNG's labels are uncalibrated."""
+    """Fiji's calibration of a stack (4 nm pixels, 50 nm sections: its unit and Z spacing in
+    the ImageJ description, ResolutionUnit "none" in the tags) comes out as Fiji writes it in
+    µm (250 pixels per µm, spacing 0.05), which reads back as pixels per centimetre; a unit
+    that is no length (ImageJ's "pixel") stays relative; other TIFFs' resolution tags are
+    copied; a PNG's labels are uncalibrated."""
     from PIL import Image
 
     from cellseg_plugins.engine.data import pixel_calibration
@@ -293,9 +294,10 @@ def test_a_label_tiff_keeps_the_pixel_size_of_its_image(tmp_path, unit, per_cm):
     ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
     (tmp_path / "in").mkdir()
     image = np.zeros((2, 40, 50), np.uint8)
-    size = 0.004 if per_cm == 1e4 else 4.0  # the same 4 nm pixel
+    size, step = (0.004, 0.05) if per_cm == 1e4 else (4.0, 50.0)  # the same 4 nm, 50 nm
     tifffile.imwrite(tmp_path / "in" / "fiji.tif", image, imagej=True,
-                     resolution=(1 / size, 1 / size), metadata={"unit": unit})
+                     resolution=(1 / size, 1 / size),
+                     metadata={"unit": unit, "spacing": step, "axes": "ZYX"})
     tifffile.imwrite(tmp_path / "in" / "scanner.tif", image[0], resolution=(300, 600),
                      resolutionunit="INCH")
     Image.fromarray(image[0]).save(tmp_path / "in" / "photo.png")
@@ -303,11 +305,19 @@ def test_a_label_tiff_keeps_the_pixel_size_of_its_image(tmp_path, unit, per_cm):
     labels = {path.stem: path for path in written}
     with tifffile.TiffFile(labels["fiji"]) as f:
         x, y = f.pages.first.get_resolution()
+        assert int(f.pages.first.resolutionunit) == 1 and f.series[0].axes == "ZYX"
         if per_cm is None:
-            assert int(f.pages.first.resolutionunit) == 1 and (x, y) == pytest.approx((0.25,) * 2)
+            assert (x, y) == pytest.approx((0.25,) * 2) and "unit" not in f.imagej_metadata
         else:
-            assert int(f.pages.first.resolutionunit) == 3  # centimetre
-            assert x == pytest.approx(2.5e6, rel=1e-6) and y == pytest.approx(2.5e6, rel=1e-6)
+            assert (x, y) == pytest.approx((250, 250), rel=1e-6)  # pixels per µm
+            assert f.imagej_metadata["unit"] == "micron"
+            assert f.imagej_metadata["spacing"] == 0.05  # as Fiji shows it, not 0.0499…
+    fiji = pixel_calibration(labels["fiji"])
+    if per_cm:
+        assert fiji["resolution"] == pytest.approx((2.5e6, 2.5e6), rel=1e-6)
+        assert fiji["resolutionunit"] == 3 and fiji["spacing"] == pytest.approx(5e-6)  # cm
+    else:
+        assert "spacing" not in fiji  # a spacing in pixels is no length
     assert pixel_calibration(labels["scanner"]) == {"resolution": (300.0, 600.0),
                                                     "resolutionunit": 2}
     assert pixel_calibration(labels["photo"]) == {"resolution": (1.0, 1.0),
@@ -352,9 +362,10 @@ def test_mrc_bytes_are_unsigned_where_imod_says_so(tmp_path, flags, dtype):
 
 
 def test_an_mrc_stack_is_labelled_as_the_same_tiff_stack_with_its_pixel_size(tmp_path):
-    """An MRC stack of sections (uint16, 4 nm pixels: 40 Å in its header) gives the labels of
-    the same pixels in a TIFF stack, a page a section, with the pixel size in pixels per cm;
-    a stack of volumes keeps its two axes (V, Z, H, W) as a TIFF hyperstack does."""
+    """An MRC stack of sections (uint16, 4 nm pixels and sections: 40 Å in its header) gives
+    the labels of the same pixels in a TIFF stack, a page a section, with the pixel size and
+    section spacing; a stack of volumes keeps its two axes (V, Z, H, W) as a TIFF hyperstack
+    does."""
     from cellseg_plugins.engine.data import pixel_calibration
     from cellseg_plugins.engine.predict import labels_info, predict_paths
     from conftest import checkpoint
@@ -373,8 +384,11 @@ def test_an_mrc_stack_is_labelled_as_the_same_tiff_stack_with_its_pixel_size(tmp
                                  overlap=8)
     np.testing.assert_array_equal(labels["em.tif"], tifffile.imread(reference))
     assert labels["em.tif"].shape == (3, 40, 50) and labels["tomos.tif"].shape == (2, 2, 32, 32)
-    (x, y) = pixel_calibration(tmp_path / "out" / "em.tif")["resolution"]
-    assert (x, y) == pytest.approx((2.5e6, 2.5e6))  # 1e8 Å a cm / 40 Å
+    em = pixel_calibration(tmp_path / "out" / "em.tif")
+    assert em["resolution"] == pytest.approx((2.5e6, 2.5e6))  # 1e8 Å a cm / 40 Å
+    assert em["spacing"] == pytest.approx(4e-7)  # 40 Å sections, in cm
+    with tifffile.TiffFile(tmp_path / "out" / "tomos.tif") as f:
+        assert f.series[0].axes == "TZYX"  # volumes as ImageJ's frames, sections as slices
     assert pixel_calibration(tmp_path / "out" / "tomos.tif")["resolutionunit"] == 1  # none
     assert labels_info(tmp_path / "out" / "em.tif")["spec"] == "classic_unet(width=4)"
 

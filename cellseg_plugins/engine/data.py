@@ -356,6 +356,12 @@ def is_stack(shape: tuple[int, ...]) -> bool:
     return (len(shape) == 3 and shape[-1] not in (3, 4)) or len(shape) == 4
 
 
+def image_layout(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(pages, channels) of an image of this shape (RGBA counts as RGB: alpha is dropped)."""
+    page = shape[1:] if is_stack(shape) else shape
+    return (shape[0] if is_stack(shape) else 1), (1 if len(page) == 2 else min(page[-1], 3))
+
+
 def image_shape(path: Path) -> tuple[int, ...]:
     """The shape :func:`read_image` returns for ``path``, from the file's header only (no pixel
     data is decoded); raises DataError."""
@@ -393,19 +399,23 @@ def check_pixel_type(dtype: np.dtype, name) -> None:
                         f"floating-point pixels{hint}")
 
 
-def plane_axes(path: Path) -> tuple[int, ...]:
-    """The sizes of the axes in front of an image file's planes, as the file has them: (Z, C)
-    of a ZCYX TIFF hyperstack, (V, Z) of an MRC stack of volumes, (pages,) of a stack, () of
-    one image (header only)."""
+def plane_axes(path: Path) -> tuple[str, tuple[int, ...]]:
+    """The axes in front of an image file's planes, as the file has them, and their sizes:
+    ("ZC", (Z, C)) of a ZCYX TIFF hyperstack, ("TZ", (V, Z)) of an MRC stack of volumes,
+    ("Z", (sections,)) of an MRC stack or volume, ("I", (pages,)) of a plain TIFF stack,
+    ("", ()) of one image (header only). Letters are tifffile's (an ImageJ file's are among
+    T, Z and C)."""
     if is_mrc(path):
         with open_mrc(path) as mrc:
-            return tuple(mrc.data.shape[:-2])
+            front = tuple(mrc.data.shape[:-2])
+        return "TZ"[2 - len(front):], front
     if not _is_tiff(path):
-        return ()
+        return "", ()
     with tifffile.TiffFile(path) as f:
         series = _series(f, path)
         front = series.axes[:series.axes.index("Y")] if "Y" in series.axes else ""
-        return tuple(n for n, axis in zip(series.shape, front) if axis != "S")
+        kept = [(axis, n) for n, axis in zip(series.shape, front) if axis != "S"]
+    return "".join(axis for axis, _ in kept), tuple(n for _, n in kept)
 
 
 _CM_PER_UNIT = {"nm": 1e-7, "nanometer": 1e-7, "µm": 1e-4, "um": 1e-4, "micron": 1e-4,
@@ -415,31 +425,39 @@ _CM_PER_UNIT = {"nm": 1e-7, "nanometer": 1e-7, "µm": 1e-4, "um": 1e-4, "micron"
 
 def pixel_calibration(path: Path) -> dict | None:
     """The pixel size of an image file as ``tifffile.imwrite`` keywords, {resolution: (x, y)
-    pixels per unit, resolutionunit: TIFF ResolutionUnit (1 none, 2 inch, 3 cm)}: a TIFF's
-    resolution tags (its first page's), where an ImageJ file's length unit (its description's
-    ``unit``: µm, nm, ...; ImageJ writes ResolutionUnit "none" beside it) is turned into
-    centimetres, the unit every TIFF reader (Fiji's included) knows; an MRC file's voxel size
-    (Å) in pixels per centimetre. None for other files and where the file gives no size
+    pixels per unit, resolutionunit: TIFF ResolutionUnit (1 none, 2 inch, 3 cm)}, with
+    ``spacing``, the step between planes in cm, where the file gives one: a TIFF's resolution
+    tags (its first page's), where an ImageJ file's length unit (its description's ``unit``:
+    µm, nm, ...; ImageJ writes ResolutionUnit "none" beside it) is turned into centimetres,
+    the unit every TIFF reader (Fiji's included) knows, and its ``spacing`` (Z step, in that
+    unit) kept; an MRC file's voxel size (Å) in pixels per centimetre, its Z size as the
+    spacing of a stack or volume. None for other files and where the file gives no size
     (header only)."""
     if is_mrc(path):
         return mrc_calibration(path)
     if not _is_tiff(path):
         return None
     with tifffile.TiffFile(path) as f:
-        page = f.pages.first
+        page, imagej = f.pages.first, f.imagej_metadata or {}
         if "XResolution" not in page.tags or "YResolution" not in page.tags:
             return None
         try:
             (x, y), unit = page.get_resolution(), int(page.resolutionunit)
         except (ArithmeticError, ValueError):  # a zero denominator, an unknown unit
             return None
-        name = str((f.imagej_metadata or {}).get("unit", "")).replace("\\u00B5", "µ")
     if not all(np.isfinite(v) and v > 0 for v in (x, y)):
         return None
+    name = str(imagej.get("unit", "")).replace("\\u00B5", "µ")
     cm = _CM_PER_UNIT.get(name.strip().lower().rstrip("s")) if unit == 1 else None
-    if cm:
-        x, y, unit = x / cm, y / cm, 3
-    return {"resolution": (x, y), "resolutionunit": unit}
+    if not cm:
+        return {"resolution": (x, y), "resolutionunit": unit}
+    calibration = {"resolution": (x / cm, y / cm), "resolutionunit": 3}
+    try:
+        spacing = float(imagej.get("spacing", 0)) * cm
+    except (TypeError, ValueError):
+        spacing = 0.0
+    return {**calibration, "spacing": spacing} if np.isfinite(spacing) and spacing > 0 \
+        else calibration
 
 
 def unit_range(a: np.ndarray, name) -> tuple[float, float]:

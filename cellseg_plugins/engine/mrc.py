@@ -70,10 +70,15 @@ def mrc_planes(path: Path) -> Iterator[np.ndarray]:
 
 def mrc_calibration(path: Path) -> dict | None:
     """The pixel size (the header's voxel size, in Å) as ``tifffile.imwrite`` keywords in
-    pixels per centimetre; None where the header gives none (0)."""
+    pixels per centimetre, with ``spacing``, the Z size in cm, for a stack or volume; None
+    where the header gives no pixel size (0)."""
     with open_mrc(path) as mrc:
-        size = mrc.voxel_size
-        x, y = float(size.x), float(size.y)
+        size, sections = mrc.voxel_size, mrc.data.ndim > 2
+        x, y, z = float(size.x), float(size.y), float(size.z)
     if not (np.isfinite(x) and np.isfinite(y) and x > 0 and y > 0):
         return None
-    return {"resolution": (ANGSTROMS_PER_CM / x, ANGSTROMS_PER_CM / y), "resolutionunit": 3}
+    calibration = {"resolution": (ANGSTROMS_PER_CM / x, ANGSTROMS_PER_CM / y),
+                   "resolutionunit": 3}
+    if sections and np.isfinite(z) and z > 0:
+        calibration["spacing"] = z / ANGSTROMS_PER_CM
+    return calibration

@@ -8,12 +8,10 @@ import numbers
 import re
 import tempfile
 import zipfile
-from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 from torch.nn import functional as F
 
@@ -21,8 +19,9 @@ from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
 from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_files,
-                   image_shape, is_stack, pixel_calibration, pixel_kind, plane_axes,
+                   image_layout, image_shape, is_stack, pixel_calibration, pixel_kind,
                    read_planes, scale_to_unit, unit_range)
+from .label_files import label_layout, labels_info, write_labels
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -153,12 +152,6 @@ def input_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def image_layout(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(pages, channels) of an image of this shape (RGBA counts as RGB: alpha is dropped)."""
-    page = shape[1:] if is_stack(shape) else shape
-    return (shape[0] if is_stack(shape) else 1), (1 if len(page) == 2 else min(page[-1], 3))
-
-
 def check_channels(channels: int, expected: int, name, pixels) -> None:
     """Raise DataError unless images of ``channels`` channels can feed a model that expects
     ``expected``: grey feeds a colour model (repeated into RGB); colour feeds a grey model
@@ -228,42 +221,6 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.nda
     rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1).astype(np.float32)
     colours = PALETTE[labels % len(PALETTE)].astype(np.float32)
     return ((1 - alpha) * rgb + alpha * colours).astype(np.uint8)
-
-
-def label_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the labels of image file ``path`` (:func:`image_shape` ``shape``):
-    (H, W) for one image, (pages, H, W) for a stack, (*axes, H, W) when the file's planes have
-    more axes than one (Z × C of a hyperstack; header only)."""
-    (n, _), axes = image_layout(shape), plane_axes(path)
-    h, w = (shape[1:] if is_stack(shape) else shape)[:2]
-    front = () if n == 1 else (axes if int(np.prod(axes)) == n else (n,))
-    return (*front, h, w)
-
-
-def write_labels(path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...],
-                 meta: dict | None = None, calibration: dict | None = None) -> None:
-    """Label TIFF of ``shape`` (:func:`label_shape`) written as ``pages`` yields its (H, W)
-    uint8 planes, one page at a time, carrying the model's class names and spec in its
-    metadata (``read_labels`` and the napari reader use them), with ``meta["made_by"]``
-    (:func:`model_identity`) where given, and the input's pixel size (``calibration``:
-    :func:`pixel_calibration`'s, so areas measured on the labels in Fiji are in the image's
-    units). Nothing is left at ``path`` if ``pages`` fails."""
-    info = meta and {"cellseg": {"class_names": list(meta["class_names"]), "spec": meta["spec"],
-                                 **({"made_by": meta["made_by"]} if meta.get("made_by") else {})}}
-    write_atomic(path, lambda tmp: tifffile.imwrite(  # minisblack: 3 or 4 pages are not RGB
-        tmp, iter(pages), shape=shape, dtype=np.uint8, metadata=info, photometric="minisblack",
-        **(calibration or {})))
-
-
-def labels_info(path: str | Path) -> dict | None:
-    """{class_names, spec[, made_by]} of a label TIFF written by ``cellseg predict``; None for
-    any other file (only the TIFF's header is read)."""
-    try:
-        with tifffile.TiffFile(path) as f:
-            info = (f.shaped_metadata or ({},))[0].get("cellseg")
-    except (OSError, ValueError, tifffile.TiffFileError):
-        return None
-    return info if isinstance(info, dict) and "class_names" in info else None
 
 
 class OnnxModel:
@@ -450,7 +407,8 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     out = Path(out)
     targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
                            with_overlay)
-    kept = [resume and _written_by(target, overlays, meta["made_by"], label_shape(path, shape))
+    kept = [resume and _written_by(target, overlays, meta["made_by"],
+                                   label_layout(path, shape)[1])
             for path, shape, (target, overlays) in zip(paths, shapes, targets)]
     for path, (_, channels), done in zip(paths, layouts, kept):
         if done:
@@ -473,8 +431,8 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
             continue
         labels = (predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
                                 on_tile, unit(p, path)) for p in read_planes(path))
-        out_shape = label_shape(path, shape)
-        write_labels(target, labels, out_shape, meta, pixel_calibration(path))  # by planes
+        axes, out_shape = label_layout(path, shape)
+        write_labels(target, labels, out_shape, meta, pixel_calibration(path), axes)  # by planes
         if overlays:  # each page again, beside its labels read back from the TIFF
             for png, p, lab in zip(overlays, read_planes(path), read_planes(target)):
                 write_atomic(png, lambda tmp: Image.fromarray(overlay(unit(p, path)(p), lab)

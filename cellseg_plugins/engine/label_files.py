@@ -1,0 +1,120 @@
+"""Label TIFFs as ``cellseg predict`` and the napari writer write them: uint8 class indices in
+ImageJ's hyperstack format, so Fiji opens them with their axes and pixel size, with the class
+names, spec and what made them in the file's ImageJ properties."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .checkpoint import write_atomic
+from .data import image_layout, is_stack, plane_axes
+
+IMAGEJ_AXES = "TZC"  # ImageJ's hyperstack axes in front of Y and X, in its order
+
+
+def imagej_axes(letters: str) -> str | None:
+    """ImageJ's letters for axes in front of a label file's planes that a file calls
+    ``letters`` (tifffile's): T, Z and C kept where they are in ImageJ's order (T, Z, C), one
+    axis of any other letter a Z (slices: a plain stack's pages, tifffile's I), other axes T,
+    Z, C from the last (two: Z, C; three: T, Z, C); None for more than three, which ImageJ
+    cannot hold."""
+    if len(letters) > len(IMAGEJ_AXES):
+        return None
+    if len(letters) == 1:
+        return letters if letters in "TC" else "Z"
+    if set(letters) <= set(IMAGEJ_AXES) and len(set(letters)) == len(letters) and \
+            list(letters) == sorted(letters, key=IMAGEJ_AXES.index):
+        return letters
+    return IMAGEJ_AXES[len(IMAGEJ_AXES) - len(letters):]
+
+
+def label_layout(path: Path, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """(axes, shape) of the labels of image file ``path`` (:func:`~.data.image_shape`
+    ``shape``): ("", (H, W)) for one image, (axes, (*sizes, H, W)) for a stack, where the file's
+    planes keep their axes (Z × C of a hyperstack, V × Z of an MRC stack of volumes as T × Z),
+    ``axes`` in ImageJ's letters (:func:`imagej_axes`) where it has them (header only)."""
+    (n, _), (letters, sizes) = image_layout(shape), plane_axes(path)
+    h, w = (shape[1:] if is_stack(shape) else shape)[:2]
+    if n == 1:
+        return "", (h, w)
+    if int(np.prod(sizes)) != n:
+        letters, sizes = "I", (n,)
+    return imagej_axes(letters) or letters, (*sizes, h, w)
+
+
+def _imagej_size(calibration: dict | None, metadata: dict) -> dict:
+    """``tifffile.imwrite`` keywords for the pixel size ``calibration``
+    (:func:`~.data.pixel_calibration`'s) in an ImageJ file, with its unit and plane spacing
+    put in ``metadata`` as Fiji writes them: a length in µm (pixels per µm, ResolutionUnit
+    none, ``unit=micron``, ``spacing`` in µm), inches or no unit as given."""
+    if not calibration:
+        return {}
+    (x, y), unit = calibration["resolution"], calibration["resolutionunit"]
+    if unit != 3:
+        return {"resolution": (x, y), "resolutionunit": unit}
+    metadata["unit"] = "micron"
+    if calibration.get("spacing"):
+        metadata["spacing"] = float(f"{calibration['spacing'] * 1e4:.12g}")  # 0.05, not 0.0499…
+    return {"resolution": (x * 1e-4, y * 1e-4), "resolutionunit": 1}
+
+
+def write_labels(path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...],
+                 meta: dict | None = None, calibration: dict | None = None,
+                 axes: str | None = None) -> None:
+    """Label TIFF of ``shape`` (:func:`label_layout`'s) written as ``pages`` yields its (H, W)
+    uint8 planes, one page at a time, as an ImageJ hyperstack: Fiji opens it with its axes
+    (``axes``: ImageJ letters of the axes in front of the planes, by default by their number,
+    :func:`imagej_axes`; axes of size 1 dropped, as ImageJ does), its classes in view (display
+    range 0 to the last class) and the input's pixel size (``calibration``:
+    :func:`~.data.pixel_calibration`'s, in µm; a stack's Z spacing too), so lengths, areas and
+    volumes measured on the labels in Fiji are in the image's units. The model's class names
+    and spec, and ``meta["made_by"]`` (:func:`~.predict.model_identity`) where given, are the
+    ImageJ property "cellseg" (JSON; Fiji's *Image › Show Info* lists it), which
+    :func:`labels_info` and the napari reader read. Labels with more than three axes in front
+    of their planes, which ImageJ cannot hold, are written in tifffile's shaped format
+    (the same properties in its JSON description). Labels over 4 GB are one ImageJ file as
+    Fiji writes them (contiguous pixels after one IFD). Nothing is left at ``path`` if
+    ``pages`` fails."""
+    info = meta and {"class_names": list(meta["class_names"]), "spec": meta["spec"],
+                     **({"made_by": meta["made_by"]} if meta.get("made_by") else {})}
+    front = shape[:-2]
+    letters = imagej_axes(axes if axes is not None and len(axes) == len(front)
+                          else "I" * len(front))
+    keywords = {"dtype": np.uint8, "photometric": "minisblack"}  # 3 or 4 pages are not RGB
+    if letters is None:
+        size = {key: calibration[key] for key in ("resolution", "resolutionunit")} \
+            if calibration else {}
+        keywords.update(shape=shape, metadata=info and {"cellseg": info}, **size)
+    else:
+        kept = [(axis, n) for axis, n in zip(letters, front) if n > 1]
+        metadata = {"axes": "".join(axis for axis, _ in kept) + "YX"}
+        if info:
+            metadata.update(min=0, max=max(len(info["class_names"]) - 1, 1),
+                            Properties={"cellseg": json.dumps(info)})
+        keywords.update(imagej=True, shape=(*(n for _, n in kept), *shape[-2:]),
+                        metadata=metadata, **_imagej_size(calibration, metadata))
+    with warnings.catch_warnings():  # over 4 GB, ImageJ's format keeps one IFD: as it should
+        warnings.filterwarnings("ignore", "truncating ImageJ file", UserWarning)
+        write_atomic(path, lambda tmp: tifffile.imwrite(tmp, iter(pages), **keywords))
+
+
+def labels_info(path: str | Path) -> dict | None:
+    """{class_names, spec[, made_by]} of a label TIFF written by ``cellseg predict`` (its
+    ImageJ property "cellseg", or, in files written by earlier versions, the
+    shaped description's);
+    None for any other file (only the TIFF's header is read)."""
+    try:
+        with tifffile.TiffFile(path) as f:
+            properties = (f.imagej_metadata or {}).get("Properties")
+            text = properties.get("cellseg") if isinstance(properties, dict) else None
+            info = json.loads(text) if isinstance(text, str) else \
+                (f.shaped_metadata or ({},))[0].get("cellseg")
+    except (OSError, ValueError, tifffile.TiffFileError):  # JSONDecodeError is a ValueError
+        return None
+    return info if isinstance(info, dict) and "class_names" in info else None
