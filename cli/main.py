@@ -21,6 +21,7 @@ from .data_cmd import data_app
 from .eval_cmd import eval_command
 from .export_cmd import export_command
 from .list_cmd import list_command
+from .options import set_invocation
 from .predict_cmd import predict_command
 from .study_cmd import study_app
 from .train_cmd import train_command
@@ -72,6 +73,8 @@ INTERRUPTED = {  # what continues an interrupted command; its files on disk are 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the Typer app; usage errors are printed on one line (exit code 2)."""
+    words = argv if argv is not None else sys.argv[1:]
+    set_invocation(words)  # train --nproc-per-node runs it again in each process
     try:
         code = app(args=argv, prog_name="cellseg", standalone_mode=False)
     except UsageError as e:
@@ -89,7 +92,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     if code == 130:  # Ctrl-C (Typer's exit code for KeyboardInterrupt)
-        words = argv if argv is not None else sys.argv[1:]
         what = INTERRUPTED.get(" ".join(words[:2]), INTERRUPTED.get(" ".join(words[:1]), ""))
         print(f"error: interrupted{what}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

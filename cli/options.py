@@ -22,6 +22,19 @@ from ..engine.config import TrainConfig, option_fields
 from ..engine.presets import apply_preset, describe_presets
 
 
+_INVOCATION: list[str] = []
+
+
+def set_invocation(words: list[str]) -> None:
+    """Keep the command line ``cellseg`` was given (its words after the program name)."""
+    _INVOCATION[:] = words
+
+
+def invocation() -> list[str]:
+    """The words of the running ``cellseg`` command line (after the program name)."""
+    return list(_INVOCATION)
+
+
 def folder_problem(value: str) -> str | None:
     """Why ``value`` cannot be a folder to write into (a file, under a file, in a folder that
     cannot be written), or None."""

@@ -25,19 +25,62 @@ def train_command(
     resume: Annotated[bool, typer.Option(
         help="continue the run in --out with the options it was trained with (--epochs may "
              "extend it)")] = False,
+    nproc_per_node: Annotated[int, typer.Option(
+        min=1, help="processes on this machine, one per GPU, training one model with "
+                    "DistributedDataParallel (launched as torchrun --standalone launches "
+                    "them; several machines: torchrun)")] = 1,
 ) -> None:
     """Train SPEC; writes best.pt, last.pt, metrics.csv, curves.png, config.json into --out."""
     from ..engine import distributed
     from ..engine.train import Trainer
 
+    if nproc_per_node > 1:
+        raise typer.Exit(_launch(cfg, nproc_per_node))
     trainer = Trainer(cfg, resume=resume, given=given)
     try:
         if distributed.is_main():
             _train_with_progress(trainer, trainer.cfg)
         else:
             trainer.run()
+    except Exception as e:
+        if distributed.world_size() > 1 and distributed.in_collective(e):
+            from ..errors import TrainingError
+
+            first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+            raise TrainingError(f"process {distributed.rank()} of {distributed.world_size()} "
+                                "stopped: the processes lost touch (another one failed or "
+                                f"was killed; {type(e).__name__}: {first})") from None
+        raise
     finally:
         distributed.teardown()
+
+
+def _launch(cfg: TrainConfig, nproc: int) -> int:
+    """This command again in ``nproc`` processes (:func:`~..engine.distributed.launch`),
+    without ``--nproc-per-node``; checked first, so that a bad value is one line rather than
+    one a process: the options and spec, not under torchrun already, and on CUDA no more
+    processes than GPUs. Returns the exit code."""
+    import torch
+
+    from ..engine import distributed
+    from ..engine.train import resolve_device
+    from ..errors import ConfigError
+
+    cfg.check()  # the spec too
+    if distributed.world_size() > 1:
+        raise ConfigError("nproc_per_node", nproc, "this process is one of torchrun's "
+                          "already: leave --nproc-per-node out")
+    gpus = torch.cuda.device_count() if resolve_device(cfg.device).type == "cuda" else 0
+    if gpus and nproc > gpus:
+        raise ConfigError("nproc_per_node", nproc, f"this machine has {gpus} GPU(s): one "
+                          "process each at most")
+    words, command = iter(o.invocation()), []
+    for word in words:
+        if word == "--nproc-per-node":
+            next(words, None)
+        elif not word.startswith("--nproc-per-node="):
+            command.append(word)
+    return distributed.launch(command, nproc)
 
 
 def _train_with_progress(trainer, cfg: TrainConfig) -> None:

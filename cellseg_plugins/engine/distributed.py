@@ -1,8 +1,13 @@
-"""torch.distributed glue: under ``torchrun`` training runs one process per device with DDP."""
+"""torch.distributed glue: under ``torchrun`` (or :func:`launch`, ``cellseg train
+--nproc-per-node``) training runs one process per device with DDP."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import uuid
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -30,6 +35,66 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", local)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+@contextmanager
+def _quiet(prefixes=("torch.distributed.elastic", "torch.distributed.launcher")):
+    """torch elastic's own log lines (warnings of worker shutdown, an error per failed worker)
+    silenced for the block: each process prints its own error, :func:`launch` the rest."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith(prefixes)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def launch(command: list[str], nproc: int) -> int:
+    """``python -m cellseg_plugins.cli.main COMMAND`` in ``nproc`` processes on this machine,
+    joined as ``torchrun --standalone --nproc-per-node NPROC`` joins them (a rendezvous on a
+    free local port, no restarts, OMP_NUM_THREADS 1 unless set); returns the exit code of the
+    first process that failed, 0 if none did. Each process prints its own one-line error; a
+    process killed by a signal (the kernel's out-of-memory killer) is reported here on one
+    line, without torchrun's traceback; Ctrl-C gives 130."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, max_restarts=0,
+                          run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default: cores not oversubscribed
+    with _quiet():
+        try:
+            elastic_launch(config, sys.executable)("-m", "cellseg_plugins.cli.main", *command)
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            if failure.exitcode >= 0:
+                return failure.exitcode
+            print(f"error: training process {rank} of {nproc} was killed by "
+                  f"{failure.signal_name()} (out of memory?), and the others stopped",
+                  file=sys.stderr)
+            return 1
+        except SignalException:
+            return 130
+    return 0
+
+
+def in_collective(error: BaseException) -> bool:
+    """Whether ``error`` came out of torch.distributed (a collective or the store whose peer
+    is gone: gloo's "Connection reset by peer", NCCL's abort), not out of the training's own
+    code."""
+    if isinstance(error, dist.DistError):
+        return True
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = os.path.normpath(tb.tb_frame.f_code.co_filename) if tb else ""
+    return os.path.normpath(os.path.dirname(dist.__file__)) + os.sep in where
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
