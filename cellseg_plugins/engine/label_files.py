@@ -106,9 +106,8 @@ def write_labels(path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...]
 
 def labels_info(path: str | Path) -> dict | None:
     """{class_names, spec[, made_by]} of a label TIFF written by ``cellseg predict`` (its
-    ImageJ property "cellseg", or, in files written by earlier versions, the
-    shaped description's);
-    None for any other file (only the TIFF's header is read)."""
+    ImageJ property "cellseg"; in files of earlier versions, its shaped description's); None
+    for any other file (only the TIFF's header is read)."""
     try:
         with tifffile.TiffFile(path) as f:
             properties = (f.imagej_metadata or {}).get("Properties")
