@@ -13,6 +13,7 @@ at run time: no ``from __future__ import annotations`` here) and runs it in a th
 
 import inspect
 import sys
+import warnings
 from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
@@ -88,8 +89,10 @@ def segment(
 
 
 def _segment(image, model, tile, overlap, runtime, device, advance) -> tuple:
-    """:func:`segment`, calling ``advance(done, total)`` after each tile."""
-    from .engine.predict import predict_array
+    """:func:`segment`, calling ``advance(done, total)`` after each tile; a warning where the
+    layer's pixel size (its scale in its units) is not the training images'."""
+    from .engine.data import calibration_nm
+    from .engine.predict import predict_array, scale_mismatch
     from .engine.train import resolve_device
 
     if image is None:
@@ -102,6 +105,12 @@ def _segment(image, model, tile, overlap, runtime, device, advance) -> tuple:
         runtime = "onnx"
     device = "cpu" if runtime == "onnx" else str(resolve_device(device))
     predictor = _predictor(str(path.resolve()), path.stat().st_mtime, runtime, device)
+    layer = {"units": getattr(image, "units", None), "scale": tuple(image.scale)}
+    message = scale_mismatch(f"image layer {image.name!r}",
+                             calibration_nm(_layer_calibration(layer, "")),
+                             predictor[1].get("pixel_nm"))
+    if message:  # napari shows it as a notification
+        warnings.warn(message, stacklevel=2)
     data = image.data[0] if getattr(image, "multiscale", False) else image.data
     labels = predict_array(predictor, data, rgb=bool(image.rgb), tile=tile, overlap=overlap,
                            device=device, progress=advance)

@@ -50,4 +50,6 @@ def predict_command(
                                                                    total=total),
                       resume=resume,
                       on_kept=lambda path, target: progress.console.print(
-                          f"{path} → {target} (kept: this model wrote it already)"))
+                          f"{path} → {target} (kept: this model wrote it already)"),
+                      on_warning=lambda text: progress.console.print(
+                          f"warning: {text}", style="yellow", soft_wrap=True, markup=False))

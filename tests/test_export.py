@@ -218,6 +218,7 @@ def test_bioimageio_package_passes_the_zoo_model_test(tmp_path):
 
     warnings.simplefilter("ignore")
     path, _ = checkpoint(tmp_path, "classic_unet(width=4)+frem+attention_gate")
+    torch.save({**torch.load(path, weights_only=False), "pixel_nm": 4.6}, path)  # ssTEM's
     package = export_checkpoint(path, "bioimageio", check=False)
     summary = test_model(package)
     assert summary.status == "passed", summary.format()
@@ -228,6 +229,9 @@ def test_bioimageio_package_passes_the_zoo_model_test(tmp_path):
     assert norm.kwargs.mean == pytest.approx(127.5) and norm.kwargs.std == pytest.approx(51.0)
     assert any("Feature Random Enhancement" in c.text for c in descr.cite)
     assert descr.config.model_extra["cellseg"]["spec"].startswith("classic_unet")
+    for axes in (descr.inputs[0].axes, descr.outputs[0].axes):  # the pixel size it expects
+        assert [(a.id, a.unit, a.scale) for a in axes[2:]] == [("y", "nanometer", 4.6),
+                                                                ("x", "nanometer", 4.6)]
 
 
 def test_predict_with_onnx_runtime_agrees_with_torch(tmp_path, capsys):

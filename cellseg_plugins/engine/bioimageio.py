@@ -123,8 +123,11 @@ def write_package(model: nn.Module, ckpt: dict, path: Path, author: str | None =
         Image.fromarray(cover).save(tmp / "cover.png")
         cites = citations(ckpt["spec"], ckpt.get("config", {}).get("data"))
         (tmp / "README.md").write_text(readme(ckpt, cites))
-        space = (lambda i: v.SpaceInputAxis(id=i, size=size)) if fixed else (
-            lambda i: v.SpaceInputAxis(id=i, size=v.ParameterizedSize(min=stride, step=stride)))
+        physical = {"unit": "nanometer", "scale": ckpt["pixel_nm"]} if ckpt.get("pixel_nm") \
+            else {}  # the training images' pixel size, where known
+        space = (lambda i: v.SpaceInputAxis(id=i, size=size, **physical)) if fixed else (
+            lambda i: v.SpaceInputAxis(id=i, size=v.ParameterizedSize(min=stride, step=stride),
+                                       **physical))
         if c == 1:
             kwargs = v.FixedZeroMeanUnitVarianceKwargs(mean=255 * norm["mean"][0],
                                                        std=255 * norm["std"][0])
@@ -141,8 +144,8 @@ def write_package(model: nn.Module, ckpt: dict, path: Path, author: str | None =
         outputs = [v.OutputTensorDescr(
             id="probabilities", description="class probabilities",
             axes=[v.BatchAxis(), v.ChannelAxis(channel_names=list(names)),
-                  v.SpaceOutputAxis(id="y", size=v.SizeReference(tensor_id="image", axis_id="y")),
-                  v.SpaceOutputAxis(id="x", size=v.SizeReference(tensor_id="image", axis_id="x"))],
+                  *(v.SpaceOutputAxis(id=i, size=v.SizeReference(tensor_id="image", axis_id=i),
+                                      **physical) for i in ("y", "x"))],
             test_tensor=v.FileDescr(source=tmp / "test_output.npy"))]
         data = ckpt.get("config", {}).get("data")
         plugins = [t.name for t in parse_spec(ckpt["spec"]).plugins]

@@ -48,12 +48,14 @@ IMAGE_SUFFIXES = (*SUFFIXES, ".jpg", ".jpeg", ".bmp", *MRC_SUFFIXES)
 
 @dataclass
 class SourceSet:
-    """Source images (float32 in [0, 1], (H, W) or (H, W, C)), masks (int64 (H, W)), names."""
+    """Source images (float32 in [0, 1], (H, W) or (H, W, C)), masks (int64 (H, W)), names,
+    and each image's pixel size in nm where known (:func:`pixel_nm`; empty: none known)."""
 
     images: list[np.ndarray]
     masks: list[np.ndarray]
     class_names: tuple[str, ...]
     names: list[str] = field(default_factory=list)
+    pixel_nm: list[float | None] = field(default_factory=list)
 
     @property
     def in_channels(self) -> int:
@@ -134,6 +136,11 @@ def fetch_sstem(root: Path | None = None, source: str | None = None, progress=No
     return target
 
 
+# "a resolution of 4.6 x 4.6 nm/pixel and section thickness of 45-50 nm" (the data set's
+# README); its TIFFs carry no calibration
+SSTEM_PIXEL_NM = 4.6
+
+
 def load_sstem(classes: str = "sstem5", root: Path | None = None) -> SourceSet:
     if classes not in SSTEM_MAPS:
         raise DataError(f"--classes {classes!r}: expected one of {', '.join(SSTEM_MAPS)}")
@@ -148,7 +155,7 @@ def load_sstem(classes: str = "sstem5", root: Path | None = None) -> SourceSet:
         label = base / "stack1" / "labels" / f"labels{int(path.stem):08d}.png"
         images.append(_to_unit(read_image(path), path))
         masks.append(map_values(read_image(label, mask=True), value_map, label))
-    return SourceSet(images, masks, names, [p.stem for p in raw])
+    return SourceSet(images, masks, names, [p.stem for p in raw], [SSTEM_PIXEL_NM] * len(raw))
 
 
 # ---------------------------------------------------------------- users' folders
@@ -460,6 +467,29 @@ def pixel_calibration(path: Path) -> dict | None:
         else calibration
 
 
+def calibration_nm(calibration: dict | None) -> float | None:
+    """The pixel side in nm (the geometric mean of x and y) of a :func:`pixel_calibration`
+    that is a length; None otherwise (no calibration, dpi, no unit)."""
+    if not calibration or calibration["resolutionunit"] != 3:
+        return None
+    x, y = calibration["resolution"]  # pixels per cm
+    return 1e7 / float(np.sqrt(x * y))
+
+
+def pixel_nm(path: Path) -> float | None:
+    """The pixel side of an image file in nm (:func:`calibration_nm`), None where unknown."""
+    return calibration_nm(pixel_calibration(path))
+
+
+def common_pixel_nm(sizes: list[float | None], tolerance: float = 0.02) -> float | None:
+    """The pixel size (nm) that images of ``sizes`` (:func:`pixel_nm` each) share: their
+    median, where every one is known and within ``tolerance`` of it; None otherwise."""
+    if not sizes or any(size is None for size in sizes):
+        return None
+    median = float(np.median(sizes))
+    return median if all(abs(size / median - 1) <= tolerance for size in sizes) else None
+
+
 def unit_range(a: np.ndarray, name) -> tuple[float, float]:
     """(offset, span) that maps image ``a`` (uint8/uint16 by their range, other numbers by
     their min/max) to [0, 1] as ``(a - offset) / span``; span 0 for a constant image. Reads the
@@ -598,7 +628,7 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
     image_dir, mask_dir = _find_dir(root, IMAGE_DIRS, "image"), _find_dir(root, MASK_DIRS, "mask")
     masks_by_stem = {p.stem: p for p in image_files(mask_dir)}
     names, value_map = parse_class_map(class_map) if class_map else ((), None)
-    images, masks, stems = [], [], []
+    images, masks, stems, sizes = [], [], [], []
     for path in image_files(image_dir):
         mask_path = mask_of(path.stem, masks_by_stem)
         if mask_path is None:
@@ -610,6 +640,7 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
         image, mask = read_image(path), read_image(mask_path, mask=True)
         stack = is_stack(image.shape)
         pages = list(zip(image, mask)) if stack else [(image, mask)]
+        sizes += [pixel_nm(path)] * len(pages)
         for k, (im, ms) in enumerate(pages):
             ms = map_values(ms, value_map, mask_path)
             if im.shape[:2] != ms.shape[:2]:
@@ -628,7 +659,7 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
         raise DataError(f"{mask_dir}: {len(names)} classes, more than the {MAX_CLASSES} a label "
                         "image holds; one value per object is an instance mask, and cellseg "
                         "segments classes: map the values to classes with --class-map")
-    return SourceSet(images, masks, names, stems)
+    return SourceSet(images, masks, names, stems, sizes)
 
 
 def index_names(masks: list[np.ndarray], mask_dir: Path) -> tuple[str, ...]:

@@ -39,8 +39,11 @@ class ExportError(DataError):
 
 
 def metadata(ckpt: dict) -> dict:
+    """What an exported model carries besides its weights (``pixel_nm``: the training
+    images' pixel size, None where unknown or in checkpoints made before it was kept)."""
     return {"spec": ckpt["spec"], "class_names": ckpt["class_names"],
-            "in_channels": ckpt["in_channels"], "norm": ckpt["norm"]}
+            "in_channels": ckpt["in_channels"], "norm": ckpt["norm"],
+            "pixel_nm": ckpt.get("pixel_nm")}
 
 
 def input_sizes(model) -> tuple[bool, int]:

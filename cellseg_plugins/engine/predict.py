@@ -7,6 +7,7 @@ import hashlib
 import numbers
 import re
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
 from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_files,
                    image_layout, image_shape, is_stack, pixel_calibration, pixel_kind,
-                   read_planes, scale_to_unit, unit_range)
+                   pixel_nm, read_planes, scale_to_unit, unit_range)
 from .label_files import label_layout, labels_info, write_labels
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -315,7 +316,8 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
                                          classes=len(meta["class_names"])))
         return model, meta, rules
     ckpt = load_checkpoint(source)
-    meta = {k: ckpt[k] for k in ("spec", "class_names", "in_channels", "norm")}
+    meta = {**{k: ckpt[k] for k in ("spec", "class_names", "in_channels", "norm")},
+            "pixel_nm": ckpt.get("pixel_nm")}
     model = model_from_checkpoint(ckpt).to(device)
     if runtime == "torch":  # channels-last weights: the convolutions take that path (faster)
         return model.to(memory_format=torch.channels_last), meta, input_rules(model)
@@ -379,10 +381,24 @@ def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool =
     return result
 
 
+def scale_mismatch(name, image_nm: float | None, model_nm: float | None,
+                   tolerance: float = 1.25) -> str | None:
+    """A warning where an image's pixel size (nm) is more than ``tolerance`` times larger or
+    smaller than the training images' (a model recognises structures at the size in pixels it
+    learnt them); None where they agree or either is unknown."""
+    if not image_nm or not model_nm or 1 / tolerance <= image_nm / model_nm <= tolerance:
+        return None
+    ratio = image_nm / model_nm
+    return (f"{name}: {image_nm:.3g} nm pixels, where the model was trained on {model_nm:.3g} "
+            f"nm ones ({ratio:.2g}× {'larger' if ratio > 1 else 'smaller'}): its labels may be "
+            f"poor; scale the image by {ratio:.3g} first (Fiji: Image › Scale) or train on "
+            "images of its pixel size")
+
+
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None, progress=None, resume: bool = False,
-                  on_kept=None) -> list[Path]:
+                  on_kept=None, on_warning=None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks; the pixel size of a
     TIFF or MRC file kept) in ``out``, with colour overlay PNGs if asked; returns them.
 
@@ -395,7 +411,9 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     after each tile of all of them (the total from the headers). Each label file records what
     made it (:func:`model_identity`); with ``resume``, an input whose label file (and
     overlays) the same model, runtime, tile and overlap made already is skipped, with
-    ``on_kept(path, target)``: an interrupted batch goes on where it stopped."""
+    ``on_kept(path, target)``: an interrupted batch goes on where it stopped. An input whose
+    pixel size differs from the training images' (:func:`scale_mismatch`) is reported before
+    anything is written, with ``on_warning(message)`` (default: a Python warning)."""
     from PIL import Image
 
     check_tiling(tile, overlap)
@@ -410,6 +428,10 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     kept = [resume and _written_by(target, overlays, meta["made_by"],
                                    label_layout(path, shape)[1])
             for path, shape, (target, overlays) in zip(paths, shapes, targets)]
+    for path, done in zip(paths, kept):
+        message = None if done else scale_mismatch(path, pixel_nm(path), meta.get("pixel_nm"))
+        if message:
+            (on_warning or (lambda text: warnings.warn(text, stacklevel=3)))(message)
     for path, (_, channels), done in zip(paths, layouts, kept):
         if done:
             continue

@@ -23,7 +23,7 @@ from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
 from .config import TrainConfig, resumed_config
 from .data import (CropDataset, DataError, channel_stats, check_crop, class_shares,
-                   load_split)
+                   common_pixel_nm, load_split)
 from .device_data import DeviceCrops, fits_on_device
 from .metrics import confusion, scores
 
@@ -186,6 +186,8 @@ class Trainer:
         self.sources, self.split = load_split(cfg)
         check_crop(self.sources, sum(self.split.values(), []), cfg.crop)  # the test split too
         self.mean, self.std = channel_stats(self.sources, self.split["train"])
+        self.pixel_nm = common_pixel_nm([self.sources.pixel_nm[i] for i in self.split["train"]]
+                                        if self.sources.pixel_nm else [])  # predict compares
         self.class_names = self.sources.class_names
         n = len(self.class_names)
         self.train_set = CropDataset(self.sources, self.split["train"], cfg.crop, self.mean,
@@ -264,6 +266,7 @@ class Trainer:
         return {
             "format": FORMAT, "spec": self.cfg.spec, "in_channels": self.sources.in_channels,
             "class_names": list(self.class_names), "norm": {"mean": self.mean, "std": self.std},
+            "pixel_nm": self.pixel_nm,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "epoch": self.epoch, "step": self.step, "best_miou": self.best,
@@ -324,6 +327,7 @@ class Trainer:
         self.hold_out()
         info = {**asdict(self.cfg), "versions": versions(), "split": self.split,
                 "class_names": list(self.class_names), "norm": {"mean": self.mean, "std": self.std},
+                "pixel_nm": self.pixel_nm,
                 "resolved": {"device": str(self.device), "precision": self.precision,
                              "channels_last": self.channels_last, "data_on_device": self.on_device,
                              "threads": torch.get_num_threads()}}  # what 'auto' / None became

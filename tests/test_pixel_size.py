@@ -1,0 +1,138 @@
+"""The training images' pixel size travels with the model, and predict warns about images of
+another one (a model recognises structures at the size in pixels it learnt them)."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cellseg_plugins.engine.data import common_pixel_nm, load_sstem, pixel_nm
+from conftest import SSTEM, checkpoint, cli, tiny_config
+
+
+def _tiff(path, nm=None, shape=(64, 64), seed=0):
+    """A grey TIFF of ``nm`` nm pixels as Fiji writes them (ImageJ unit nm), or uncalibrated."""
+    pixels = (np.random.default_rng(seed).random(shape) * 255).astype(np.uint8)
+    calibration = {"imagej": True, "resolution": (1 / nm, 1 / nm), "metadata": {"unit": "nm"}} \
+        if nm else {}
+    tifffile.imwrite(path, pixels, **calibration)
+    return path
+
+
+def test_pixel_sizes_of_files_and_the_one_they_share(tmp_path):
+    import mrcfile
+
+    assert pixel_nm(_tiff(tmp_path / "fiji.tif", 4.0)) == pytest.approx(4.0)
+    tifffile.imwrite(tmp_path / "cm.tif", np.zeros((8, 8), np.uint8), resolution=(2.5e6, 1e7 / 8),
+                     resolutionunit="CENTIMETER")  # 4 × 8 nm: their geometric mean
+    assert pixel_nm(tmp_path / "cm.tif") == pytest.approx(np.sqrt(32))
+    tifffile.imwrite(tmp_path / "dpi.tif", np.zeros((8, 8), np.uint8), resolution=(300, 300),
+                     resolutionunit="INCH")  # a scanner's dpi is no microscope's pixel
+    assert pixel_nm(tmp_path / "dpi.tif") is None
+    assert pixel_nm(_tiff(tmp_path / "plain.tif")) is None
+    with mrcfile.new(tmp_path / "em.mrc") as mrc:
+        mrc.set_data(np.zeros((8, 8), np.float32))
+        mrc.voxel_size = 46.0  # Å
+    assert pixel_nm(tmp_path / "em.mrc") == pytest.approx(4.6)
+
+    assert common_pixel_nm([4.0, 4.05, 3.98]) == 4.0  # the median, all within 2 %
+    assert common_pixel_nm([4.0, 4.0, 8.0]) is None  # two magnifications
+    assert common_pixel_nm([4.0, None]) is None and common_pixel_nm([]) is None
+
+
+def test_training_keeps_the_pixel_size_its_training_images_share(tmp_path, capsys):
+    """... and `cellseg data info` shows the folder's pixel sizes."""
+    from cellseg_plugins.engine.train import Trainer
+
+    for name, sizes, shown in [("same", [4.0] * 5, "pixel size 4 nm\n"),
+                               ("mixed", [4.0] * 4 + [8.0], "pixel size 4 nm: 4, 8 nm: 1"),
+                               ("unknown", [4.0] * 4 + [None], "pixel size 4 nm: 4, unknown: 1")]:
+        for folder in ("images", "masks"):
+            (tmp_path / name / folder).mkdir(parents=True)
+        for k, nm in enumerate(sizes):
+            _tiff(tmp_path / name / "images" / f"s{k}.tif", nm, seed=k)
+            tifffile.imwrite(tmp_path / name / "masks" / f"s{k}.tif",
+                             (np.arange(64 * 64).reshape(64, 64) % 2).astype(np.uint8))
+        trainer = Trainer(tiny_config(tmp_path / name / "run", epochs=1,
+                                      data=str(tmp_path / name)))
+        trainer.write_config()
+        expected = 4.0 if name == "same" else None
+        assert trainer.checkpoint()["pixel_nm"] == pytest.approx(expected)
+        config = json.loads((tmp_path / name / "run" / "config.json").read_text())
+        assert config["pixel_nm"] == pytest.approx(expected)
+        code, out, _ = cli(capsys, "data", "info", tmp_path / name)
+        assert code == 0 and shown in out, out
+
+
+@pytest.mark.skipif(not SSTEM.is_dir(), reason="needs ../shared/data/sstem")
+def test_sstem_images_are_4_6_nm_as_its_readme_says():
+    sources = load_sstem("sstem4", root=SSTEM.parent)
+    assert sources.pixel_nm == [4.6] * 20
+
+
+def test_predict_warns_about_an_image_of_another_pixel_size(tmp_path, capsys):
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "pixel_nm": 4.0}, path)  # trained on 4 nm pixels
+    (tmp_path / "in").mkdir()
+    _tiff(tmp_path / "in" / "coarse.tif", 9.2)  # 2.3× larger: structures 2.3× smaller
+    _tiff(tmp_path / "in" / "close.tif", 4.6)  # within 25 %
+    _tiff(tmp_path / "in" / "fine.tif", 2.0)
+    _tiff(tmp_path / "in" / "plain.tif")  # unknown
+    code, _, err = cli(capsys, "predict", path, tmp_path / "in", "--out", tmp_path / "out",
+                       "--tile", "64", "--overlap", "16", "--device", "cpu")
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 2, err
+    assert "coarse.tif: 9.2 nm pixels, where the model was trained on 4 nm ones (2.3× larger)" \
+        in warnings[0] and "scale the image by 2.3 first" in warnings[0]
+    assert "fine.tif: 2 nm pixels" in warnings[1] and "(0.5× smaller)" in warnings[1]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["close.tif", "coarse.tif", "fine.tif", "plain.tif"]  # labelled all the same
+
+    from cellseg_plugins.engine.predict import predict_paths
+
+    with pytest.warns(UserWarning, match="coarse.tif: 9.2 nm pixels"):  # Python: a warning
+        predict_paths(path, [str(tmp_path / "in" / "coarse.tif")], tmp_path / "py", tile=64)
+
+
+def test_exported_models_carry_the_pixel_size(tmp_path):
+    from cellseg_plugins.engine.export import export_checkpoint
+    from cellseg_plugins.engine.predict import load_predictor
+
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4,depth=2)")
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "pixel_nm": 4.0}, path)
+    onnx = export_checkpoint(path, "onnx", tmp_path / "model.onnx")
+    assert load_predictor(onnx, "onnx")[1]["pixel_nm"] == 4.0
+    assert load_predictor(path)[1]["pixel_nm"] == 4.0
+
+
+def test_the_napari_widget_warns_about_a_layer_of_another_pixel_size(tmp_path):
+    """The layer's scale in its units (napari >= 0.6) against the training images': 10 nm
+    pixels for a 4 nm model warn, 4 nm ones and a scale in pixels (napari's default) do not."""
+    import warnings
+    from types import SimpleNamespace
+
+    import pint
+
+    from cellseg_plugins.napari_widget import segment
+
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "pixel_nm": 4.0}, path)
+    units = pint.get_application_registry()
+    image = np.zeros((64, 64), np.uint8)
+    for scale, unit, warned in [(0.010, units.micrometer, True), (4.0, units.nanometer, False),
+                                (1.0, units.pixel, False)]:
+        layer = SimpleNamespace(data=image, name="em", rgb=False, scale=(scale, scale),
+                                translate=(0.0, 0.0), units=(unit, unit))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            segment(layer, model=path, tile=64)
+        messages = [str(w.message) for w in caught if "nm pixels" in str(w.message)]
+        assert messages == (["image layer 'em': 10 nm pixels, where the model was trained on "
+                             "4 nm ones (2.5× larger): its labels may be poor; scale the image "
+                             "by 2.5 first (Fiji: Image › Scale) or train on images of its "
+                             "pixel size"] if warned else []), messages
