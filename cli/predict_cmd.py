@@ -29,6 +29,9 @@ def predict_command(
     resume: Annotated[bool, typer.Option(
         help="keep the label files in --out that this model, runtime, tile and overlap wrote "
              "already (an interrupted batch goes on where it stopped)")] = False,
+    rescale: Annotated[bool, typer.Option(
+        help="rescale an image whose pixel size differs from the training images' (by more "
+             "than 1.25x) to theirs, and its labels back")] = False,
 ) -> None:
     """Label TIFFs (one per input, named after it) for images of any size."""
     from ..engine.train import resolve_device
@@ -52,4 +55,7 @@ def predict_command(
                       on_kept=lambda path, target: progress.console.print(
                           f"{path} → {target} (kept: this model wrote it already)"),
                       on_warning=lambda text: progress.console.print(
-                          f"warning: {text}", style="yellow", soft_wrap=True, markup=False))
+                          f"warning: {text}", style="yellow", soft_wrap=True, markup=False),
+                      rescale=rescale, on_rescale=lambda path, factor: progress.console.print(
+                          f"{path}: rescaled by {factor:.3g} to the model's pixel size, its "
+                          "labels back", soft_wrap=True, markup=False))

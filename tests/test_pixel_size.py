@@ -136,3 +136,57 @@ def test_the_napari_widget_warns_about_a_layer_of_another_pixel_size(tmp_path):
                              "4 nm ones (2.5× larger): its labels may be poor; scale the image "
                              "by 2.5 first (Fiji: Image › Scale) or train on images of its "
                              "pixel size"] if warned else []), messages
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_rescale_plane_keeps_pixel_type_and_range(dtype):
+    from cellseg_plugins.engine.predict import rescale_plane
+
+    ramp = (np.linspace(0, 200, 40 * 30).reshape(40, 30)).astype(dtype)
+    for factor, shape in [(2.3, (92, 69)), (0.5, (20, 15))]:
+        out = rescale_plane(ramp, factor)
+        assert out.dtype == dtype and out.shape == shape
+        assert ramp.min() <= out.min() and out.max() <= ramp.max()  # no overshoot
+        assert np.all(np.diff(out.astype(np.float64), axis=1) >= -1)  # still a ramp
+    assert rescale_plane(np.full((40, 30), 7, dtype), 0.37).tolist() == \
+        np.full((15, 11), 7, dtype).tolist()  # 40 × 0.37 = 14.8 → 15 rows
+    rgb = np.zeros((40, 30, 3), dtype)
+    rgb[..., 1] = 9
+    out = rescale_plane(rgb, 0.5)
+    assert out.shape == (20, 15, 3) and np.all(out[..., 1] == 9) and np.all(out[..., 0] == 0)
+
+
+def test_predict_rescale_predicts_at_the_models_pixel_size_and_labels_back(tmp_path, capsys):
+    """An 8 nm image for a 4 nm model: the image twice as large (structures at the size the
+    model learnt), scaled to [0, 1] by the image as it is, its labels nearest-resized back
+    to the image's size; a model without a pixel size is one line, nothing written."""
+    from PIL import Image
+
+    from cellseg_plugins.engine.predict import (load_predictor, predict_image, rescale_plane,
+                                                unit_tiles)
+
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    code, _, err = cli(capsys, "predict", path, _tiff(tmp_path / "em.tif", 8.0), "--out",
+                       tmp_path / "none", "--rescale", "--device", "cpu")
+    assert code == 2 and "--rescale: " in err and "has no pixel size" in err
+    assert not (tmp_path / "none").exists()
+
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "pixel_nm": 4.0}, path)
+    (tmp_path / "in").mkdir()
+    image = (np.random.default_rng(1).random((50, 70)) * 200).astype(np.uint8) + 20
+    tifffile.imwrite(tmp_path / "in" / "coarse.tif", image, imagej=True,
+                     resolution=(1 / 8.0, 1 / 8.0), metadata={"unit": "nm"})
+    _tiff(tmp_path / "in" / "plain.tif")
+    code, _, err = cli(capsys, "predict", path, tmp_path / "in", "--out", tmp_path / "out",
+                       "--tile", "64", "--overlap", "16", "--device", "cpu", "--rescale")
+    assert code == 0, err
+    assert "coarse.tif: rescaled by 2 to the model's pixel size" in err
+    assert "warning: " in err and "plain.tif: no pixel size" in err
+    model, meta, rules = load_predictor(path)
+    upscaled = rescale_plane(image, 2.0)
+    assert upscaled.shape == (100, 140)
+    labels = predict_image(model, upscaled, meta["norm"]["mean"], meta["norm"]["std"], 64, 16,
+                           rules, "cpu", None, unit_tiles(image, 1, "coarse"))
+    expected = np.asarray(Image.fromarray(labels).resize((70, 50), Image.NEAREST))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "coarse.tif"), expected)

@@ -395,10 +395,40 @@ def scale_mismatch(name, image_nm: float | None, model_nm: float | None,
             "images of its pixel size")
 
 
+def rescale_plane(plane: np.ndarray, factor: float) -> np.ndarray:
+    """``plane`` (H, W[, C]) resized by ``factor`` with PIL's bilinear filter (which, shrinking,
+    averages over what an output pixel covers: no aliasing; no overshoot either), in its own
+    pixel type."""
+    from PIL import Image
+
+    h, w = plane.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    out = []
+    for channel in ([plane] if plane.ndim == 2 else np.moveaxis(plane, -1, 0)):
+        if channel.dtype == np.uint8:
+            out.append(np.asarray(Image.fromarray(channel).resize(size, Image.BILINEAR)))
+            continue
+        resized = np.asarray(Image.fromarray(channel.astype(np.float32)).resize(
+            size, Image.BILINEAR))
+        out.append((np.round(resized) if channel.dtype.kind in "biu" else resized
+                    ).astype(channel.dtype))
+    return out[0] if plane.ndim == 2 else np.stack(out, -1)
+
+
+def _labels_at(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 labels resized to ``shape`` (nearest: classes are not averaged)."""
+    from PIL import Image
+
+    if labels.shape == tuple(shape):
+        return labels
+    return np.asarray(Image.fromarray(labels).resize(shape[::-1], Image.NEAREST))
+
+
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None, progress=None, resume: bool = False,
-                  on_kept=None, on_warning=None) -> list[Path]:
+                  on_kept=None, on_warning=None, rescale: bool = False,
+                  on_rescale=None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks; the pixel size of a
     TIFF or MRC file kept) in ``out``, with colour overlay PNGs if asked; returns them.
 
@@ -413,7 +443,11 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     overlays) the same model, runtime, tile and overlap made already is skipped, with
     ``on_kept(path, target)``: an interrupted batch goes on where it stopped. An input whose
     pixel size differs from the training images' (:func:`scale_mismatch`) is reported before
-    anything is written, with ``on_warning(message)`` (default: a Python warning)."""
+    anything is written, with ``on_warning(message)`` (default: a Python warning); with
+    ``rescale`` it is rescaled to theirs instead (:func:`rescale_plane`), predicted, and its
+    labels resized back (nearest), with ``on_rescale(path, factor)``. ``rescale`` needs a
+    model that knows its pixel size (DataError); an input without one is predicted as it is,
+    with a warning."""
     from PIL import Image
 
     check_tiling(tile, overlap)
@@ -428,10 +462,21 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     kept = [resume and _written_by(target, overlays, meta["made_by"],
                                    label_layout(path, shape)[1])
             for path, shape, (target, overlays) in zip(paths, shapes, targets)]
-    for path, done in zip(paths, kept):
-        message = None if done else scale_mismatch(path, pixel_nm(path), meta.get("pixel_nm"))
-        if message:
-            (on_warning or (lambda text: warnings.warn(text, stacklevel=3)))(message)
+    trained = meta.get("pixel_nm")
+    if rescale and not trained:
+        raise DataError(f"--rescale: {source} has no pixel size (its training images had no "
+                        "calibration, or several); predict without --rescale")
+    warn = on_warning or (lambda text: warnings.warn(text, stacklevel=4))
+    factors = [1.0] * len(paths)  # each input's rescaling to the training images' pixel size
+    for k, (path, done) in enumerate(zip(paths, kept)):
+        size = None if done else pixel_nm(path)
+        message = scale_mismatch(path, size, trained)
+        if message and rescale:
+            factors[k] = size / trained
+        elif message:
+            warn(message)
+        elif rescale and not done and size is None:
+            warn(f"{path}: no pixel size (an uncalibrated file): predicted as it is")
     for path, (_, channels), done in zip(paths, layouts, kept):
         if done:
             continue
@@ -441,18 +486,24 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
             for plane in read_planes(path):  # are not numbers, NaN or infinite ones
                 unit_range(plane, path)
     on_tile = _tile_counter(progress, sum(
-        n * _tiles(shape[1:] if is_stack(shape) else shape, tile, overlap, rules)
-        for shape, (n, _), done in zip(shapes, layouts, kept) if not done))
+        n * _tiles(tuple(max(1, round(side * f)) for side in (shape[1:] if is_stack(shape)
+                                                            else shape)[:2]),
+                   tile, overlap, rules)
+        for shape, (n, _), done, f in zip(shapes, layouts, kept, factors) if not done))
     out.mkdir(parents=True, exist_ok=True)
     norm = meta["norm"]
     unit = lambda plane, path: unit_tiles(plane, meta["in_channels"], path)  # noqa: E731
-    for path, shape, (target, overlays), done in zip(paths, shapes, targets, kept):
+    for path, shape, (target, overlays), done, f in zip(paths, shapes, targets, kept, factors):
         if done:
             if on_kept:
                 on_kept(path, target)
             continue
-        labels = (predict_image(model, p, norm["mean"], norm["std"], tile, overlap, rules, device,
-                                on_tile, unit(p, path)) for p in read_planes(path))
+        if f != 1.0 and on_rescale:
+            on_rescale(path, f)
+        labels = (_labels_at(predict_image(model, p if f == 1.0 else rescale_plane(p, f),
+                                           norm["mean"], norm["std"], tile, overlap, rules,
+                                           device, on_tile, unit(p, path)), p.shape[:2])
+                  for p in read_planes(path))  # scaled to [0, 1] by the plane as it is
         axes, out_shape = label_layout(path, shape)
         write_labels(target, labels, out_shape, meta, pixel_calibration(path), axes)  # by planes
         if overlays:  # each page again, beside its labels read back from the TIFF
