@@ -15,6 +15,12 @@ from .errors import CLIError
 console = Console(stderr=True)
 
 
+def _positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:  # NaN too
+        raise typer.BadParameter(f"{value}: a pixel size in nm must be > 0")
+    return value
+
+
 def predict_command(
     checkpoint: Annotated[str, typer.Argument(
         help="a best.pt / last.pt, an exported .onnx or a BioImage Model Zoo .zip")],
@@ -32,6 +38,10 @@ def predict_command(
     rescale: Annotated[bool, typer.Option(
         help="rescale an image whose pixel size differs from the training images' (by more "
              "than 1.25x) to theirs, and its labels back")] = False,
+    pixel_size: Annotated[float | None, typer.Option(
+        callback=_positive, help="the inputs' pixel size in nm (default: each file's "
+                                 "calibration), for the check against the model's and "
+                                 "--rescale")] = None,
 ) -> None:
     """Label TIFFs (one per input, named after it) for images of any size."""
     from ..engine.train import resolve_device
@@ -56,6 +66,6 @@ def predict_command(
                           f"{path} → {target} (kept: this model wrote it already)"),
                       on_warning=lambda text: progress.console.print(
                           f"warning: {text}", style="yellow", soft_wrap=True, markup=False),
-                      rescale=rescale, on_rescale=lambda path, factor: progress.console.print(
+                      rescale=rescale, pixel_size=pixel_size, on_rescale=lambda path, factor: progress.console.print(
                           f"{path}: rescaled by {factor:.3g} to the model's pixel size, its "
                           "labels back", soft_wrap=True, markup=False))

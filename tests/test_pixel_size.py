@@ -190,3 +190,24 @@ def test_predict_rescale_predicts_at_the_models_pixel_size_and_labels_back(tmp_p
                            rules, "cpu", None, unit_tiles(image, 1, "coarse"))
     expected = np.asarray(Image.fromarray(labels).resize((70, 50), Image.NEAREST))
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "coarse.tif"), expected)
+
+
+def test_pixel_sizes_given_on_the_command_line(tmp_path, capsys):
+    """`train --pixel-size` for training images whose files do not say it; `predict
+    --pixel-size` for the inputs (over their files' calibration); a size <= 0 is one line."""
+    from cellseg_plugins.engine.train import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path / "run", epochs=1, pixel_size=5.0))  # synthetic
+    assert trainer.checkpoint()["pixel_nm"] == 5.0
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    torch.save({**torch.load(path, weights_only=False), "pixel_nm": 4.0}, path)
+    image = _tiff(tmp_path / "plain.tif")  # no calibration: no check, unless given
+    args = ["predict", path, image, "--tile", "64", "--device", "cpu"]
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "a")
+    assert code == 0 and "warning" not in err, err
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "b", "--pixel-size", "10")
+    assert code == 0 and "warning: " in err and "plain.tif: 10 nm pixels" in err, err
+    for bad, command in [("0", args), ("-4", args), ("0", ["train", "unet"])]:
+        code, _, err = cli(capsys, *command, "--out", tmp_path / "c", "--pixel-size", bad)
+        assert code == 2 and err.count("\n") == 1 and "--pixel-size" in err and "> 0" in err
+    assert not (tmp_path / "c").exists()

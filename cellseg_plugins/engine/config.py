@@ -30,6 +30,10 @@ class TrainConfig:
     data: Annotated[str, Doc("synthetic (built in), sstem, or a folder")] = "synthetic"
     classes: Annotated[Literal["sstem5", "sstem4"] | None, Doc("sstem class map")] = None
     class_map: Annotated[str | None, Doc("mask grey levels, e.g. '0:bg,255:cell'")] = None
+    pixel_size: Annotated[float | None, Range(0, lo_open=True), Doc(
+        "the training images' pixel size in nm, kept with the model so that predict can warn "
+        "about (or --rescale) images of another (default: their files' calibration; ssTEM's "
+        "4.6)")] = None
     epochs: Annotated[int, Range(1), Doc("training epochs")] = 20
     batch_size: Annotated[int, Range(1), Doc("crops per batch")] = 8
     lr: Annotated[float, Range(0, lo_open=True), Doc("learning rate")] = 1e-3

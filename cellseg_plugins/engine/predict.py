@@ -428,7 +428,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None, progress=None, resume: bool = False,
                   on_kept=None, on_warning=None, rescale: bool = False,
-                  on_rescale=None) -> list[Path]:
+                  on_rescale=None, pixel_size: float | None = None) -> list[Path]:
     """Label TIFFs (one per input, named after it; stacks stay stacks; the pixel size of a
     TIFF or MRC file kept) in ``out``, with colour overlay PNGs if asked; returns them.
 
@@ -447,7 +447,8 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     ``rescale`` it is rescaled to theirs instead (:func:`rescale_plane`), predicted, and its
     labels resized back (nearest), with ``on_rescale(path, factor)``. ``rescale`` needs a
     model that knows its pixel size (DataError); an input without one is predicted as it is,
-    with a warning."""
+    with a warning. ``pixel_size`` (nm) is every input's, in place of their files'
+    calibration."""
     from PIL import Image
 
     check_tiling(tile, overlap)
@@ -469,7 +470,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     warn = on_warning or (lambda text: warnings.warn(text, stacklevel=4))
     factors = [1.0] * len(paths)  # each input's rescaling to the training images' pixel size
     for k, (path, done) in enumerate(zip(paths, kept)):
-        size = None if done else pixel_nm(path)
+        size = None if done else (pixel_size or pixel_nm(path))
         message = scale_mismatch(path, size, trained)
         if message and rescale:
             factors[k] = size / trained

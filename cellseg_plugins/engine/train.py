@@ -186,8 +186,9 @@ class Trainer:
         self.sources, self.split = load_split(cfg)
         check_crop(self.sources, sum(self.split.values(), []), cfg.crop)  # the test split too
         self.mean, self.std = channel_stats(self.sources, self.split["train"])
-        self.pixel_nm = common_pixel_nm([self.sources.pixel_nm[i] for i in self.split["train"]]
-                                        if self.sources.pixel_nm else [])  # predict compares
+        self.pixel_nm = cfg.pixel_size or common_pixel_nm(  # predict compares its inputs'
+            [self.sources.pixel_nm[i] for i in self.split["train"]] if self.sources.pixel_nm
+            else [])
         self.class_names = self.sources.class_names
         n = len(self.class_names)
         self.train_set = CropDataset(self.sources, self.split["train"], cfg.crop, self.mean,
