@@ -74,6 +74,7 @@ def segment(
     overlap: Annotated[int, {"min": 0, "max": 512}] = 32,
     runtime: Annotated[str, {"choices": ["torch", "onnx"]}] = "torch",
     device: Annotated[str, {"choices": ["cpu", "cuda", "auto"]}] = "cpu",
+    rescale: Annotated[bool, {"label": "rescale to the model's pixel size"}] = False,
 ) -> "napari.types.LayerDataTuple":
     """Segment the image layer (every plane of a stack; the full-resolution level of a
     multiscale image) with a cellseg model, tile by tile.
@@ -81,16 +82,17 @@ def segment(
     Returns a labels layer tuple ``(labels (..., H, W) uint8, kwargs, "labels")`` named after
     the image, on the image's scale, units and translation, with the class names as features. The
     model is loaded once and kept while its file is unchanged. ONNX Runtime (.onnx and .zip
-    models, or ``runtime="onnx"``) runs on the CPU whatever ``device`` says. The dock widget
+    models, or ``runtime="onnx"``) runs on the CPU whatever ``device`` says. A layer whose
+    pixel size (its scale in its units) is not the training images' gets a warning, or with
+    ``rescale`` is predicted rescaled to theirs, its labels back at its size. The dock widget
     runs it in a thread: :func:`segment_in_background`.
     """
     with _progress_bar() as bar:
-        return _segment(image, model, tile, overlap, runtime, device, _counter(bar))
+        return _segment(image, model, tile, overlap, runtime, device, rescale, _counter(bar))
 
 
-def _segment(image, model, tile, overlap, runtime, device, advance) -> tuple:
-    """:func:`segment`, calling ``advance(done, total)`` after each tile; a warning where the
-    layer's pixel size (its scale in its units) is not the training images'."""
+def _segment(image, model, tile, overlap, runtime, device, rescale, advance) -> tuple:
+    """:func:`segment`, calling ``advance(done, total)`` after each tile."""
     from .engine.data import calibration_nm
     from .engine.predict import predict_array, scale_mismatch
     from .engine.train import resolve_device
@@ -106,14 +108,18 @@ def _segment(image, model, tile, overlap, runtime, device, advance) -> tuple:
     device = "cpu" if runtime == "onnx" else str(resolve_device(device))
     predictor = _predictor(str(path.resolve()), path.stat().st_mtime, runtime, device)
     layer = {"units": getattr(image, "units", None), "scale": tuple(image.scale)}
-    message = scale_mismatch(f"image layer {image.name!r}",
-                             calibration_nm(_layer_calibration(layer, "")),
-                             predictor[1].get("pixel_nm"))
-    if message:  # napari shows it as a notification
+    size, trained = calibration_nm(_layer_calibration(layer, "")), predictor[1].get("pixel_nm")
+    message, factor = scale_mismatch(f"image layer {image.name!r}", size, trained), 1.0
+    if message and rescale:
+        factor = size / trained
+    elif rescale and not (size and trained):
+        missing = "the model" if size else f"image layer {image.name!r}"
+        message = f"rescale: {missing} has no pixel size; segmented as it is"
+    if message and factor == 1.0:  # napari shows it as a notification
         warnings.warn(message, stacklevel=2)
     data = image.data[0] if getattr(image, "multiscale", False) else image.data
     labels = predict_array(predictor, data, rgb=bool(image.rgb), tile=tile, overlap=overlap,
-                           device=device, progress=advance)
+                           device=device, progress=advance, scale=factor)
     kwargs = _labels_kwargs(f"{image.name} cellseg", predictor[1])
     kwargs.update(scale=tuple(image.scale), translate=tuple(image.translate))
     if getattr(image, "units", None) is not None:  # napari >= 0.6: µm, nm, ... or pixel

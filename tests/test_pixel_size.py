@@ -211,3 +211,46 @@ def test_pixel_sizes_given_on_the_command_line(tmp_path, capsys):
         code, _, err = cli(capsys, *command, "--out", tmp_path / "c", "--pixel-size", bad)
         assert code == 2 and err.count("\n") == 1 and "--pixel-size" in err and "> 0" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_the_napari_widget_and_predict_array_rescale(tmp_path):
+    """``rescale`` in the widget: a 10 nm layer for a 4 nm model is predicted 2.5× larger and
+    its labels come back at the layer's size (as ``predict_array(..., scale=2.5)``, which is
+    :func:`predict_plane` plane by plane), without a warning; a layer in pixels warns."""
+    import warnings
+    from types import SimpleNamespace
+
+    import pint
+
+    import cellseg_plugins as cs
+    from cellseg_plugins.engine.predict import (load_predictor, predict_array, predict_plane,
+                                                rescale_plane)
+    from cellseg_plugins.napari_widget import segment
+
+    path, _ = checkpoint(tmp_path, "classic_unet(width=4)")
+    torch.save({**torch.load(path, weights_only=False), "pixel_nm": 4.0}, path)
+    units = pint.get_application_registry()
+    image = (np.random.default_rng(2).random((2, 40, 52)) * 255).astype(np.uint8)
+    predictor = load_predictor(path)
+    model, meta, rules = predictor
+    by_plane = np.stack([predict_plane(model, p, meta, 64, 16, rules, "cpu", None, "em", 2.5)
+                         for p in image])
+    assert rescale_plane(image[0], 2.5).shape == (100, 130)
+    np.testing.assert_array_equal(predict_array(predictor, image, tile=64, overlap=16,
+                                                scale=2.5), by_plane)
+    with pytest.raises(cs.CellsegError, match="scale=0"):
+        predict_array(predictor, image, scale=0)
+    for unit, scale, expected in [(units.micrometer, 0.010, None),
+                                  (units.pixel, 1.0, "image layer 'em' has no pixel size")]:
+        layer = SimpleNamespace(data=image, name="em", rgb=False, scale=(1.0, scale, scale),
+                                translate=(0.0,) * 3, units=(unit,) * 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            labels, _, _ = segment(layer, model=path, tile=64, overlap=16, rescale=True)
+        messages = [str(w.message) for w in caught if "pixel" in str(w.message)]
+        assert labels.shape == image.shape
+        if expected is None:
+            assert messages == [], messages
+            np.testing.assert_array_equal(labels, by_plane)
+        else:
+            assert len(messages) == 1 and expected in messages[0], messages

@@ -179,7 +179,7 @@ def check_tiling(tile: int, overlap: int) -> None:
 
 
 def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: int = 32,
-                  device=None, progress=None) -> np.ndarray:
+                  device=None, progress=None, scale: float = 1.0) -> np.ndarray:
     """Label array for an image array of any rank: (..., H, W), or (..., H, W, C) when ``rgb``.
 
     ``predictor`` is :func:`load_predictor`'s (model, metadata, input rules). Leading axes
@@ -188,8 +188,9 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
     ``data`` may be a lazy array (dask, zarr: anything with ``shape``, ``dtype`` and
     indexing), read one plane at a time. ``progress(done, total)`` is called after each tile.
     The tiles go to the model's device (``load_predictor``'s; ONNX Runtime: the CPU);
-    ``device``, when given, must be that one. Returns uint8 labels (..., H, W); this is what
-    the napari widget runs.
+    ``device``, when given, must be that one. ``scale`` != 1 predicts each plane rescaled by
+    it (to the training images' pixel size, :func:`predict_plane`), its labels back at its
+    size. Returns uint8 labels (..., H, W); this is what the napari widget runs.
     """
     check_tiling(tile, overlap)
     model, meta, rules = predictor
@@ -208,12 +209,14 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
     channels = min(shape[-1], 3) if rgb else 1  # RGBA loses alpha, as in files
     check_channels(channels, meta["in_channels"], name,
                    lambda: (plane[..., :3] for _, plane in planes()))
-    on_tile = _tile_counter(progress, int(np.prod(lead)) * _tiles((h, w), tile, overlap, rules))
-    norm, labels = meta["norm"], np.empty((*lead, h, w), np.uint8)
+    if not (isinstance(scale, numbers.Real) and scale > 0):
+        raise ConfigError("scale", scale, "a factor > 0")
+    on_tile = _tile_counter(progress, int(np.prod(lead)) * _scaled_tiles(h, w, scale, tile,
+                                                                         overlap, rules))
+    labels = np.empty((*lead, h, w), np.uint8)
     for idx, plane in planes():
-        labels[idx] = predict_image(model, plane, norm["mean"], norm["std"], tile, overlap,
-                                    rules, device, on_tile,
-                                    unit_tiles(plane, meta["in_channels"], name))
+        labels[idx] = predict_plane(model, plane, meta, tile, overlap, rules, device, on_tile,
+                                    name, scale)
     return labels
 
 
@@ -424,6 +427,24 @@ def _labels_at(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(labels).resize(shape[::-1], Image.NEAREST))
 
 
+def predict_plane(model, plane: np.ndarray, meta: dict, tile: int, overlap: int, rules,
+                  device, on_tile, name, factor: float = 1.0) -> np.ndarray:
+    """Labels (H, W) uint8 of one raw plane (H, W[, C]) of any pixel type, scaled to [0, 1]
+    as a whole (:func:`unit_tiles`) and normalised by the model's statistics; with ``factor``
+    != 1 predicted rescaled by it (:func:`rescale_plane`: to the training images' pixel
+    size) and its labels resized back."""
+    norm = meta["norm"]
+    to_unit = unit_tiles(plane, meta["in_channels"], name)  # by the plane as it is
+    scaled = plane if factor == 1.0 else rescale_plane(plane, factor)
+    return _labels_at(predict_image(model, scaled, norm["mean"], norm["std"], tile, overlap,
+                                    rules, device, on_tile, to_unit), plane.shape[:2])
+
+
+def _scaled_tiles(h: int, w: int, factor: float, tile: int, overlap: int, rules) -> int:
+    """The tiles of an (H, W) plane predicted rescaled by ``factor``."""
+    return _tiles((max(1, round(h * factor)), max(1, round(w * factor))), tile, overlap, rules)
+
+
 def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: int = 256,
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None, progress=None, resume: bool = False,
@@ -487,12 +508,10 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
             for plane in read_planes(path):  # are not numbers, NaN or infinite ones
                 unit_range(plane, path)
     on_tile = _tile_counter(progress, sum(
-        n * _tiles(tuple(max(1, round(side * f)) for side in (shape[1:] if is_stack(shape)
-                                                            else shape)[:2]),
-                   tile, overlap, rules)
+        n * _scaled_tiles(*(shape[1:] if is_stack(shape) else shape)[:2], f, tile, overlap,
+                          rules)
         for shape, (n, _), done, f in zip(shapes, layouts, kept, factors) if not done))
     out.mkdir(parents=True, exist_ok=True)
-    norm = meta["norm"]
     unit = lambda plane, path: unit_tiles(plane, meta["in_channels"], path)  # noqa: E731
     for path, shape, (target, overlays), done, f in zip(paths, shapes, targets, kept, factors):
         if done:
@@ -501,10 +520,8 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
             continue
         if f != 1.0 and on_rescale:
             on_rescale(path, f)
-        labels = (_labels_at(predict_image(model, p if f == 1.0 else rescale_plane(p, f),
-                                           norm["mean"], norm["std"], tile, overlap, rules,
-                                           device, on_tile, unit(p, path)), p.shape[:2])
-                  for p in read_planes(path))  # scaled to [0, 1] by the plane as it is
+        labels = (predict_plane(model, p, meta, tile, overlap, rules, device, on_tile, path, f)
+                  for p in read_planes(path))
         axes, out_shape = label_layout(path, shape)
         write_labels(target, labels, out_shape, meta, pixel_calibration(path), axes)  # by planes
         if overlays:  # each page again, beside its labels read back from the TIFF
