@@ -86,7 +86,7 @@ def test_predict_warns_about_an_image_of_another_pixel_size(tmp_path, capsys):
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert code == 0 and len(warnings) == 2, err
     assert "coarse.tif: 9.2 nm pixels, where the model was trained on 4 nm ones (2.3× larger)" \
-        in warnings[0] and "scale the image by 2.3 first" in warnings[0]
+        in warnings[0] and "rescale it by 2.3 (predict --rescale" in warnings[0]
     assert "fine.tif: 2 nm pixels" in warnings[1] and "(0.5× smaller)" in warnings[1]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
         ["close.tif", "coarse.tif", "fine.tif", "plain.tif"]  # labelled all the same
@@ -133,9 +133,10 @@ def test_the_napari_widget_warns_about_a_layer_of_another_pixel_size(tmp_path):
             segment(layer, model=path, tile=64)
         messages = [str(w.message) for w in caught if "nm pixels" in str(w.message)]
         assert messages == (["image layer 'em': 10 nm pixels, where the model was trained on "
-                             "4 nm ones (2.5× larger): its labels may be poor; scale the image "
-                             "by 2.5 first (Fiji: Image › Scale) or train on images of its "
-                             "pixel size"] if warned else []), messages
+                             "4 nm ones (2.5× larger): its labels may be poor; rescale it by 2.5 "
+                             "(predict --rescale, or the napari widget's rescale, do so and "
+                             "bring the labels back) or train on images of its pixel size"]
+                            if warned else []), messages
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])

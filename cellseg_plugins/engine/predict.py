@@ -394,8 +394,8 @@ def scale_mismatch(name, image_nm: float | None, model_nm: float | None,
     ratio = image_nm / model_nm
     return (f"{name}: {image_nm:.3g} nm pixels, where the model was trained on {model_nm:.3g} "
             f"nm ones ({ratio:.2g}× {'larger' if ratio > 1 else 'smaller'}): its labels may be "
-            f"poor; scale the image by {ratio:.3g} first (Fiji: Image › Scale) or train on "
-            "images of its pixel size")
+            f"poor; rescale it by {ratio:.3g} (predict --rescale, or the napari widget's "
+            "rescale, do so and bring the labels back) or train on images of its pixel size")
 
 
 def rescale_plane(plane: np.ndarray, factor: float) -> np.ndarray:
