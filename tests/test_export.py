@@ -2,6 +2,7 @@
 packages that pass bioimageio.core's model test, ONNX Runtime prediction, bad input."""
 
 import warnings
+import zipfile
 
 import numpy as np
 import onnx
@@ -229,6 +230,9 @@ def test_bioimageio_package_passes_the_zoo_model_test(tmp_path):
     assert norm.kwargs.mean == pytest.approx(127.5) and norm.kwargs.std == pytest.approx(51.0)
     assert any("Feature Random Enhancement" in c.text for c in descr.cite)
     assert descr.config.model_extra["cellseg"]["spec"].startswith("classic_unet")
+    with zipfile.ZipFile(package) as zipped:  # the pixel size in its README too
+        assert "- pixel size: 4.6 nm (the training images'" in \
+            zipped.read("README.md").decode()
     for axes in (descr.inputs[0].axes, descr.outputs[0].axes):  # the pixel size it expects
         assert [(a.id, a.unit, a.scale) for a in axes[2:]] == [("y", "nanometer", 4.6),
                                                                 ("x", "nanometer", 4.6)]

@@ -82,7 +82,10 @@ def readme(ckpt: dict, cites) -> str:
              "statistics)",
              "- output: class probabilities (softmax); the label is the arg-max over channels",
              f"- trained on: {cfg.get('data', '?')}, fold {cfg.get('fold', '?')}, "
-             f"{cfg.get('epochs', '?')} epochs", "", "## Cite", ""]
+             f"{cfg.get('epochs', '?')} epochs",
+             f"- pixel size: {ckpt['pixel_nm']:.3g} nm (the training images'; rescale images "
+             "of another to it)" if ckpt.get("pixel_nm") else
+             "- pixel size: unknown (the training images carried none)", "", "## Cite", ""]
     lines += [f"- {c.text}" for c in cites]
     return "\n".join(lines) + "\n"
 
