@@ -38,24 +38,15 @@ def info_command(
     class_map: Annotated[str | None, typer.Option(help="e.g. '0:bg,255:cell'")] = None,
 ) -> None:
     """Images, sizes, pixel sizes, classes and pixel shares of a data set."""
-    from ..engine.data import class_shares, load_data
+    from ..engine.data import class_shares, describe_pixel_sizes, load_data
 
     sources = load_data(data, classes, class_map)
     sizes = sorted({tuple(m.shape) for m in sources.masks})
     console = Console()
     console.print(f"{data}: {len(sources.images)} images, sizes {sizes}, "
-                  f"{sources.in_channels} channel(s), pixel size {_pixel_sizes(sources)}")
+                  f"{sources.in_channels} channel(s), pixel size "
+                  f"{describe_pixel_sizes(sources.pixel_sizes)}")
     table = Table("class", "index", "pixel share")
     for i, (name, share) in enumerate(zip(sources.class_names, class_shares(sources))):
         table.add_row(name, str(i), f"{100 * share:.2f} %")
     console.print(table)
-
-
-def _pixel_sizes(sources) -> str:
-    """'4.6 nm', or how many images have each pixel size ('4 nm: 12, 8 nm: 3, unknown: 2')."""
-    counts: dict[str, int] = {}
-    for size in sources.pixel_nm or [None] * len(sources.images):
-        key = f"{size:.3g} nm" if size else "unknown"
-        counts[key] = counts.get(key, 0) + 1
-    return next(iter(counts)) if len(counts) == 1 else \
-        ", ".join(f"{key}: {n}" for key, n in counts.items())

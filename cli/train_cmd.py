@@ -85,6 +85,7 @@ def _launch(cfg: TrainConfig, nproc: int) -> int:
 
 def _train_with_progress(trainer, cfg: TrainConfig) -> None:
     from ..engine import distributed
+    from ..engine.data import mixed_pixel_sizes
     from ..engine.train import emulation_note
 
     console.print(f"[bold]{cfg.spec}[/] on {cfg.data} fold {cfg.fold}/{cfg.folds}: "
@@ -93,6 +94,9 @@ def _train_with_progress(trainer, cfg: TrainConfig) -> None:
     note = emulation_note(trainer.device, trainer.precision)
     if note:
         console.print(note)
+    mixed = mixed_pixel_sizes([trainer.sources.pixel_sizes[i] for i in trainer.split["train"]])
+    if mixed and not cfg.pixel_size:
+        console.print(f"warning: {mixed}", style="yellow", soft_wrap=True, markup=False)
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:

@@ -9,7 +9,7 @@ import tifffile
 import torch
 
 from cellseg_plugins.engine.data import common_pixel_nm, load_sstem, pixel_nm
-from conftest import SSTEM, checkpoint, cli, tiny_config
+from conftest import FAST, SSTEM, TINY, checkpoint, cli, tiny_config
 
 
 def _tiff(path, nm=None, shape=(64, 64), seed=0):
@@ -64,6 +64,10 @@ def test_training_keeps_the_pixel_size_its_training_images_share(tmp_path, capsy
         assert config["pixel_nm"] == pytest.approx(expected)
         code, out, _ = cli(capsys, "data", "info", tmp_path / name)
         assert code == 0 and shown in out, out
+    code, _, err = cli(capsys, "train", TINY, "--data", tmp_path / "mixed", "--epochs", "1",
+                       "--out", tmp_path / "mixed" / "cli", *FAST)  # fold 0 trains on 4 and 8
+    assert code == 0 and "warning: training images of several pixel sizes (4 nm: 2, 8 nm: 1)" \
+        in err, err
 
 
 @pytest.mark.skipif(not SSTEM.is_dir(), reason="needs ../shared/data/sstem")

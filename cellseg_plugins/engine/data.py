@@ -61,6 +61,11 @@ class SourceSet:
     def in_channels(self) -> int:
         return 1 if self.images[0].ndim == 2 else self.images[0].shape[2]
 
+    @property
+    def pixel_sizes(self) -> list[float | None]:
+        """Each image's pixel size in nm, None where unknown."""
+        return self.pixel_nm or [None] * len(self.images)
+
 
 def data_root() -> Path:
     """Where fetched data sets live: $CELLSEG_DATA, else the platform cache directory."""
@@ -488,6 +493,28 @@ def common_pixel_nm(sizes: list[float | None], tolerance: float = 0.02) -> float
         return None
     median = float(np.median(sizes))
     return median if all(abs(size / median - 1) <= tolerance for size in sizes) else None
+
+
+def describe_pixel_sizes(sizes: list[float | None]) -> str:
+    """'4.6 nm', or how many images have each pixel size ('4 nm: 12, 8 nm: 3, unknown: 2')."""
+    counts: dict[str, int] = {}
+    for size in sizes:
+        key = f"{size:.3g} nm" if size else "unknown"
+        counts[key] = counts.get(key, 0) + 1
+    return next(iter(counts)) if len(counts) == 1 else \
+        ", ".join(f"{key}: {n}" for key, n in counts.items())
+
+
+def mixed_pixel_sizes(sizes: list[float | None]) -> str | None:
+    """A warning where images of ``sizes`` have more than one known pixel size (beyond 2 %):
+    a model trained on them learns each structure at several sizes in pixels, and keeps no
+    pixel size to check predict's inputs against; None otherwise."""
+    known = [size for size in sizes if size]
+    if len(known) < 2 or common_pixel_nm(known):
+        return None
+    return (f"training images of several pixel sizes ({describe_pixel_sizes(sizes)}): the "
+            "model learns each structure at several sizes and keeps no pixel size for predict "
+            "to check; rescale them to one (or give --pixel-size if the files are wrong)")
 
 
 def unit_range(a: np.ndarray, name) -> tuple[float, float]:

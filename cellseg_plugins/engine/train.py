@@ -187,8 +187,7 @@ class Trainer:
         check_crop(self.sources, sum(self.split.values(), []), cfg.crop)  # the test split too
         self.mean, self.std = channel_stats(self.sources, self.split["train"])
         self.pixel_nm = cfg.pixel_size or common_pixel_nm(  # predict compares its inputs'
-            [self.sources.pixel_nm[i] for i in self.split["train"]] if self.sources.pixel_nm
-            else [])
+            [self.sources.pixel_sizes[i] for i in self.split["train"]])
         self.class_names = self.sources.class_names
         n = len(self.class_names)
         self.train_set = CropDataset(self.sources, self.split["train"], cfg.crop, self.mean,
