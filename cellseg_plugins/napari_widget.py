@@ -93,7 +93,7 @@ def segment(
 
 def _segment(image, model, tile, overlap, runtime, device, rescale, advance) -> tuple:
     """:func:`segment`, calling ``advance(done, total)`` after each tile."""
-    from .engine.data import calibration_nm
+    from .engine.image_files import calibration_nm
     from .engine.predict import predict_array, scale_mismatch
     from .engine.train import resolve_device
 
@@ -199,7 +199,7 @@ def read_prediction(path) -> list:
     (``calibration``, ``axes``) for :func:`write_labels_layer`."""
     import tifffile
 
-    from .engine.data import pixel_calibration, plane_axes
+    from .engine.image_files import pixel_calibration, plane_axes
     from .engine.predict import labels_info
 
     kwargs = _labels_kwargs(Path(path).stem, labels_info(path))
@@ -212,7 +212,7 @@ def read_prediction(path) -> list:
 
 def _layer_calibration(attributes: dict, axes: str) -> dict | None:
     """A layer's pixel size (its last two axes' ``scale`` in its ``units``, napari >= 0.6) as
-    :func:`~cellseg_plugins.engine.data.pixel_calibration` gives it, in pixels per cm, with
+    :func:`~cellseg_plugins.engine.image_files.pixel_calibration` gives it, in pixels per cm, with
     the scale of its Z axis as ``spacing`` where ``axes`` (ImageJ's letters of the axes in
     front of its planes) has one; None where the units are not lengths (napari's default:
     pixels)."""

@@ -38,7 +38,8 @@ def info_command(
     class_map: Annotated[str | None, typer.Option(help="e.g. '0:bg,255:cell'")] = None,
 ) -> None:
     """Images, sizes, pixel sizes, classes and pixel shares of a data set."""
-    from ..engine.data import class_shares, describe_pixel_sizes, load_data
+    from ..engine.data import class_shares, load_data
+    from ..engine.image_files import describe_pixel_sizes
 
     sources = load_data(data, classes, class_map)
     sizes = sorted({tuple(m.shape) for m in sources.masks})

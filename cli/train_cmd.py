@@ -85,7 +85,7 @@ def _launch(cfg: TrainConfig, nproc: int) -> int:
 
 def _train_with_progress(trainer, cfg: TrainConfig) -> None:
     from ..engine import distributed
-    from ..engine.data import mixed_pixel_sizes
+    from ..engine.image_files import mixed_pixel_sizes
     from ..engine.train import emulation_note
 
     console.print(f"[bold]{cfg.spec}[/] on {cfg.data} fold {cfg.fold}/{cfg.folds}: "

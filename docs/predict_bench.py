@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cellseg_plugins.engine.data import read_image
+from cellseg_plugins.engine.image_files import read_image
 from cellseg_plugins.engine.export import export_checkpoint
 from cellseg_plugins.engine.predict import load_predictor, predict_array
 

@@ -170,7 +170,7 @@ def test_compressed_tiff_stacks_read_as_the_uncompressed(tmp_path, dtype, option
     """TIFFs compressed with codecs tifffile takes from imagecodecs (a dependency: without it
     an LZW stack was 'unreadable image (ValueError)', no reason given) read as the same
     pixels, whole and page by page."""
-    from cellseg_plugins.engine.data import read_image, read_planes
+    from cellseg_plugins.engine.image_files import read_image, read_planes
 
     stack = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (3, 40, 50), dtype)
     tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack", **options)

@@ -136,7 +136,8 @@ def test_a_stack_cut_short_is_one_line_not_its_first_page(tmp_path, capsys, layo
     page of others; now one line before anything is read or written, wherever it is read."""
     import tifffile
 
-    from cellseg_plugins.engine.data import DataError, read_image
+    from cellseg_plugins.engine.data import DataError
+    from cellseg_plugins.engine.image_files import read_image
 
     ckpt, _ = checkpoint(tmp_path, TINY)
     path = tmp_path / "sections.tif"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellseg_plugins.engine.data import pixel_calibration
+from cellseg_plugins.engine.image_files import pixel_calibration
 from cellseg_plugins.engine.label_files import (imagej_axes, label_layout, labels_info,
                                                 write_labels)
 from cellseg_plugins.engine.predict import predict_paths

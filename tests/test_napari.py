@@ -17,7 +17,7 @@ import torch
 from npe2 import PluginManifest
 
 import cellseg_plugins as cs
-from cellseg_plugins.engine.data import pixel_calibration
+from cellseg_plugins.engine.image_files import pixel_calibration
 from cellseg_plugins.engine.export import export_checkpoint
 from cellseg_plugins.engine.predict import labels_info, predict_paths
 from cellseg_plugins.napari_widget import (get_reader, segment, segment_in_background,

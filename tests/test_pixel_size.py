@@ -8,7 +8,8 @@ import pytest
 import tifffile
 import torch
 
-from cellseg_plugins.engine.data import common_pixel_nm, load_sstem, pixel_nm
+from cellseg_plugins.engine.data import load_sstem
+from cellseg_plugins.engine.image_files import common_pixel_nm, pixel_nm
 from conftest import FAST, SSTEM, TINY, checkpoint, cli, tiny_config
 
 

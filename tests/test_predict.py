@@ -150,7 +150,7 @@ def _images(folder):
 
 
 def test_image_headers_give_the_shape_of_the_pixels(tmp_path):
-    from cellseg_plugins.engine.data import image_shape, read_image
+    from cellseg_plugins.engine.image_files import image_shape, read_image
 
     for path in _images(tmp_path / "in"):
         assert image_shape(path) == read_image(path).shape, path.name
@@ -159,7 +159,7 @@ def test_image_headers_give_the_shape_of_the_pixels(tmp_path):
 def test_tiff_layouts_by_their_axes(tmp_path):
     """TIFFs are read by their axes: samples (RGB, planar RGB, grey + alpha) last, as in PNGs,
     alpha dropped; every axis before Y (Z × C of a hyperstack) one axis of pages."""
-    from cellseg_plugins.engine.data import read_image
+    from cellseg_plugins.engine.image_files import read_image
 
     _images(tmp_path / "in")
     raw = {name: tifffile.imread(tmp_path / "in" / name)
@@ -201,7 +201,7 @@ def test_planes_are_decoded_page_by_page_as_read_image_lays_them_out(tmp_path, m
     """read_planes gives read_image's pages (or its one image) in order, in native byte order;
     a TIFF whose pages each hold one image, or an uncompressed stack stored in one page (read
     a section at a time from its bytes), is never decoded whole; one-image files are."""
-    from cellseg_plugins.engine.data import image_shape, is_stack, read_image, read_planes
+    from cellseg_plugins.engine.image_files import image_shape, is_stack, read_image, read_planes
 
     paths = _images(tmp_path / "in")
     paged, contiguous = _more_tiffs(tmp_path / "in")
@@ -287,7 +287,7 @@ def test_a_label_tiff_keeps_the_pixel_size_of_its_image(tmp_path, unit, per_cm):
     copied; a PNG's labels are uncalibrated."""
     from PIL import Image
 
-    from cellseg_plugins.engine.data import pixel_calibration
+    from cellseg_plugins.engine.image_files import pixel_calibration
     from cellseg_plugins.engine.predict import predict_paths
     from conftest import checkpoint
 
@@ -348,7 +348,7 @@ def test_mrc_bytes_are_unsigned_where_imod_says_so(tmp_path, flags, dtype):
     """IMOD (and SerialEM) write unsigned bytes in mode 0 and flag signed ones; the MRC2014
     standard, and mrcfile, read every mode-0 file as signed, so an IMOD stack's bright
     pixels (128-255) would come out negative and the darkest."""
-    from cellseg_plugins.engine.data import image_shape, pixel_kind, read_image, read_planes
+    from cellseg_plugins.engine.image_files import image_shape, pixel_kind, read_image, read_planes
 
     sections = np.arange(3 * 16 * 16, dtype=np.uint32).reshape(3, 16, 16).astype(np.uint8)
     _mrc(tmp_path / "em.st", sections.view(np.int8), imod_flags=flags)
@@ -366,7 +366,7 @@ def test_an_mrc_stack_is_labelled_as_the_same_tiff_stack_with_its_pixel_size(tmp
     the labels of the same pixels in a TIFF stack, a page a section, with the pixel size and
     section spacing; a stack of volumes keeps its two axes (V, Z, H, W) as a TIFF hyperstack
     does."""
-    from cellseg_plugins.engine.data import pixel_calibration
+    from cellseg_plugins.engine.image_files import pixel_calibration
     from cellseg_plugins.engine.predict import labels_info, predict_paths
     from conftest import checkpoint
 
@@ -438,7 +438,7 @@ def test_images_past_pillows_decompression_bomb_limit_are_read(tmp_path, monkeyp
     from PIL import Image
 
     from cellseg_plugins.engine import predict
-    from cellseg_plugins.engine.data import image_shape, pixel_kind, read_image
+    from cellseg_plugins.engine.image_files import image_shape, pixel_kind, read_image
     from conftest import checkpoint
 
     ckpt, _ = checkpoint(tmp_path, "classic_unet(width=4)")
@@ -576,7 +576,8 @@ def test_a_tiff_of_separate_images_is_one_line_before_anything_is_written(tmp_pa
     images, in predict (nothing written) and in a training folder; a thumbnail stored as a
     reduced-resolution page is not a separate image."""
     from cellseg_plugins.cli.main import main
-    from cellseg_plugins.engine.data import image_shape, load_folder, read_image
+    from cellseg_plugins.engine.data import load_folder
+    from cellseg_plugins.engine.image_files import image_shape, read_image
     from cellseg_plugins.errors import DataError
     from conftest import checkpoint
 

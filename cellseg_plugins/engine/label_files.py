@@ -13,7 +13,7 @@ import numpy as np
 import tifffile
 
 from .checkpoint import write_atomic
-from .data import image_layout, is_stack, plane_axes
+from .image_files import image_layout, is_stack, plane_axes
 
 IMAGEJ_AXES = "TZC"  # ImageJ's hyperstack axes in front of Y and X, in its order
 
@@ -35,7 +35,7 @@ def imagej_axes(letters: str) -> str | None:
 
 
 def label_layout(path: Path, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    """(axes, shape) of the labels of image file ``path`` (:func:`~.data.image_shape`
+    """(axes, shape) of the labels of image file ``path`` (:func:`~.image_files.image_shape`
     ``shape``): ("", (H, W)) for one image, (axes, (*sizes, H, W)) for a stack, where the file's
     planes keep their axes (Z × C of a hyperstack, V × Z of an MRC stack of volumes as T × Z),
     ``axes`` in ImageJ's letters (:func:`imagej_axes`) where it has them (header only)."""
@@ -50,7 +50,7 @@ def label_layout(path: Path, shape: tuple[int, ...]) -> tuple[str, tuple[int, ..
 
 def _imagej_size(calibration: dict | None, metadata: dict) -> dict:
     """``tifffile.imwrite`` keywords for the pixel size ``calibration``
-    (:func:`~.data.pixel_calibration`'s) in an ImageJ file, with its unit and plane spacing
+    (:func:`~.image_files.pixel_calibration`'s) in an ImageJ file, with its unit and plane spacing
     put in ``metadata`` as Fiji writes them: a length in µm (pixels per µm, ResolutionUnit
     none, ``unit=micron``, ``spacing`` in µm), inches or no unit as given."""
     if not calibration:
@@ -72,10 +72,10 @@ def write_labels(path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...]
     (``axes``: ImageJ letters of the axes in front of the planes, by default by their number,
     :func:`imagej_axes`; axes of size 1 dropped, as ImageJ does), its classes in view (display
     range 0 to the last class) and the input's pixel size (``calibration``:
-    :func:`~.data.pixel_calibration`'s, in µm; a stack's Z spacing too), so lengths, areas and
-    volumes measured on the labels in Fiji are in the image's units. The model's class names
-    and spec, and ``meta["made_by"]`` (:func:`~.predict.model_identity`) where given, are the
-    ImageJ property "cellseg" (JSON; Fiji's *Image › Show Info* lists it), which
+    :func:`~.image_files.pixel_calibration`'s, in µm; a stack's Z spacing too), so lengths,
+    areas and volumes measured on the labels in Fiji are in the image's units. The model's class
+    names and spec, and ``meta["made_by"]`` (:func:`~.predict.model_identity`) where given, are
+    the ImageJ property "cellseg" (JSON; Fiji's *Image › Show Info* lists it), which
     :func:`labels_info` and the napari reader read. Labels with more than three axes in front
     of their planes, which ImageJ cannot hold, are written in tifffile's shaped format
     (the same properties in its JSON description). Labels over 4 GB are one ImageJ file as

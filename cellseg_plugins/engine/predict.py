@@ -19,9 +19,10 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..input_rules import InputRules, input_rules
 from .checkpoint import write_atomic
-from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_files,
-                   image_layout, image_shape, is_stack, pixel_calibration, pixel_kind,
-                   pixel_nm, read_planes, scale_to_unit, unit_range)
+from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_files, scale_to_unit,
+                   unit_range)
+from .image_files import (image_layout, image_shape, is_stack, pixel_calibration, pixel_kind,
+                          pixel_nm, read_planes)
 from .label_files import label_layout, labels_info, write_labels
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],

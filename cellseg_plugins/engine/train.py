@@ -22,9 +22,9 @@ from .checkpoint import (FORMAT, hold_folder, load_checkpoint, release, remove_s
 from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
 from .config import TrainConfig, resumed_config
-from .data import (CropDataset, DataError, channel_stats, check_crop, class_shares,
-                   common_pixel_nm, load_split)
+from .data import CropDataset, DataError, channel_stats, check_crop, class_shares, load_split
 from .device_data import DeviceCrops, fits_on_device
+from .image_files import common_pixel_nm
 from .metrics import confusion, scores
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "evaluate", "resolve_device"]
