@@ -184,36 +184,45 @@ segment_in_background.__signature__ = _SIGNATURE.replace(
 
 
 def get_reader(path):
-    """napari reader hook: a reader for label TIFFs written by ``cellseg predict`` (they carry
-    the class names), None for other files so that napari tries its other readers."""
+    """napari reader hook: a reader for label files written by ``cellseg predict`` (TIFF or
+    MRC; they carry the class names), None for other files so that napari tries its other
+    readers."""
     from .engine.predict import labels_info
 
-    if not isinstance(path, (str, Path)) or not str(path).lower().endswith((".tif", ".tiff")):
+    if not isinstance(path, (str, Path)) or \
+            not str(path).lower().endswith((".tif", ".tiff", ".mrc")):
         return None
     return read_prediction if labels_info(path) else None
 
 
 def read_prediction(path) -> list:
-    """[(labels, kwargs, "labels")] for a ``cellseg predict`` label TIFF; its pixel size and
-    the ImageJ letters of the axes in front of its planes are kept in the layer's metadata
-    (``calibration``, ``axes``) for :func:`write_labels_layer`."""
+    """[(labels, kwargs, "labels")] for a ``cellseg predict`` label file (an MRC one in its
+    stored order, as mrcfile reads it); its pixel size and the ImageJ letters of the axes in
+    front of its planes are kept in the layer's metadata (``calibration``, ``axes``) for
+    :func:`write_labels_layer`."""
+    import numpy as np
     import tifffile
 
     from .engine.image_files import pixel_calibration, plane_axes
+    from .engine.mrc import is_mrc, mrc_pixels, open_mrc
     from .engine.predict import labels_info
 
-    kwargs = _labels_kwargs(Path(path).stem, labels_info(path))
-    kwargs["metadata"]["axes"] = plane_axes(Path(path))[0]
-    calibration = pixel_calibration(Path(path))
+    path = Path(path)
+    kwargs = _labels_kwargs(path.stem, labels_info(path))
+    kwargs["metadata"]["axes"] = plane_axes(path)[0]
+    calibration = pixel_calibration(path)
     if calibration:
         kwargs["metadata"]["calibration"] = calibration
+    if is_mrc(path):
+        with open_mrc(path) as mrc:
+            return [(np.array(mrc_pixels(mrc)), kwargs, "labels")]
     return [(tifffile.imread(path), kwargs, "labels")]
 
 
 def _layer_calibration(attributes: dict, axes: str) -> dict | None:
     """A layer's pixel size (its last two axes' ``scale`` in its ``units``, napari >= 0.6) as
-    :func:`~cellseg_plugins.engine.image_files.pixel_calibration` gives it, in pixels per cm, with
-    the scale of its Z axis as ``spacing`` where ``axes`` (ImageJ's letters of the axes in
+    :func:`~cellseg_plugins.engine.image_files.pixel_calibration` gives it, in pixels per cm,
+    with the scale of its Z axis as ``spacing`` where ``axes`` (ImageJ's letters of the axes in
     front of its planes) has one; None where the units are not lengths (napari's default:
     pixels)."""
     units, scale = attributes.get("units"), attributes.get("scale")

@@ -1,4 +1,4 @@
-"""``cellseg predict``: label TIFFs for images of any size (engine.predict.predict_paths)."""
+"""``cellseg predict``: label files for images of any size (engine.predict.predict_paths)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,11 @@ def predict_command(
         callback=_positive, help="the inputs' pixel size in nm (default: each file's "
                                  "calibration), for the check against the model's and "
                                  "--rescale")] = None,
+    label_format: Annotated[str, typer.Option(
+        "--format", help="label files: tif (ImageJ hyperstacks: Fiji, napari) or mrc (on an MRC "
+                         "image, its voxel size and origin: IMOD, ChimeraX, Amira)")] = "tif",
 ) -> None:
-    """Label TIFFs (one per input, named after it) for images of any size."""
+    """Label files (TIFF or MRC, one per input, named after it) for images of any size."""
     from ..engine.train import resolve_device
     from ..engine.predict import predict_paths
 
@@ -66,6 +69,8 @@ def predict_command(
                           f"{path} → {target} (kept: this model wrote it already)"),
                       on_warning=lambda text: progress.console.print(
                           f"warning: {text}", style="yellow", soft_wrap=True, markup=False),
-                      rescale=rescale, pixel_size=pixel_size, on_rescale=lambda path, factor: progress.console.print(
+                      rescale=rescale, pixel_size=pixel_size,
+                      on_rescale=lambda path, factor: progress.console.print(
                           f"{path}: rescaled by {factor:.3g} to the model's pixel size, its "
-                          "labels back", soft_wrap=True, markup=False))
+                          "labels back", soft_wrap=True, markup=False),
+                      label_format=label_format)

@@ -82,3 +82,51 @@ def mrc_calibration(path: Path) -> dict | None:
     if sections and np.isfinite(z) and z > 0:
         calibration["spacing"] = z / ANGSTROMS_PER_CM
     return calibration
+
+
+def mrc_geometry(path: Path) -> dict:
+    """What places an MRC file's pixels in space, for a file of the same pixels to lie on
+    them: its voxel size (x, y, z in Å), origin (Å), start indices and space group (0: a stack
+    of images, 1: a volume, 401: a stack of volumes)."""
+    with open_mrc(path) as mrc:
+        header = mrc.header
+        return {"voxel_size": tuple(float(v) for v in mrc.voxel_size.item()),
+                "origin": tuple(float(v) for v in header.origin.item()),
+                "nstart": (int(header.nxstart), int(header.nystart), int(header.nzstart)),
+                "ispg": int(header.ispg)}
+
+
+def write_mrc(path: Path, planes: Iterator[np.ndarray], shape: tuple[int, ...], dtype,
+              geometry: dict | None = None, labels: list[str] = ()) -> None:
+    """An MRC file of ``shape`` ((H, W), (Z, H, W) or (V, Z, H, W)) and ``dtype`` (int8: mode
+    0, uint16: mode 6, ...) written from ``planes``, its (H, W) sections in stored order, one
+    at a time through mrcfile's memory map; ``geometry`` (:func:`mrc_geometry`'s keys, any of
+    them) in its header, ``labels`` (at most 10 of 80 ASCII characters) as its text labels;
+    the header's minimum, maximum, mean and RMS from the pixels written."""
+    import mrcfile
+
+    dtype = np.dtype(dtype)
+    total, squares, low, high, count = 0.0, 0.0, np.inf, -np.inf, 0
+    with mrcfile.new_mmap(path, shape, mrc_mode=mrcfile.utils.mode_from_dtype(dtype),
+                          overwrite=True) as mrc:
+        sections = mrc.data.reshape(-1, *shape[-2:])
+        for k, plane in enumerate(planes):
+            sections[k] = plane
+            values = plane.astype(np.float64)
+            total, squares = total + values.sum(), squares + (values ** 2).sum()
+            low, high, count = min(low, values.min()), max(high, values.max()), count + values.size
+        geometry = geometry or {}
+        if "voxel_size" in geometry:
+            mrc.voxel_size = geometry["voxel_size"]
+        if "origin" in geometry:
+            mrc.header.origin = geometry["origin"]
+        if "nstart" in geometry:
+            mrc.nstart = geometry["nstart"]
+        if geometry.get("ispg") is not None and len(shape) == 3:
+            mrc.header.ispg = geometry["ispg"]  # a stack of sections stays one, a volume too
+        mean = total / max(count, 1)
+        mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = low, high, mean
+        mrc.header.rms = np.sqrt(max(squares / max(count, 1) - mean ** 2, 0.0))
+        mrc.header.nlabl = len(labels)
+        for k, text in enumerate(labels):
+            mrc.header.label[k] = text.encode("ascii")[:80].ljust(80)

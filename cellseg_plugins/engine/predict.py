@@ -23,7 +23,8 @@ from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_fi
                    unit_range)
 from .image_files import (image_layout, image_shape, is_stack, pixel_calibration, pixel_kind,
                           pixel_nm, read_planes)
-from .label_files import label_layout, labels_info, write_labels
+from .label_files import (LABEL_FORMATS, label_layout, labels_info, write_labels,
+                          write_mrc_labels)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -357,11 +358,11 @@ def _written_by(target: Path, overlays: list[Path], identity: dict,
         return False
 
 
-def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool = False
-                 ) -> list[tuple[Path, list[Path]]]:
-    """(label TIFF, overlay PNGs) in ``out`` for each (input path, page count): OUT/STEM.tif,
-    OUT/STEM[_k]_overlay.png. Refuses (DataError) an ``out`` named like an image, two inputs
-    that would write one file, and a file that would overwrite an input."""
+def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool = False,
+                 suffix: str = ".tif") -> list[tuple[Path, list[Path]]]:
+    """(label file, overlay PNGs) in ``out`` for each (input path, page count): OUT/STEM.tif
+    (or ``suffix``), OUT/STEM[_k]_overlay.png. Refuses (DataError) an ``out`` named like an
+    image, two inputs that would write one file, and a file that would overwrite an input."""
     if out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
         raise ConfigError("out", str(out), "must be a folder (each label TIFF is named "
                           "after its input image), e.g. --out predictions")
@@ -369,7 +370,7 @@ def output_paths(inputs: list[tuple[Path, int]], out: Path, with_overlay: bool =
     taken: dict[Path, Path] = {}
     result = []
     for path, n in inputs:
-        target = out / f"{path.stem}.tif"
+        target = out / f"{path.stem}{suffix}"
         pngs = [out / f"{path.stem}{f'_{k}' if n > 1 else ''}_overlay.png"
                 for k in range(n)] if with_overlay else []
         for file in (target, *pngs):
@@ -450,9 +451,11 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
                   overlap: int = 32, with_overlay: bool = False, device="cpu",
                   runtime: str = "torch", on_image=None, progress=None, resume: bool = False,
                   on_kept=None, on_warning=None, rescale: bool = False,
-                  on_rescale=None, pixel_size: float | None = None) -> list[Path]:
-    """Label TIFFs (one per input, named after it; stacks stay stacks; the pixel size of a
-    TIFF or MRC file kept) in ``out``, with colour overlay PNGs if asked; returns them.
+                  on_rescale=None, pixel_size: float | None = None,
+                  label_format: str = "tif") -> list[Path]:
+    """Label files (TIFFs, or MRC files with ``label_format``; one per input, named after it;
+    stacks stay stacks; the pixel size of a TIFF or MRC file kept) in ``out``, with colour
+    overlay PNGs if asked; returns them.
 
     Every input's header (size, pages, channels, pixel type; the pixels of RGB files for a
     grey model too, grey saved as RGB being taken as grey, and of float files, whose NaN or
@@ -470,10 +473,13 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     labels resized back (nearest), with ``on_rescale(path, factor)``. ``rescale`` needs a
     model that knows its pixel size (DataError); an input without one is predicted as it is,
     with a warning. ``pixel_size`` (nm) is every input's, in place of their files'
-    calibration."""
+    calibration. ``label_format`` "mrc" writes MRC label files instead of TIFFs
+    (:func:`~.label_files.write_mrc_labels`: on an MRC image, its voxel size and origin)."""
     from PIL import Image
 
     check_tiling(tile, overlap)
+    if label_format not in LABEL_FORMATS:
+        raise ConfigError("format", label_format, f"expected {' or '.join(LABEL_FORMATS)}")
     model, meta, rules = load_predictor(source, runtime, device)
     meta = {**meta, "made_by": model_identity(Path(source), runtime, tile, overlap)}
     paths = input_paths(inputs)
@@ -481,7 +487,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     layouts = [image_layout(shape) for shape in shapes]
     out = Path(out)
     targets = output_paths([(path, n) for path, (n, _) in zip(paths, layouts)], out,
-                           with_overlay)
+                           with_overlay, LABEL_FORMATS[label_format])
     kept = [resume and _written_by(target, overlays, meta["made_by"],
                                    label_layout(path, shape)[1])
             for path, shape, (target, overlays) in zip(paths, shapes, targets)]
@@ -524,7 +530,10 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
         labels = (predict_plane(model, p, meta, tile, overlap, rules, device, on_tile, path, f)
                   for p in read_planes(path))
         axes, out_shape = label_layout(path, shape)
-        write_labels(target, labels, out_shape, meta, pixel_calibration(path), axes)  # by planes
+        if label_format == "mrc":  # plane by plane
+            write_mrc_labels(target, labels, out_shape, meta, path)
+        else:
+            write_labels(target, labels, out_shape, meta, pixel_calibration(path), axes)
         if overlays:  # each page again, beside its labels read back from the TIFF
             for png, p, lab in zip(overlays, read_planes(path), read_planes(target)):
                 write_atomic(png, lambda tmp: Image.fromarray(overlay(unit(p, path)(p), lab)
