@@ -197,14 +197,14 @@ def get_reader(path):
 
 def read_prediction(path) -> list:
     """[(labels, kwargs, "labels")] for a ``cellseg predict`` label file (an MRC one in its
-    stored order, as mrcfile reads it); its pixel size and the ImageJ letters of the axes in
-    front of its planes are kept in the layer's metadata (``calibration``, ``axes``) for
-    :func:`write_labels_layer`."""
+    stored order, as mrcfile reads it); its pixel size, the ImageJ letters of the axes in
+    front of its planes and an MRC file's header geometry are kept in the layer's metadata
+    (``calibration``, ``axes``, ``mrc_geometry``) for :func:`write_labels_layer`."""
     import numpy as np
     import tifffile
 
     from .engine.image_files import pixel_calibration, plane_axes
-    from .engine.mrc import is_mrc, mrc_pixels, open_mrc
+    from .engine.mrc import is_mrc, mrc_geometry, mrc_pixels, open_mrc
     from .engine.predict import labels_info
 
     path = Path(path)
@@ -214,6 +214,7 @@ def read_prediction(path) -> list:
     if calibration:
         kwargs["metadata"]["calibration"] = calibration
     if is_mrc(path):
+        kwargs["metadata"]["mrc_geometry"] = mrc_geometry(path)
         with open_mrc(path) as mrc:
             return [(np.array(mrc_pixels(mrc)), kwargs, "labels")]
     return [(tifffile.imread(path), kwargs, "labels")]
@@ -248,22 +249,25 @@ def _layer_calibration(attributes: dict, axes: str) -> dict | None:
 
 
 def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
-    """napari writer hook for a labels layer saved as .tif: *File › Save Selected Layers*
-    offers it beside napari's own ("cellseg label TIFF with class names"; in code,
-    ``layer.save(path, plugin="cellseg")``), and napari may pick either for a plain save. A
-    layer of cellseg's (the widget's, or a label TIFF opened by the reader), (..., H, W),
-    proofread or not, is saved as ``cellseg predict`` writes labels: uint8 with its class
-    names, spec, what made it (``predict --resume`` keeps a proofread file), its axes (the
-    label TIFF's it came from, else by their number) and pixel size and Z spacing (its scale
-    where its units are lengths, else the reader's ``calibration``), so it opens again as
-    labels with them, in Fiji as a calibrated hyperstack (napari's own writer keeps the
-    pixels only). Any other labels layer goes to napari's own writer, as without cellseg.
-    Checked before anything is written (DataError): a multiscale layer, a label value that
-    names no class. A path without an extension gets ``.tif``. The file is replaced whole:
-    saving over the TIFF the layer came from is safe."""
+    """napari writer hook for a labels layer saved as .tif or .mrc: *File › Save Selected
+    Layers* offers it beside napari's own ("cellseg labels with class names"; in
+    code, ``layer.save(path, plugin="cellseg")``), and napari may pick either for a plain
+    save. A layer of cellseg's (the widget's, or a label file opened by the reader),
+    (..., H, W), proofread or not, is saved as ``cellseg predict`` writes labels: with its
+    class names, spec, what made it (``predict --resume`` keeps a proofread file), its axes
+    (the label file's it came from, else by their number) and pixel size and Z spacing (its
+    scale where its units are lengths, else the reader's ``calibration``), so it opens again
+    as labels with them: a .tif in Fiji as a calibrated hyperstack (napari's own writer keeps
+    the pixels only), a .mrc (:func:`~.engine.label_files.write_mrc_labels`) with the header
+    geometry of the MRC label file it came from (its voxel size, origin), else that pixel
+    size. Any other labels layer goes to napari's own writer, as without cellseg. Checked
+    before anything is written (DataError): a multiscale layer, a label value that names no
+    class. A path without an extension gets ``.tif``. The file is replaced whole: saving
+    over the file the layer came from is safe."""
     import numpy as np
 
-    from .engine.label_files import imagej_axes, write_labels
+    from .engine.label_files import (imagej_axes, mrc_label_geometry, write_labels,
+                                     write_mrc_labels)
 
     name, info = attributes.get("name"), attributes.get("metadata") or {}
     names = info.get("class_names")
@@ -288,6 +292,10 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     meta = {"class_names": names, "spec": info.get("spec"), "made_by": info.get("made_by")}
     axes = imagej_axes(info.get("axes") if len(info.get("axes") or "") == array.ndim - 2
                        else "I" * (array.ndim - 2))
-    write_labels(path, pages, array.shape, meta,
-                 _layer_calibration(attributes, axes or "") or info.get("calibration"), axes)
+    calibration = _layer_calibration(attributes, axes or "") or info.get("calibration")
+    if path.suffix.lower() == ".mrc":
+        write_mrc_labels(path, pages, array.shape, meta,
+                         info.get("mrc_geometry") or mrc_label_geometry(None, calibration))
+    else:
+        write_labels(path, pages, array.shape, meta, calibration, axes)
     return [str(path)]

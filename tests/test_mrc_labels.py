@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tifffile
 
+from cellseg_plugins.engine.image_files import pixel_calibration
 from cellseg_plugins.engine.label_files import _chunks, _mrc_labels, labels_info
 from cellseg_plugins.engine.predict import predict_paths
-from cellseg_plugins.napari_widget import get_reader
+from cellseg_plugins.napari_widget import get_reader, write_labels_layer
 from conftest import checkpoint, cli
 
 SPEC = "classic_unet(width=4)"
@@ -93,6 +94,37 @@ def test_resume_keeps_mrc_labels_and_napari_reads_them(tmp_path):
     assert kwargs["features"]["class"] == ["c0", "c1", "c2"]
     assert kwargs["metadata"]["axes"] == "TZ"
     assert get_reader(str(tmp_path / "in" / "tomos.mrcs")) is None  # not labels: others' turn
+
+
+def test_proofread_mrc_labels_save_from_napari_on_their_geometry(tmp_path):
+    """A labels layer opened from an MRC label file, painted and saved over it by cellseg's
+    writer, keeps its classes, what made it and its header geometry; a layer opened from a
+    label TIFF saved as .mrc gets the TIFF's pixel size as its voxel size."""
+    ckpt, _ = checkpoint(tmp_path, SPEC)
+    _inputs(tmp_path / "in")
+    inputs = [str(tmp_path / "in" / name) for name in ("tomos.mrcs", "hyper.tif")]
+    mrc_file, _ = predict_paths(ckpt, inputs, tmp_path / "mrc", tile=32, overlap=8,
+                                  label_format="mrc")
+    _, tif_file = predict_paths(ckpt, inputs, tmp_path / "tif", tile=32, overlap=8)
+    made_by = labels_info(mrc_file)["made_by"]
+    ((data, kwargs, _),) = get_reader(str(mrc_file))(str(mrc_file))
+    data = data.astype(np.int32)
+    data[1, 2, :8, :8] = 2  # a brush stroke of class c2
+    assert write_labels_layer(str(mrc_file), data, {**kwargs, "multiscale": False}) == \
+        [str(mrc_file)]
+    with mrcfile.open(mrc_file) as mrc:
+        np.testing.assert_array_equal(mrc.data, data)
+        assert tuple(mrc.header.origin.item()) == (100.0, 200.0, 300.0)
+        assert tuple(mrc.voxel_size.item()) == (12.5, 12.5, 20.0) and mrc.header.ispg == 401
+    assert labels_info(mrc_file)["made_by"] == made_by  # --resume keeps the proofread file
+
+    ((data, kwargs, _),) = get_reader(str(tif_file))(str(tif_file))
+    write_labels_layer(str(tmp_path / "hyper.mrc"), data, {**kwargs, "multiscale": False})
+    saved, labelled = pixel_calibration(tmp_path / "hyper.mrc"), pixel_calibration(tif_file)
+    assert saved["resolution"] == pytest.approx(labelled["resolution"])  # 4 nm pixels
+    assert saved["spacing"] == pytest.approx(labelled["spacing"])  # 30 nm sections
+    with mrcfile.open(tmp_path / "hyper.mrc") as mrc:
+        np.testing.assert_array_equal(mrc.data, data.reshape(8, 40, 50))
 
 
 def test_mrc_text_labels_hold_the_properties_as_far_as_they_fit():

@@ -43,7 +43,7 @@ def test_the_manifest_is_valid_and_names_the_widget_the_reader_and_the_writer():
     assert widget.autogenerate
     assert [(c.layer_type, c.bounds) for c in writer.layer_type_constraints()
             if not c.is_zero()] == [("labels", (1, 2))]  # exactly one labels layer
-    assert writer.filename_extensions == [".tif", ".tiff"]
+    assert writer.filename_extensions == [".tif", ".tiff", ".mrc"]
     for command_id, function in [(widget.command, segment_in_background),
                                  (reader.command, get_reader),
                                  (writer.command, write_labels_layer)]:
@@ -290,7 +290,7 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
     (opened,) = viewer.open(written, plugin="cellseg")
     assert type(opened).__name__ == "Labels" and opened.name == "section"
     # proofreading: a brush stroke, then the layer saved over the file it came from by our
-    # writer (the save dialog's "cellseg label TIFF with class names"), which keeps them
+    # writer (the save dialog's "cellseg labels with class names"), which keeps them
     label = int(opened.data[0, 10, 10]) ^ 1
     opened.paint((0, 10, 10), label)
     expected = np.array(opened.data)

@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 
 from .checkpoint import write_atomic
-from .image_files import image_layout, is_stack, pixel_calibration, plane_axes
+from .image_files import image_layout, is_stack, plane_axes
 from .mrc import ANGSTROMS_PER_CM, is_mrc, mrc_geometry, open_mrc, write_mrc
 
 IMAGEJ_AXES = "TZC"  # ImageJ's hyperstack axes in front of Y and X, in its order
@@ -165,10 +165,11 @@ def _mrc_labels(info: dict | None) -> list[str]:
     return [title]
 
 
-def _mrc_label_geometry(source: Path | None, calibration: dict | None) -> dict:
-    """The header geometry of labels for image ``source``: an MRC image's own
-    (:func:`~.mrc.mrc_geometry`), else the voxel size of ``calibration`` (a length: Å; Z the
-    planes' spacing where known, else the pixel width)."""
+def mrc_label_geometry(source: Path | None, calibration: dict | None) -> dict:
+    """The MRC header geometry of labels for image ``source``: an MRC image's own
+    (:func:`~.mrc.mrc_geometry`), else the voxel size of ``calibration``
+    (:func:`~.image_files.pixel_calibration`'s, where a length: Å; Z the planes' spacing
+    where known, else the pixel width)."""
     if source is not None and is_mrc(source):
         return mrc_geometry(source)
     if not calibration or calibration["resolutionunit"] != 3:
@@ -179,22 +180,20 @@ def _mrc_label_geometry(source: Path | None, calibration: dict | None) -> dict:
 
 
 def write_mrc_labels(path: Path, pages: Iterable[np.ndarray], shape: tuple[int, ...],
-                     meta: dict | None = None, source: Path | None = None) -> None:
-    """Label MRC file of ``shape`` (:func:`label_layout`'s) written as ``pages`` yields its (H, W)
-    planes, in the stored order of image ``source``'s sections: on an MRC image, its voxel
-    size, origin, start and space group copied, so IMOD's 3dmod, ChimeraX or Amira lay the
-    labels on it (whichever way up they draw MRC files, both alike); on other images, their
-    pixel size (:func:`_mrc_label_geometry`). One image is one section, a stack of volumes
-    (from an MRC one) stays V × Z, other axes in front of the planes are one axis of
-    sections. Class indices are mode 0 (bytes, which IMOD reads unsigned and MRC2014 signed:
+                     meta: dict | None = None, geometry: dict | None = None) -> None:
+    """Label MRC file of ``shape`` (:func:`label_layout`'s) written as ``pages`` yields its
+    (H, W) planes, in the stored order of its image's sections, with ``geometry``
+    (:func:`mrc_label_geometry`): an MRC image's voxel size, origin, start and space group,
+    so IMOD's 3dmod, ChimeraX or Amira lay the labels on it (whichever way up they draw MRC
+    files, both alike); other images' pixel size. One image is one section, a stack of
+    volumes (of an MRC one: space group 401 or more) stays V × Z, other axes in front of the
+    planes are one axis of sections. Class indices are mode 0 (bytes, which IMOD reads unsigned and MRC2014 signed:
     the same for up to 128 classes), mode 6 (unsigned 16 bits) for more. The class names
     and spec, and ``meta["made_by"]``, are its text labels (:func:`_mrc_labels`), which
     :func:`labels_info` and the napari reader read. Nothing is left at ``path`` if ``pages``
     fails."""
-    info = _properties(meta)
-    source = Path(source) if source is not None else None
-    geometry = _mrc_label_geometry(source, pixel_calibration(source) if source else None)
-    if len(shape) > 3 and not (len(shape) == 4 and source is not None and is_mrc(source)):
+    info, geometry = _properties(meta), geometry or {}
+    if len(shape) > 3 and not (len(shape) == 4 and geometry.get("ispg", 0) >= 401):
         shape = (int(np.prod(shape[:-2])), *shape[-2:])
     dtype = np.int8 if info and len(info["class_names"]) <= 128 else np.uint16
     write_atomic(path, lambda tmp: write_mrc(tmp, (np.asarray(p, dtype) for p in pages), shape,

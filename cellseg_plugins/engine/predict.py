@@ -23,8 +23,8 @@ from .data import (IMAGE_DIRS, IMAGE_SUFFIXES, DataError, fit_channels, image_fi
                    unit_range)
 from .image_files import (image_layout, image_shape, is_stack, pixel_calibration, pixel_kind,
                           pixel_nm, read_planes)
-from .label_files import (LABEL_FORMATS, label_layout, labels_info, write_labels,
-                          write_mrc_labels)
+from .label_files import (LABEL_FORMATS, label_layout, labels_info, mrc_label_geometry,
+                          write_labels, write_mrc_labels)
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -530,10 +530,12 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
         labels = (predict_plane(model, p, meta, tile, overlap, rules, device, on_tile, path, f)
                   for p in read_planes(path))
         axes, out_shape = label_layout(path, shape)
+        calibration = pixel_calibration(path)
         if label_format == "mrc":  # plane by plane
-            write_mrc_labels(target, labels, out_shape, meta, path)
+            write_mrc_labels(target, labels, out_shape, meta,
+                             mrc_label_geometry(path, calibration))
         else:
-            write_labels(target, labels, out_shape, meta, pixel_calibration(path), axes)
+            write_labels(target, labels, out_shape, meta, calibration, axes)
         if overlays:  # each page again, beside its labels read back from the TIFF
             for png, p, lab in zip(overlays, read_planes(path), read_planes(target)):
                 write_atomic(png, lambda tmp: Image.fromarray(overlay(unit(p, path)(p), lab)
