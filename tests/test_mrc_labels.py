@@ -155,3 +155,37 @@ def test_a_bad_label_format_is_one_line_and_writes_nothing(tmp_path, capsys):
     code, out, err = cli(capsys, "predict", ckpt, tmp_path / "in" / "em.st", "--out",
                          tmp_path / "out", "--format", "mrc")
     assert code == 0 and (tmp_path / "out" / "em.mrc").is_file(), err
+
+
+def test_label_files_as_training_masks_keep_their_class_names(tmp_path, capsys):
+    """Labels written by ``cellseg predict`` (TIFF or MRC), proofread or not, train a model
+    whose classes keep their names; a value that is no class of its file is one line; masks
+    that are not all cellseg's go by their values."""
+    from cellseg_plugins.engine.data import DataError, load_folder
+    from cellseg_plugins.engine.label_files import write_labels
+
+    ckpt, _ = checkpoint(tmp_path, SPEC)
+    _inputs(tmp_path / "in")
+    root = tmp_path / "proofread"
+    (root / "images").mkdir(parents=True)
+    for name in ("em.st", "hyper.tif"):
+        (root / "images" / name).write_bytes((tmp_path / "in" / name).read_bytes())
+    predict_paths(ckpt, [str(root / "images" / "em.st")], root / "masks", tile=32, overlap=8,
+                  label_format="mrc")
+    predict_paths(ckpt, [str(root / "images" / "hyper.tif")], root / "masks", tile=32,
+                  overlap=8)
+    sources = load_folder(root)
+    assert sources.class_names == ("c0", "c1", "c2") and len(sources.masks) == 3 + 8
+    code, out, err = cli(capsys, "data", "info", root)
+    assert code == 0 and "c0" in out and "class0" not in out, err
+
+    painted = tifffile.imread(root / "masks" / "hyper.tif").reshape(8, 40, 50)
+    painted[2, 0, 0] = 5  # a value no class of the file has
+    write_labels(root / "masks" / "hyper.tif", iter(painted), (4, 2, 40, 50),
+                 {"class_names": ["c0", "c1", "c2"], "spec": SPEC})
+    with pytest.raises(DataError, match=r"hyper.tif: mask value 5 is no class of this label "
+                                        r"file's \(c0, c1, c2: 0–2\)"):
+        load_folder(root)
+    painted[2, 0, 0] = 1
+    tifffile.imwrite(root / "masks" / "hyper.tif", painted)  # a plain TIFF: no class names
+    assert load_folder(root).class_names == ("class0", "class1", "class2")

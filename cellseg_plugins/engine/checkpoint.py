@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DataError
 from ..registry import Spec, SpecError, Term, create_model, get_entry, parse_spec
-from .data import DataError
 
 FORMAT = "cellseg-checkpoint-1"
 TMP_SUFFIX = ".partial"

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import DataError
 from .image_files import check_pixel_type, is_stack, pixel_nm, read_image
+from .label_files import labels_info
 from .mrc import MRC_SUFFIXES
 from .synthetic import CLASSES as SYNTHETIC_CLASSES
 from .synthetic import synthetic_dataset
@@ -292,13 +293,14 @@ def mask_of(stem: str, masks_by_stem: dict[str, Path]) -> Path | None:
 
 def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
     """An image folder and a mask folder paired by file stem (:func:`mask_of`); TIFF stacks
-    give one source per page."""
+    give one source per page. Class names: ``class_map``'s, else those of the masks where
+    cellseg wrote them all (:func:`label_file_names`), else class0…classK."""
     if not root.is_dir():
         raise DataError(f"--data {str(root)!r}: not 'synthetic', 'sstem' or an existing folder")
     image_dir, mask_dir = _find_dir(root, IMAGE_DIRS, "image"), _find_dir(root, MASK_DIRS, "mask")
     masks_by_stem = {p.stem: p for p in image_files(mask_dir)}
     names, value_map = parse_class_map(class_map) if class_map else ((), None)
-    images, masks, stems, sizes = [], [], [], []
+    images, masks, stems, sizes, mask_paths = [], [], [], [], []
     for path in image_files(image_dir):
         mask_path = mask_of(path.stem, masks_by_stem)
         if mask_path is None:
@@ -318,18 +320,37 @@ def load_folder(root: Path, class_map: str | None = None) -> SourceSet:
                                 f"{ms.shape[:2]}")
             images.append(_to_unit(im, path))
             masks.append(ms)
+            mask_paths.append(mask_path)
             stems.append(f"{path.stem}[{k}]" if stack else path.stem)
     if not images:
         raise DataError(f"{image_dir}: no PNG, TIFF, MRC, JPEG or BMP images")
     if len({im.ndim for im in images}) > 1:  # grey and colour: all as colour
         images = [fit_channels(im, 3, name) for im, name in zip(images, stems)]
     if not names:
-        names = index_names(masks, mask_dir)
+        names = label_file_names(masks, mask_paths) or index_names(masks, mask_dir)
     if len(names) > MAX_CLASSES:
         raise DataError(f"{mask_dir}: {len(names)} classes, more than the {MAX_CLASSES} a label "
                         "image holds; one value per object is an instance mask, and cellseg "
                         "segments classes: map the values to classes with --class-map")
     return SourceSet(images, masks, names, stems, sizes)
+
+
+def label_file_names(masks: list[np.ndarray], paths: list[Path]) -> tuple[str, ...] | None:
+    """The class names of masks (each from the file in ``paths``) that are all label files
+    of cellseg's with the same classes (``cellseg predict``'s, proofread ones saved from
+    napari: :func:`~.label_files.labels_info`), so a model trained on proofread labels keeps
+    their names; None otherwise. A mask value that is no class of its file raises
+    DataError."""
+    infos = {path: labels_info(path) for path in dict.fromkeys(paths)}
+    named = {tuple(info["class_names"]) for info in infos.values() if info}
+    if not infos or None in infos.values() or len(named) != 1:
+        return None
+    (names,) = named
+    for mask, path in zip(masks, paths):
+        if int(mask.max()) >= len(names):
+            raise DataError(f"{path}: mask value {int(mask.max())} is no class of this label "
+                            f"file's ({', '.join(names)}: 0–{len(names) - 1})")
+    return names
 
 
 def index_names(masks: list[np.ndarray], mask_dir: Path) -> tuple[str, ...]:
