@@ -36,7 +36,8 @@ class ArchInfo:
     ``input``: the input sides it takes with its default encoder (cellseg_plugins.input_rules
     finds them for any built model; a test checks this table against it). ``skips``: encoder
     skips meet the decoder at blocks :mod:`.hooks` can reach (skip plugins). ``feature_list``:
-    the encoder returns a list of features (bottleneck and stage plugins).
+    the encoder returns a list of features, or DPT's (features, prefix tokens) pair
+    (bottleneck and stage plugins).
     """
 
     model_class: type
@@ -71,7 +72,7 @@ SMP_ARCHS: dict[str, ArchInfo] = {
                           "multiples of 32", skips=False),
     "dpt": ArchInfo(smp.DPT, "Dense Prediction Transformer: ViT encoder (timm) with "
                     "reassemble/fusion decoder", "exactly the ViT's image size (img_size)",
-                    skips=False, feature_list=False),
+                    skips=False),
 }
 
 HIDDEN = ("in_channels", "classes", "activation", "aux_params")

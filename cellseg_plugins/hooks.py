@@ -120,6 +120,34 @@ def encoder_channels(model: nn.Module) -> list[int]:
     return list(model.encoder.out_channels)
 
 
+@torch.no_grad()
+def encoder_returns_input(model: nn.Module) -> bool:
+    """Whether encoder feature 0 is the input itself (smp's CNN encoders), not a computed
+    feature (plain encoders' stem, DPT's first ViT feature)."""
+    x = torch.zeros(1, in_channels_of(model), probe_size(model), probe_size(model),
+                    device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        return unpack_features(model.encoder(x))[0][0] is x
+    finally:
+        model.train(was_training)
+
+
+def encoder_strides(model: nn.Module) -> list[int]:
+    """Each encoder feature's stride (input side / feature side; one probe pass): smp's CNN
+    encoders 1, 2, 4, …; DPT's ViT the patch size for every feature."""
+    seen = []
+    handle = model.encoder.register_forward_hook(
+        lambda m, i, out: seen.append([f.shape[-1] for f in unpack_features(out)[0]]))
+    try:
+        run_probe(model)
+    finally:
+        handle.remove()
+    size = probe_size(model)
+    return [size // side if side else 0 for side in seen[0]]
+
+
 def probe_size(model: nn.Module) -> int:
     """A square input size the model accepts: a ViT's fixed image size, else 128 (the smallest
     every smp arch takes; PAN needs 128)."""
@@ -190,11 +218,22 @@ class EncoderFeatureTransform(nn.Module):
         super().__init__()
         self.transforms = nn.ModuleDict({str(i): t for i, t in transforms.items()})
 
-    def hook(self, encoder, inputs, features):
-        features = list(features)
+    def hook(self, encoder, inputs, output):
+        features, repack = unpack_features(output)
         for key, transform in self.transforms.items():
             features[int(key)] = transform(features[int(key)])
-        return features
+        return repack(features)
+
+
+def unpack_features(output) -> tuple[list[torch.Tensor], Callable[[list], object]]:
+    """The encoder's features and how to return changed ones in its own form: smp's encoders
+    return a feature list; its ViT encoder (DPT) a pair (features, prefix tokens), the tokens
+    passed on to the decoder as they are."""
+    if (isinstance(output, tuple) and len(output) == 2
+            and isinstance(output[0], (list, tuple))):
+        tokens = output[1]
+        return list(output[0]), lambda features: (features, tokens)
+    return list(output), lambda features: features
 
 
 def transform_encoder_features(model: nn.Module, name: str,

@@ -39,7 +39,7 @@ def test_sequences_normalise_to_tuples():
     ("unet+scse(8)", "positional argument", 11),
     ("unet+scse(where='middle')", "'middle' is not one of 'encoder', 'decoder', 'both'", 11),
     ("unet+scse+scse", "may appear only once", 11),
-    ("dpt+scse", "does not support arch 'dpt'", 5),
+    ("dpt+lfa", "does not support arch 'dpt'", 5),
     ("unet+scse(reduction=__import__('os').getpid())", "only literal values", 11),
     ("unet+scse(reduction={1: 2})", "only finite numbers", 11),
     ("unet+scse(reduction=1e999)", "only finite numbers", 11),

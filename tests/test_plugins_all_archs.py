@@ -49,3 +49,59 @@ def test_bottleneck_supervision_weight_reaches_the_loss():
     model.eval()
     model(x)
     assert cs.auxiliary_loss(model, y, criterion) == (0.0, {})  # nothing in eval mode
+
+
+def decoder_inputs(model, x):
+    """The arguments the decoder receives for input ``x`` (eval mode)."""
+    seen = []
+    handle = model.decoder.register_forward_pre_hook(lambda m, args: seen.append(args))
+    with torch.no_grad():
+        model.eval()(x)
+    handle.remove()
+    return seen[0]
+
+
+def test_bottleneck_plugins_reach_dpt_last_feature_and_keep_its_tokens():
+    """DPT's encoder returns (features, prefix tokens): a bottleneck transform changes the last
+    feature, the decoder still gets the tokens, and features 0–2 pass unchanged."""
+    from cellseg_plugins.hooks import transform_encoder_features
+
+    torch.manual_seed(0)
+    model = cs.create_model(small_spec("dpt"), classes=3)
+    x = torch.randn(1, 1, 64, 64)
+    features, tokens = decoder_inputs(model, x)
+    transform_encoder_features(model, "test_zero", {-1: ZeroTimes()})
+    changed, changed_tokens = decoder_inputs(model, x)
+    assert len(changed) == 4 and torch.equal(changed[-1], torch.zeros_like(features[-1]))
+    assert all(torch.equal(a, b) for a, b in zip(changed[:3], features[:3]))
+    assert all(torch.equal(a, b) for a, b in zip(changed_tokens, tokens))
+    frem = cs.create_model(small_spec("dpt") + "+frem", classes=3)
+    assert list(frem.frem.transforms) == ["3"]  # the last of DPT's four features
+
+
+class ZeroTimes(torch.nn.Module):
+    def forward(self, x):
+        return x * 0
+
+
+def test_scse_recalibrates_every_strided_encoder_feature():
+    """scSE goes on features of stride ≥ 2: all of DPT's (stride 16), not the input image or a
+    plain encoder's full-resolution stem."""
+    from cellseg_plugins.hooks import encoder_strides
+
+    dpt = cs.create_model(small_spec("dpt"), classes=3)
+    assert encoder_strides(dpt) == [16, 16, 16, 16]
+    unet = cs.create_model("unet(encoder='plain8')", classes=3)
+    assert encoder_strides(unet) == [1, 2, 4, 8, 16]
+    assert list(cs.apply_plugins(dpt, "scse").scse_encoder.transforms) == ["0", "1", "2", "3"]
+    assert list(cs.apply_plugins(unet, "scse").scse_encoder.transforms) == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("arch, places", [
+    ("unet", {"e1": "1", "e2": "2", "bottleneck": "5"}),  # feature 0 is the input image
+    ("dpt", {"e1": "0", "e2": "1", "bottleneck": "3"}),   # all four are ViT features
+])
+def test_convlstm_encoder_places_skip_only_the_input_image(arch, places):
+    model = cs.create_model(f"{small_spec(arch)}+feedback_convlstm(mode='add')", classes=3)
+    assert {name: list(getattr(model, f"convlstm_{name}").transforms)[0]
+            for name in places} == places

@@ -216,7 +216,7 @@ def test_apply_plugins_refuses_unsupported_model():
     model = smp.DPT("tu-vit_tiny_patch16_224", encoder_weights=None, in_channels=1, classes=2,
                     img_size=64)
     with pytest.raises(cs.SpecError, match="does not support arch 'dpt'"):
-        cs.apply_plugins(model, "scse")
+        cs.apply_plugins(model, "attention_gate")
 
 
 def test_deepcopy_keeps_hooks_local():

@@ -15,8 +15,9 @@ from torch.nn import functional as F
 
 from ..blocks import conv_like
 from ..hooks import (classes_of, decoder_block, decoder_out_channels, decoder_reads_input,
-                     encoder_channels, encoder_stage, first_conv, has_feature_list, head_output,
-                     in_channels_of, output_channels, probe_size, set_child,
+                     encoder_channels, encoder_returns_input, encoder_stage, first_conv,
+                     has_feature_list, head_output, in_channels_of, output_channels, probe_size,
+                     set_child,
                      transform_decoder_output, transform_encoder_features, transform_output)
 from ..registry import PluginConfigError, Range, register_plugin
 from ..rounds import Feedback, RoundState, RoundSwitch, install_rounds
@@ -135,7 +136,7 @@ class ProbabilityFeedback(Feedback):
 
 def encoder_feature_index(model: nn.Module, k: int) -> int:
     """Feature index of the k-th (1-based) highest-resolution non-input encoder stage."""
-    first = 0 if encoder_stage(model, 0) is not None else 1
+    first = 1 if encoder_returns_input(model) else 0
     chans = encoder_channels(model)
     real = [i for i in range(first, len(chans) - 1) if chans[i] > 0]
     if k > len(real):

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from ..blocks import channel_gate
-from ..hooks import (has_feature_list, decoder_out_channels, encoder_channels, transform_decoder_output,
-                     transform_encoder_features)
+from ..hooks import (decoder_out_channels, encoder_channels, encoder_strides, has_feature_list,
+                     transform_decoder_output, transform_encoder_features)
 from ..registry import Range, register_plugin
 
 
@@ -37,9 +37,10 @@ def scse(model: nn.Module, reduction: Annotated[int, Range(1, 1024)] = 16,
     both, which approximates the "U-Net + SE" base network of the FREM paper on any arch.
     """
     if where in ("encoder", "both"):
-        chans = encoder_channels(model)
+        chans, strides = encoder_channels(model), encoder_strides(model)
         transform_encoder_features(model, "scse_encoder", {
-            i: SCSE(c, reduction) for i, c in enumerate(chans) if i > 0 and c > 0})
+            i: SCSE(c, reduction) for i, (c, s) in enumerate(zip(chans, strides))
+            if s > 1 and c > 0})
     if where in ("decoder", "both"):
         transform_decoder_output(model, "scse_decoder", SCSE(decoder_out_channels(model), reduction))
     return model
