@@ -120,18 +120,17 @@ def encoder_channels(model: nn.Module) -> list[int]:
     return list(model.encoder.out_channels)
 
 
-@torch.no_grad()
 def encoder_returns_input(model: nn.Module) -> bool:
     """Whether encoder feature 0 is the input itself (smp's CNN encoders), not a computed
-    feature (plain encoders' stem, DPT's first ViT feature)."""
-    x = torch.zeros(1, in_channels_of(model), probe_size(model), probe_size(model),
-                    device=next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
+    feature (plain encoders' stem, DPT's first ViT feature); one probe pass."""
+    seen = []
+    handle = model.encoder.register_forward_hook(
+        lambda m, inputs, out: seen.append(unpack_features(out)[0][0] is inputs[0]))
     try:
-        return unpack_features(model.encoder(x))[0][0] is x
+        run_probe(model)
     finally:
-        model.train(was_training)
+        handle.remove()
+    return seen[0]
 
 
 def encoder_strides(model: nn.Module) -> list[int]:
