@@ -11,7 +11,7 @@ import tifffile
 import torch
 
 from cellseg_plugins.cli.main import main
-from conftest import EVERY_PLUGIN, checkpoint
+from conftest import EVERY_PLUGIN, checkpoint, small_spec
 from cellseg_plugins.engine.export import (ExportError, export_checkpoint,
                                            read_metadata, run_exported)
 
@@ -29,6 +29,18 @@ def test_every_plugin_exports_to_torchscript_and_onnx(tmp_path, spec):
         assert read_metadata(out, fmt)["class_names"] == ckpt["class_names"]
         if fmt == "onnx" and spec.endswith("+feedback_self"):  # attention stays one node
             assert "Attention" in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+def test_dpt_with_bottleneck_plugins_exports(tmp_path):
+    """DPT's encoder hooks pass (features, prefix tokens) through the trace too."""
+    warnings.simplefilter("ignore")
+    path, model = checkpoint(tmp_path, small_spec("dpt") + "+scse+frem+feedback_convlstm")
+    x = torch.randn(1, 1, 64, 64)  # DPT takes only its img_size
+    with torch.no_grad():
+        expected = model(x).numpy()
+    for fmt in ("torchscript", "onnx"):
+        out = export_checkpoint(path, fmt)
+        assert np.abs(run_exported(out, fmt, x.numpy()) - expected).max() <= 1e-4
 
 
 def test_torchscript_export_does_not_print_torchs_deprecation_notes(tmp_path, recwarn):
