@@ -17,10 +17,11 @@ _API = ("PluginConfigError", "PluginModule", "Range", "Spec", "SpecError", "appl
         "parse_spec", "plugin_modules", "register_arch", "register_plugin", "step_start",
         "training_loss")
 _ERRORS = ("CellsegError", "ConfigError", "DataError", "TrainingError")
+_ENGINE = {"load_model": ".engine.checkpoint"}
 _MODULES = ("registry", "hooks", "rounds", "blocks", "engine", "plugins", "archs",
             "classic_unet", "encoders", "input_rules", "errors", "cli")
 
-__all__ = [*_API, *_ERRORS, "__version__"]
+__all__ = [*_API, *_ERRORS, *_ENGINE, "__version__"]
 
 
 def __getattr__(name: str):
@@ -28,6 +29,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(".registry", __name__), name)
     elif name in _ERRORS:
         value = getattr(importlib.import_module(".errors", __name__), name)
+    elif name in _ENGINE:
+        value = getattr(importlib.import_module(_ENGINE[name], __name__), name)
     elif name in _MODULES:
         value = importlib.import_module(f".{name}", __name__)
     else:

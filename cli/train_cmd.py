@@ -83,6 +83,14 @@ def _launch(cfg: TrainConfig, nproc: int) -> int:
     return distributed.launch(command, nproc)
 
 
+def init_note(path: str, model, fresh: list[str]) -> str:
+    """``fine-tuning from PATH: 40 of 42 tensors (fresh: segmentation_head.0.weight, …)``."""
+    total = len(model.state_dict())
+    shown = ", ".join(fresh[:4]) + (f" and {len(fresh) - 4} more" if len(fresh) > 4 else "")
+    return (f"fine-tuning from {path}: {total - len(fresh)} of {total} tensors"
+            + (f" (fresh: {shown})" if fresh else ""))
+
+
 def _train_with_progress(trainer, cfg: TrainConfig) -> None:
     from ..engine import distributed
     from ..engine.image_files import mixed_pixel_sizes
@@ -91,6 +99,9 @@ def _train_with_progress(trainer, cfg: TrainConfig) -> None:
     console.print(f"[bold]{cfg.spec}[/] on {cfg.data} fold {cfg.fold}/{cfg.folds}: "
                   f"{len(trainer.train_set)} train / {len(trainer.val_set)} val crops, "
                   f"device {trainer.device}, {distributed.world_size()} process(es)")
+    if trainer.fresh is not None:
+        console.print(init_note(cfg.init, trainer.model, trainer.fresh), soft_wrap=True,
+                      markup=False)
     note = emulation_note(trainer.device, trainer.precision)
     if note:
         console.print(note)

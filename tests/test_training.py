@@ -266,3 +266,52 @@ def test_the_data_path_follows_data_on_device_then_workers(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and err.startswith(
         "error: --workers 2: loader workers with --data-on-device")
     assert not (tmp_path / "run").exists()
+
+
+def test_init_fine_tunes_from_a_checkpoints_matching_tensors(tmp_path, capsys):
+    import cellseg_plugins as cs
+
+    source = tmp_path / "source"
+    Trainer(tiny_config(source, epochs=1)).run()
+    trained = load_checkpoint(source / "best.pt")["model"]
+    # the same model: every tensor comes from the checkpoint, none is fresh
+    same = Trainer(tiny_config(tmp_path / "same", epochs=1, init=str(source / "best.pt")))
+    assert same.fresh == []
+    for key, value in same.model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    # a plugin more: its tensors start fresh, the network's come from the checkpoint
+    more = Trainer(tiny_config(tmp_path / "more", epochs=1, spec=TINY + "+scse",
+                               init=str(source / "best.pt")))
+    assert more.fresh and all(k.startswith("scse_") for k in more.fresh)
+    own = more.model.state_dict()
+    assert set(own) - set(more.fresh) == set(trained)
+    assert all(torch.equal(own[k], trained[k]) for k in trained)
+    # from the command line: a line says what came from where; the run records it
+    out = tmp_path / "tuned"
+    code, _, err = cli(capsys, "train", TINY, "--init", source / "best.pt", "--epochs", "1",
+                       "--out", out, *FAST)
+    n = len(trained)
+    assert code == 0 and f"fine-tuning from {source / 'best.pt'}: {n} of {n} tensors" in err
+    assert json.loads((out / "config.json").read_text())["init"] == str(source / "best.pt")
+    code, _, err = cli(capsys, "train", TINY, "--out", out, "--resume", "--epochs", "2",
+                       "--device", "cpu")
+    assert code == 0 and "fine-tuning" not in err, err  # resumed from last.pt, not --init
+    model = cs.load_model(source / "best.pt")
+    assert not model.training and model.cellseg_class_names == [
+        "membrane", "mitochondria", "synapse", "extracellular", "intracellular"]
+    assert set(model.cellseg_norm) == {"mean", "std"}
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+
+
+def test_init_refuses_a_bad_checkpoint_in_one_line(tmp_path, capsys):
+    other = tmp_path / "other"
+    Trainer(tiny_config(other, epochs=1, spec="classic_unet(width=2,depth=1)")).run()
+    for init, message in ((tmp_path / "none.pt", "--init: checkpoint '{}' does not exist"),
+                          (other / "curves.png", "--init: checkpoint '{}' is unreadable"),
+                          (other / "best.pt", "--init '{}': only 5 of this model's 110 "
+                                              "tensors are in it (it holds 'classic_unet(width=2,"
+                                              "depth=1)')")):
+        code, _, err = cli(capsys, "train", TINY, "--init", init, "--out", tmp_path / "run",
+                           *FAST)
+        assert code != 0 and err.count("\n") == 1 and message.format(init) in err, err
+        assert not (tmp_path / "run").exists()

@@ -180,3 +180,29 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     except (SpecError, RuntimeError) as e:
         raise DataError(f"checkpoint does not rebuild: {' '.join(str(e).split())[:300]}") from None
     return model
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """The trained model of a cellseg checkpoint, in eval mode on the CPU, with
+    ``cellseg_class_names`` and ``cellseg_norm`` (the per-channel mean and std its inputs are
+    normalised with: ``(image - mean) / std``). Bad files raise DataError in one line."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt).eval()
+    model.cellseg_class_names = list(ckpt["class_names"])
+    model.cellseg_norm = dict(ckpt["norm"])
+    return model
+
+
+def init_from(model: torch.nn.Module, ckpt: dict, path: str | Path) -> list[str]:
+    """Copy into ``model`` every tensor of ``ckpt`` (a cellseg checkpoint, :func:`load_checkpoint`)
+    whose name and shape match (fine-tuning); returns the names of ``model``'s tensors left
+    as they were. Raises DataError where fewer than half of them match (another architecture
+    or encoder: a few coinciding names would make no fine-tuning)."""
+    own = model.state_dict()
+    matching = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape}
+    if 2 * len(matching) < len(own):
+        raise DataError(f"--init {str(path)!r}: only {len(matching)} of this model's {len(own)} "
+                        f"tensors are in it (it holds {ckpt['spec']!r}); give a checkpoint of "
+                        "the same architecture and encoder")
+    model.load_state_dict(matching, strict=False)
+    return [k for k in own if k not in matching]

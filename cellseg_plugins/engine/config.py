@@ -61,6 +61,10 @@ class TrainConfig:
     checkpoint_every: Annotated[float | None, Range(0), Doc(
         "seconds between checkpoint writes, the best epoch held in memory meanwhile; always "
         "after the last epoch (default: 60 on CUDA, 0 = every epoch on the CPU)")] = None
+    init: Annotated[str | None, Doc(
+        "fine-tune: start from this trained checkpoint's weights (every tensor whose name "
+        "and shape match the model; the rest, e.g. a head for other classes, starts fresh)")
+    ] = None
     seed: Annotated[int, Range(0), Doc("random seed")] = 0
     fold: Annotated[int, Range(0), Doc("test fold index")] = 0
     folds: Annotated[int, Doc("number of folds (split by source image)")] = 5
@@ -91,7 +95,8 @@ class TrainConfig:
 # What a run learns from: a resumed run keeps these (the other options say how it runs —
 # device, precision, layout, compile, workers, checkpoint interval — and may change).
 RUN_OPTIONS = ("preset", "data", "classes", "class_map", "batch_size", "lr", "optimizer",
-               "schedule", "loss", "class_weights", "seed", "fold", "folds", "crop", "augment")
+               "schedule", "loss", "class_weights", "init", "seed", "fold", "folds", "crop",
+               "augment")
 
 
 def resumed_config(cfg: TrainConfig, saved: dict, given: set[str] | None = None) -> TrainConfig:
@@ -137,6 +142,8 @@ def shown(value) -> str:
 
 def _same(name: str, a, b) -> bool:
     if name == "data" and a not in ("synthetic", "sstem") and b not in ("synthetic", "sstem"):
+        return Path(a).resolve() == Path(b).resolve()
+    if name == "init" and a is not None and b is not None:
         return Path(a).resolve() == Path(b).resolve()
     return a == b
 

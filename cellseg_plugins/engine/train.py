@@ -17,8 +17,8 @@ from torch import nn
 
 from ..registry import create_model, epoch_start, plugin_modules, step_start, training_loss
 from . import distributed
-from .checkpoint import (FORMAT, hold_folder, load_checkpoint, release, remove_stale,
-                         save_atomic, write_atomic, write_text_atomic)
+from .checkpoint import (FORMAT, hold_folder, init_from, load_checkpoint, release,
+                         remove_stale, save_atomic, write_atomic, write_text_atomic)
 from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
 from .config import TrainConfig, resumed_config
@@ -180,6 +180,12 @@ class Trainer:
         last = load_checkpoint(self.out / "last.pt") if resume else None
         if last is not None:
             cfg = resumed_config(cfg, last["config"], given)
+        init = None
+        if cfg.init and last is None:
+            try:
+                init = load_checkpoint(cfg.init)
+            except DataError as e:
+                raise DataError(f"--init: {e}") from None
         self.cfg = cfg
         self.device = distributed.setup(resolve_device(cfg.device))
         cuda = self.device.type == "cuda"
@@ -199,8 +205,10 @@ class Trainer:
             self.train_crops = DeviceCrops(self.train_set, self.device)
             self.val_crops = DeviceCrops(self.val_set, self.device)
         torch.manual_seed(cfg.seed)
-        self.model = create_model(cfg.spec, in_channels=self.sources.in_channels,
-                                  classes=n).to(self.device)
+        self.model = create_model(cfg.spec, in_channels=self.sources.in_channels, classes=n)
+        # fine-tuning: the tensors --init's checkpoint has for this model; the others fresh
+        self.fresh = init_from(self.model, init, cfg.init) if init is not None else None
+        self.model = self.model.to(self.device)
         check_model_crop(self.model, cfg.crop)
         self.channels_last = True if cfg.channels_last is None else cfg.channels_last
         if self.channels_last:
