@@ -94,7 +94,7 @@ def init_note(path: str, model, fresh: list[str]) -> str:
 def _train_with_progress(trainer, cfg: TrainConfig) -> None:
     from ..engine import distributed
     from ..engine.image_files import mixed_pixel_sizes
-    from ..engine.train import emulation_note
+    from ..engine.train import emulation_note, init_warning
 
     console.print(f"[bold]{cfg.spec}[/] on {cfg.data} fold {cfg.fold}/{cfg.folds}: "
                   f"{len(trainer.train_set)} train / {len(trainer.val_set)} val crops, "
@@ -102,6 +102,9 @@ def _train_with_progress(trainer, cfg: TrainConfig) -> None:
     if trainer.fresh is not None:
         console.print(init_note(cfg.init, trainer.model, trainer.fresh), soft_wrap=True,
                       markup=False)
+    warning = init_warning(trainer)
+    if warning:
+        console.print(warning, style="yellow", soft_wrap=True, markup=False)
     note = emulation_note(trainer.device, trainer.precision)
     if note:
         console.print(note)

@@ -13,7 +13,7 @@ import torch
 
 from cellseg_plugins.engine.checkpoint import load_checkpoint
 from cellseg_plugins.engine.metrics import confusion, scores
-from cellseg_plugins.engine.train import Trainer, TrainingError
+from cellseg_plugins.engine.train import Trainer, TrainingError, init_warning
 from conftest import FAST, ROOT, TINY, cli, tiny_config
 
 
@@ -276,7 +276,19 @@ def test_init_fine_tunes_from_a_checkpoints_matching_tensors(tmp_path, capsys):
     trained = load_checkpoint(source / "best.pt")["model"]
     # the same model: every tensor comes from the checkpoint, none is fresh
     same = Trainer(tiny_config(tmp_path / "same", epochs=1, init=str(source / "best.pt")))
-    assert same.fresh == []
+    assert same.fresh == [] and same.init_saw == [] and init_warning(same) is None
+    # fold 1's test images were fold 0's training or validation images: said, not refused
+    other_fold = Trainer(tiny_config(tmp_path / "fold1", epochs=1, fold=1,
+                                     init=str(source / "best.pt")))
+    assert other_fold.init_saw == other_fold.split["test"] == [4, 5, 6, 7]
+    assert init_warning(other_fold) == (
+        f"warning: --init {source / 'best.pt'} learnt from 4 of this run's 4 test images (the "
+        "same data, another fold): its test scores are not held out")
+    from cellseg_plugins.engine.cv import progress_lines
+
+    capsys.readouterr()
+    progress_lines("fold 1", other_fold)  # cv's runs say it too
+    assert f"fold 1: {init_warning(other_fold)}\n" in capsys.readouterr().err
     for key, value in same.model.state_dict().items():
         assert torch.equal(value, trained[key]), key
     # a plugin more: its tensors start fresh, the network's come from the checkpoint
@@ -292,6 +304,7 @@ def test_init_fine_tunes_from_a_checkpoints_matching_tensors(tmp_path, capsys):
                        "--out", out, *FAST)
     n = len(trained)
     assert code == 0 and f"fine-tuning from {source / 'best.pt'}: {n} of {n} tensors" in err
+    assert "warning" not in err  # fold 0 again: its test images stayed held out
     assert json.loads((out / "config.json").read_text())["init"] == str(source / "best.pt")
     code, _, err = cli(capsys, "train", TINY, "--out", out, "--resume", "--epochs", "2",
                        "--device", "cpu")

@@ -17,7 +17,7 @@ from .config import RUN_OPTIONS, as_option, first_difference, shown
 from .data import check_crop, load_split
 from .evaluation import evaluate_checkpoint
 from .jobs import run_jobs
-from .train import TrainConfig, Trainer, TrainingError, check_model_crop
+from .train import TrainConfig, Trainer, TrainingError, check_model_crop, init_warning
 
 
 def run_dir(out: Path, fold: int, seed: int) -> Path:
@@ -39,6 +39,9 @@ def progress_lines(label: str, trainer: Trainer, every: float = PROGRESS_EVERY):
 
     say(f"resuming after epoch {trainer.epoch} of {epochs}" if trainer.epoch else
         f"training {epochs} epoch(s) → {trainer.cfg.out}")
+    warning = init_warning(trainer)
+    if warning:
+        say(warning)
     last = None
 
     def on_epoch(row: dict) -> None:

@@ -21,7 +21,7 @@ from .checkpoint import (FORMAT, hold_folder, init_from, load_checkpoint, releas
                          remove_stale, save_atomic, write_atomic, write_text_atomic)
 from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
-from .config import TrainConfig, resumed_config
+from .config import TrainConfig, first_difference, resumed_config
 from .data import CropDataset, DataError, channel_stats, check_crop, class_shares, load_split
 from .device_data import DeviceCrops, fits_on_device
 from .image_files import common_pixel_nm
@@ -152,6 +152,25 @@ def check_model_crop(model: nn.Module, crop: int) -> None:
         raise ConfigError("crop", crop, str(e).split(": ", 1)[1]) from None
 
 
+def seen_by_init(init: dict, cfg: TrainConfig, test: list[int]) -> list[int]:
+    """The images of this run's test split that the ``--init`` checkpoint ``init`` trained or
+    validated on: where it learnt from the same data (data, classes, class map), its train
+    and val splits."""
+    if first_difference(cfg, init.get("config", {}), ("data", "classes", "class_map")):
+        return []
+    split = init.get("split", {})
+    return sorted(set(test) & set(split.get("train", []) + split.get("val", [])))
+
+
+def init_warning(trainer) -> str | None:
+    """A line where the --init checkpoint saw this run's test images; else None."""
+    if not trainer.init_saw:
+        return None
+    return (f"warning: --init {trainer.cfg.init} learnt from {len(trainer.init_saw)} of this "
+            f"run's {len(trainer.split['test'])} test images (the same data, another fold): "
+            "its test scores are not held out")
+
+
 class Trainer:
     """Builds data, model and optimiser from a TrainConfig and runs (or resumes) training.
 
@@ -195,6 +214,7 @@ class Trainer:
         self.pixel_nm = cfg.pixel_size or common_pixel_nm(  # predict compares its inputs'
             [self.sources.pixel_sizes[i] for i in self.split["train"]])
         self.class_names = self.sources.class_names
+        self.init_saw = seen_by_init(init, cfg, self.split["test"]) if init is not None else []
         n = len(self.class_names)
         self.train_set = CropDataset(self.sources, self.split["train"], cfg.crop, self.mean,
                                      self.std, augment=cfg.augment, seed=cfg.seed)
