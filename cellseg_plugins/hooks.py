@@ -123,28 +123,16 @@ def encoder_channels(model: nn.Module) -> list[int]:
 def encoder_returns_input(model: nn.Module) -> bool:
     """Whether encoder feature 0 is the input itself (smp's CNN encoders), not a computed
     feature (plain encoders' stem, DPT's first ViT feature); one probe pass."""
-    seen = []
-    handle = model.encoder.register_forward_hook(
-        lambda m, inputs, out: seen.append(unpack_features(out)[0][0] is inputs[0]))
-    try:
-        run_probe(model)
-    finally:
-        handle.remove()
-    return seen[0]
+    return probe_output(model, model.encoder,
+                        lambda inputs, out: unpack_features(out)[0][0] is inputs[0])
 
 
 def encoder_strides(model: nn.Module) -> list[int]:
     """Each encoder feature's stride (input side / feature side; one probe pass): smp's CNN
     encoders 1, 2, 4, …; DPT's ViT the patch size for every feature."""
-    seen = []
-    handle = model.encoder.register_forward_hook(
-        lambda m, i, out: seen.append([f.shape[-1] for f in unpack_features(out)[0]]))
-    try:
-        run_probe(model)
-    finally:
-        handle.remove()
-    size = probe_size(model)
-    return [size // side if side else 0 for side in seen[0]]
+    sides = probe_output(model, model.encoder,
+                         lambda inputs, out: [f.shape[-1] for f in unpack_features(out)[0]])
+    return [probe_size(model) // side if side else 0 for side in sides]
 
 
 def probe_size(model: nn.Module) -> int:
@@ -185,26 +173,27 @@ def decoder_reads_input(model: nn.Module) -> bool:
         handle.remove()
 
 
-def head_output(model: nn.Module) -> torch.Tensor:
-    """The segmentation head's output for one probe pass (probe_size² zeros)."""
+def probe_output(model: nn.Module, module: nn.Module, read: Callable, last: bool = False):
+    """``read(inputs, output)`` of ``module`` inside ``model`` on one probe pass: of its first
+    call, or with ``last`` its last (a module that runs once a round)."""
     seen = []
-    handle = model.segmentation_head.register_forward_hook(lambda m, i, out: seen.append(out))
+    handle = module.register_forward_hook(lambda m, inputs, out: seen.append(read(inputs, out)))
     try:
         run_probe(model)
     finally:
         handle.remove()
-    return seen[-1]
+    return seen[-1] if last else seen[0]
+
+
+def head_output(model: nn.Module) -> torch.Tensor:
+    """The segmentation head's output for one probe pass (probe_size² zeros; the last
+    round's)."""
+    return probe_output(model, model.segmentation_head, lambda inputs, out: out, last=True)
 
 
 def output_channels(model: nn.Module, module: nn.Module) -> int:
     """Channels of ``module``'s output inside ``model`` (one probe pass)."""
-    seen = []
-    handle = module.register_forward_hook(lambda m, i, out: seen.append(out.shape[1]))
-    try:
-        run_probe(model)
-    finally:
-        handle.remove()
-    return seen[0]
+    return probe_output(model, module, lambda inputs, out: out.shape[1])
 
 
 # ---------------------------------------------------------------- encoder features

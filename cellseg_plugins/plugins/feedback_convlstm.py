@@ -17,8 +17,8 @@ from ..blocks import conv_like
 from ..hooks import (classes_of, decoder_block, decoder_out_channels, decoder_reads_input,
                      encoder_channels, encoder_returns_input, encoder_stage, first_conv,
                      has_feature_list, head_output, in_channels_of, output_channels, probe_size,
-                     set_child,
-                     transform_decoder_output, transform_encoder_features, transform_output)
+                     set_child, transform_decoder_output, transform_encoder_features,
+                     transform_output)
 from ..registry import PluginConfigError, Range, register_plugin
 from ..rounds import Feedback, RoundState, RoundSwitch, install_rounds
 
