@@ -48,7 +48,8 @@ def test_progress_lines_come_after_the_first_epoch_and_then_at_most_every_interv
 
     rows = [{"epoch": e, "train_loss": 0.5, "val_miou": 0.25, "seconds": 1.0} for e in (3, 4, 5)]
     for every, shown in ((3600, [3]), (0, [3, 4, 5])):
-        trainer = SimpleNamespace(cfg=SimpleNamespace(epochs=5, out="o"), epoch=2, best=0.5)
+        trainer = SimpleNamespace(cfg=SimpleNamespace(epochs=5, out="o"), epoch=2, best=0.5,
+                                  init_saw=[])
         on_epoch = progress_lines("row fold 1 seed 0", trainer, every=every)
         for row in rows:
             on_epoch(row)
