@@ -86,6 +86,9 @@ class TrainConfig:
             check_field(name, annotation, getattr(self, name))
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError("compile_mode", self.compile_mode, "needs --compile")
+        if self.init is not None and not self.init.strip():
+            raise ConfigError("init", self.init, "expected a checkpoint file (a .pt file "
+                              "that training writes)")
         if self.workers and self.data_on_device:
             raise ConfigError("workers", self.workers, "loader workers with --data-on-device, "
                               "where the crops are drawn on the device: use one of the two")
