@@ -83,12 +83,15 @@ def _launch(cfg: TrainConfig, nproc: int) -> int:
     return distributed.launch(command, nproc)
 
 
-def init_note(path: str, model, fresh: list[str]) -> str:
+def init_note(path: str, model, fresh: list[str], summed: list[str]) -> str:
     """``fine-tuning from PATH: 40 of 42 tensors (fresh: segmentation_head.0.weight, …)``."""
     total = len(model.state_dict())
-    shown = ", ".join(fresh[:4]) + (f" and {len(fresh) - 4} more" if len(fresh) > 4 else "")
+    notes = [f"{what}: " + ", ".join(names[:4])
+             + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+             for what, names in (("fresh", fresh), ("summed over input channels", summed))
+             if names]
     return (f"fine-tuning from {path}: {total - len(fresh)} of {total} tensors"
-            + (f" (fresh: {shown})" if fresh else ""))
+            + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def _train_with_progress(trainer, cfg: TrainConfig) -> None:
@@ -100,8 +103,8 @@ def _train_with_progress(trainer, cfg: TrainConfig) -> None:
                   f"{len(trainer.train_set)} train / {len(trainer.val_set)} val crops, "
                   f"device {trainer.device}, {distributed.world_size()} process(es)")
     if trainer.fresh is not None:
-        console.print(init_note(cfg.init, trainer.model, trainer.fresh), soft_wrap=True,
-                      markup=False)
+        console.print(init_note(cfg.init, trainer.model, trainer.fresh, trainer.init_summed),
+                      soft_wrap=True, markup=False)
     warning = init_warning(trainer)
     if warning:
         console.print(warning, style="yellow", soft_wrap=True, markup=False)

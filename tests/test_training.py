@@ -319,7 +319,7 @@ def test_init_fine_tunes_from_a_checkpoints_matching_tensors(tmp_path, capsys):
 def test_init_refuses_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     other = tmp_path / "other"
     Trainer(tiny_config(other, epochs=1, spec="classic_unet(width=2,depth=1)")).run()
-    for init, message in (("", "--init '': expected a checkpoint file"),
+    for init, message in (("", "--init '': expected a checkpoint, a state dict"),
                           (tmp_path / "none.pt", "--init: checkpoint '{}' does not exist"),
                           (other / "curves.png", "--init: checkpoint '{}' is unreadable"),
                           (other / "best.pt", "--init '{}': only 5 of this model's 110 "

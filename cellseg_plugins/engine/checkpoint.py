@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 import zipfile
@@ -124,7 +125,10 @@ def exported_kind(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_weights_file(path: str | Path, objects_hint: str = ""):
+    """What torch.load reads from ``path`` (tensors and plain types only: no arbitrary
+    pickles, whose DataError ends with ``objects_hint``); DataError in one line for a folder,
+    a missing file, an export or another file."""
     path = Path(path)
     if path.is_dir():
         hint = (f": pass {str(path / 'best.pt')!r} (or last.pt)" if (path / "best.pt").is_file()
@@ -137,10 +141,23 @@ def load_checkpoint(path: str | Path) -> dict:
         raise DataError(f"{str(path)!r} is {kind}, not a checkpoint: give the checkpoint (.pt) "
                         "it was exported from")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickles
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # not torch.save's format: another kind of file
+            raise DataError(f"checkpoint {str(path)!r} is unreadable (UnpicklingError)") from None
+        raise DataError(f"checkpoint {str(path)!r} holds pickled Python objects, not only "
+                        f"tensors (cellseg loads no pickled code){objects_hint}") from None
     except Exception as e:
         raise DataError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+
+
+def is_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    ckpt = load_weights_file(path)
+    if not is_checkpoint(ckpt):
         raise DataError(f"{str(path)!r} is not a cellseg checkpoint (expected format {FORMAT})")
     return ckpt
 
@@ -191,18 +208,3 @@ def load_model(path: str | Path) -> torch.nn.Module:
     model.cellseg_class_names = list(ckpt["class_names"])
     model.cellseg_norm = dict(ckpt["norm"])
     return model
-
-
-def init_from(model: torch.nn.Module, ckpt: dict, path: str | Path) -> list[str]:
-    """Copy into ``model`` every tensor of ``ckpt`` (a cellseg checkpoint, :func:`load_checkpoint`)
-    whose name and shape match (fine-tuning); returns the names of ``model``'s tensors left
-    as they were. Raises DataError where fewer than half of them match (another architecture
-    or encoder: a few coinciding names would make no fine-tuning)."""
-    own = model.state_dict()
-    matching = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape}
-    if 2 * len(matching) < len(own):
-        raise DataError(f"--init {str(path)!r}: only {len(matching)} of this model's {len(own)} "
-                        f"tensors are in it (it holds {ckpt['spec']!r}); give a checkpoint of "
-                        "the same architecture and encoder")
-    model.load_state_dict(matching, strict=False)
-    return [k for k in own if k not in matching]

@@ -62,8 +62,10 @@ class TrainConfig:
         "seconds between checkpoint writes, the best epoch held in memory meanwhile; always "
         "after the last epoch (default: 60 on CUDA, 0 = every epoch on the CPU)")] = None
     init: Annotated[str | None, Doc(
-        "fine-tune: start from this trained checkpoint's weights (every tensor whose name "
-        "and shape match the model; the rest, e.g. a head for other classes, starts fresh)")
+        "fine-tune from these weights: a cellseg checkpoint, a state dict (.pt, .pth, "
+        ".safetensors), an smp save_pretrained folder or hf-hub:OWNER/NAME (every tensor "
+        "whose name and shape match the model; the rest, e.g. a head for other classes, "
+        "starts fresh)")
     ] = None
     seed: Annotated[int, Range(0), Doc("random seed")] = 0
     fold: Annotated[int, Range(0), Doc("test fold index")] = 0
@@ -87,8 +89,9 @@ class TrainConfig:
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError("compile_mode", self.compile_mode, "needs --compile")
         if self.init is not None and not self.init.strip():
-            raise ConfigError("init", self.init, "expected a checkpoint file (a .pt file "
-                              "that training writes)")
+            raise ConfigError("init", self.init, "expected a checkpoint, a state dict (.pt, "
+                              ".pth, .safetensors), an smp save_pretrained folder or "
+                              "hf-hub:OWNER/NAME")
         if self.workers and self.data_on_device:
             raise ConfigError("workers", self.workers, "loader workers with --data-on-device, "
                               "where the crops are drawn on the device: use one of the two")

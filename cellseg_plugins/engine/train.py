@@ -17,7 +17,7 @@ from torch import nn
 
 from ..registry import create_model, epoch_start, plugin_modules, step_start, training_loss
 from . import distributed
-from .checkpoint import (FORMAT, hold_folder, init_from, load_checkpoint, release,
+from .checkpoint import (FORMAT, hold_folder, load_checkpoint, release,
                          remove_stale, save_atomic, write_atomic, write_text_atomic)
 from ..input_rules import input_rules
 from ..errors import ConfigError, TrainingError
@@ -25,6 +25,7 @@ from .config import TrainConfig, first_difference, resumed_config
 from .data import CropDataset, DataError, channel_stats, check_crop, class_shares, load_split
 from .device_data import DeviceCrops, fits_on_device
 from .image_files import common_pixel_nm
+from .init_weights import init_from, read_init
 from .metrics import confusion, scores
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "evaluate", "resolve_device"]
@@ -152,11 +153,11 @@ def check_model_crop(model: nn.Module, crop: int) -> None:
         raise ConfigError("crop", crop, str(e).split(": ", 1)[1]) from None
 
 
-def seen_by_init(init: dict, cfg: TrainConfig, test: list[int]) -> list[int]:
+def seen_by_init(init: dict | None, cfg: TrainConfig, test: list[int]) -> list[int]:
     """The images of this run's test split that the ``--init`` checkpoint ``init`` trained or
     validated on: where it learnt from the same data (data, classes, class map), its train
-    and val splits."""
-    if first_difference(cfg, init.get("config", {}), ("data", "classes", "class_map")):
+    and val splits. None (weights from elsewhere): none known."""
+    if init is None or first_difference(cfg, init.get("config", {}), ("data", "classes", "class_map")):
         return []
     split = init.get("split", {})
     return sorted(set(test) & set(split.get("train", []) + split.get("val", [])))
@@ -202,7 +203,7 @@ class Trainer:
         init = None
         if cfg.init and last is None:
             try:
-                init = load_checkpoint(cfg.init)
+                init = read_init(cfg.init)
             except DataError as e:
                 raise DataError(f"--init: {e}") from None
         self.cfg = cfg
@@ -214,7 +215,7 @@ class Trainer:
         self.pixel_nm = cfg.pixel_size or common_pixel_nm(  # predict compares its inputs'
             [self.sources.pixel_sizes[i] for i in self.split["train"]])
         self.class_names = self.sources.class_names
-        self.init_saw = seen_by_init(init, cfg, self.split["test"]) if init is not None else []
+        self.init_saw = seen_by_init(init.checkpoint, cfg, self.split["test"]) if init else []
         n = len(self.class_names)
         self.train_set = CropDataset(self.sources, self.split["train"], cfg.crop, self.mean,
                                      self.std, augment=cfg.augment, seed=cfg.seed)
@@ -227,7 +228,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = create_model(cfg.spec, in_channels=self.sources.in_channels, classes=n)
         # fine-tuning: the tensors --init's checkpoint has for this model; the others fresh
-        self.fresh = init_from(self.model, init, cfg.init) if init is not None else None
+        self.fresh, self.init_summed = (init_from(self.model, init, cfg.init) if init
+                                        else (None, []))
         self.model = self.model.to(self.device)
         check_model_crop(self.model, cfg.crop)
         self.channels_last = True if cfg.channels_last is None else cfg.channels_last
