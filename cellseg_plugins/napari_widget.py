@@ -75,6 +75,8 @@ def segment(
     runtime: Annotated[str, {"choices": ["torch", "onnx"]}] = "torch",
     device: Annotated[str, {"choices": ["cpu", "cuda", "auto"]}] = "cpu",
     rescale: Annotated[bool, {"label": "rescale to the model's pixel size"}] = False,
+    tta: Annotated[str, {"label": "test-time augmentation",
+                         "choices": ["none", "flips", "d4"]}] = "none",
 ) -> "napari.types.LayerDataTuple":
     """Segment the image layer (every plane of a stack; the full-resolution level of a
     multiscale image) with a cellseg model, tile by tile.
@@ -84,14 +86,17 @@ def segment(
     model is loaded once and kept while its file is unchanged. ONNX Runtime (.onnx and .zip
     models, or ``runtime="onnx"``) runs on the CPU whatever ``device`` says. A layer whose
     pixel size (its scale in its units) is not the training images' gets a warning, or with
-    ``rescale`` is predicted rescaled to theirs, its labels back at its size. The dock widget
+    ``rescale`` is predicted rescaled to theirs, its labels back at its size. ``tta`` averages
+    each tile's probabilities over flips (4 passes) or flips and 90° rotations (d4: 8), as
+    ``cellseg predict --tta``. The dock widget
     runs it in a thread: :func:`segment_in_background`.
     """
     with _progress_bar() as bar:
-        return _segment(image, model, tile, overlap, runtime, device, rescale, _counter(bar))
+        return _segment(image, model, tile, overlap, runtime, device, rescale, tta,
+                        _counter(bar))
 
 
-def _segment(image, model, tile, overlap, runtime, device, rescale, advance) -> tuple:
+def _segment(image, model, tile, overlap, runtime, device, rescale, tta, advance) -> tuple:
     """:func:`segment`, calling ``advance(done, total)`` after each tile."""
     from .engine.image_files import calibration_nm
     from .engine.predict import predict_array, scale_mismatch
@@ -119,7 +124,7 @@ def _segment(image, model, tile, overlap, runtime, device, rescale, advance) -> 
         warnings.warn(message, stacklevel=2)
     data = image.data[0] if getattr(image, "multiscale", False) else image.data
     labels = predict_array(predictor, data, rgb=bool(image.rgb), tile=tile, overlap=overlap,
-                           device=device, progress=advance, scale=factor)
+                           device=device, progress=advance, scale=factor, tta=tta)
     kwargs = _labels_kwargs(f"{image.name} cellseg", predictor[1])
     kwargs.update(scale=tuple(image.scale), translate=tuple(image.translate))
     if getattr(image, "units", None) is not None:  # napari >= 0.6: µm, nm, ... or pixel

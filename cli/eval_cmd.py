@@ -24,18 +24,23 @@ def eval_command(
     data_on_device: Annotated[bool | None, typer.Option(
         "--data-on-device/--no-data-on-device",
         help="hold the split's crops on the device (default: when they fit)")] = None,
+    tta: Annotated[str, typer.Option(
+        help="test-time augmentation: none, flips (4 passes: the image flipped left-right, "
+             "up-down, both) or d4 (8: those and their 90° rotations, as training augments); "
+             "probabilities averaged")] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Per-class IoU, mIoU and pixel accuracy over all pixels of a split."""
     from ..engine.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, split, device, round, classes, class_map,
-                                 data_on_device)
+                                 data_on_device, tta)
     images, crops, spec = result.pop("images"), result.pop("crops"), result.pop("spec")
     if as_json:
         print(json.dumps(result))
         return
-    table = Table(title=f"{spec} — {split} split ({images} images, {crops} crops)")
+    augmented = "" if tta == "none" else f", test-time augmentation {tta}"
+    table = Table(title=f"{spec} — {split} split ({images} images, {crops} crops{augmented})")
     table.add_column("class")
     table.add_column("IoU", justify="right")
     for name, value in result["iou"].items():

@@ -45,6 +45,10 @@ def predict_command(
     label_format: Annotated[str, typer.Option(
         "--format", help="label files: tif (ImageJ hyperstacks: Fiji, napari) or mrc (on an MRC "
                          "image, its voxel size and origin: IMOD, ChimeraX, Amira)")] = "tif",
+    tta: Annotated[str, typer.Option(
+        help="test-time augmentation: none, flips (4 passes: the image flipped left-right, "
+             "up-down, both) or d4 (8: those and their 90° rotations, as training augments); "
+             "probabilities averaged")] = "none",
 ) -> None:
     """Label files (TIFF or MRC, one per input, named after it) for images of any size."""
     from ..engine.train import resolve_device
@@ -73,4 +77,4 @@ def predict_command(
                       on_rescale=lambda path, factor: progress.console.print(
                           f"{path}: rescaled by {factor:.3g} to the model's pixel size, its "
                           "labels back", soft_wrap=True, markup=False),
-                      label_format=label_format)
+                      label_format=label_format, tta=tta)

@@ -70,6 +70,11 @@ def test_segment_labels_a_layer_as_cellseg_predict_labels_the_file(tmp_path):
     assert planes.shape == (2, 70, 90) and kwargs["scale"] == (2.0,) * 3
     np.testing.assert_array_equal(planes[0], labels)
     np.testing.assert_array_equal(planes[1], segment(layer(image[::-1]), model=path, tile=64)[0])
+    (augmented,) = predict_paths(path, [str(tmp_path / "em.tif")], tmp_path / "tta", tile=64,
+                                 tta="flips")  # the widget's test-time augmentation is predict's
+    flipped, _, _ = segment(layer(image), model=path, tile=64, tta="flips")
+    np.testing.assert_array_equal(flipped, tifffile.imread(augmented))
+    assert (flipped != labels).any()
 
 
 def test_a_dask_layer_is_labelled_as_its_array(tmp_path):

@@ -11,12 +11,13 @@ from .data import CropDataset, DataError, load_data, parse_class_map
 from .device_data import DeviceCrops, fits_on_device
 from .metrics import scores
 from .train import evaluate, resolve_device
+from .tta import check_tta, with_tta
 
 
 def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
                         device: str = "auto", round: int | None = None,
                         classes: str | None = None, class_map: str | None = None,
-                        data_on_device: bool | None = None) -> dict:
+                        data_on_device: bool | None = None, tta: str = "none") -> dict:
     """{"miou", "iou": {class: IoU}, "pixel_accuracy", "images", "crops", "spec"} over all
     pixels of the split's images, each counted once.
 
@@ -24,12 +25,14 @@ def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
     ``data``, every image of it is used. ``classes`` / ``class_map`` take the values training
     took; given for the training data they must be the same, for other data they map its
     masks to the model's classes. ``round`` (1 or 2) evaluates that round of a two-round
-    model (the FA paper's Table 4), default the one its spec predicts. The crops are held on
+    model (the FA paper's Table 4), default the one its spec predicts. ``tta`` (flips, d4)
+    averages each crop's probabilities over flips and rotations (:mod:`.tta`). The crops are held on
     the device when they fit, as training holds its splits (``data_on_device`` overrides), so
     no batch waits for a copy from the host.
     """
     if split not in ("test", "val"):
         raise DataError(f"--split {split!r}: expected test or val")
+    check_tta(tta)
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     target = data or cfg["data"]
@@ -63,7 +66,7 @@ def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
         data_on_device = fits_on_device(len(dataset), cfg["crop"], sources.in_channels, dev)
     batches = (DeviceCrops(dataset, dev).batches(8) if data_on_device else
                torch.utils.data.DataLoader(dataset, batch_size=8, pin_memory=dev.type == "cuda"))
-    result = scores(evaluate(model, batches, len(ckpt["class_names"]), dev), ckpt["class_names"])
+    result = scores(evaluate(with_tta(model, tta), batches, len(ckpt["class_names"]), dev), ckpt["class_names"])
     return {**result, "images": len(indices), "crops": len(dataset), "spec": ckpt["spec"]}
 
 

@@ -25,6 +25,7 @@ from .image_files import (image_layout, image_shape, is_stack, pixel_calibration
                           pixel_nm, read_planes)
 from .label_files import (LABEL_FORMATS, label_layout, labels_info, mrc_label_geometry,
                           write_labels, write_mrc_labels)
+from .tta import check_tta, with_tta
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
@@ -181,7 +182,8 @@ def check_tiling(tile: int, overlap: int) -> None:
 
 
 def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: int = 32,
-                  device=None, progress=None, scale: float = 1.0) -> np.ndarray:
+                  device=None, progress=None, scale: float = 1.0, tta: str = "none"
+                  ) -> np.ndarray:
     """Label array for an image array of any rank: (..., H, W), or (..., H, W, C) when ``rgb``.
 
     ``predictor`` is :func:`load_predictor`'s (model, metadata, input rules). Leading axes
@@ -192,11 +194,13 @@ def predict_array(predictor, data, rgb: bool = False, tile: int = 256, overlap: 
     The tiles go to the model's device (``load_predictor``'s; ONNX Runtime: the CPU);
     ``device``, when given, must be that one. ``scale`` != 1 predicts each plane rescaled by
     it (to the training images' pixel size, :func:`predict_plane`), its labels back at its
-    size. Returns uint8 labels (..., H, W); this is what the napari widget runs.
+    size. ``tta`` (flips, d4) averages each tile's probabilities over flips and rotations
+    (:mod:`.tta`). Returns uint8 labels (..., H, W); this is what the napari widget runs.
     """
     check_tiling(tile, overlap)
     model, meta, rules = predictor
     device = _model_device(model, device)
+    model = with_tta(model, tta)
     if not all(hasattr(data, a) for a in ("shape", "dtype", "__getitem__")):
         data = np.asarray(data)  # lists; arrays, lazy or not, are read a plane at a time
     shape, plane_ndim = tuple(int(n) for n in data.shape), 3 if rgb else 2
@@ -331,15 +335,17 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
         return OnnxModel(onnx_path), meta, input_rules(model)
 
 
-def model_identity(source: Path, runtime: str, tile: int, overlap: int) -> dict:
+def model_identity(source: Path, runtime: str, tile: int, overlap: int,
+                   tta: str = "none") -> dict:
     """What makes a label file's pixels besides its image: the model file's SHA-256, the
-    runtime, tile and overlap. ``predict --resume`` keeps a label file whose ``made_by`` is
-    this."""
+    runtime, tile, overlap and test-time augmentation (where there is one). ``predict
+    --resume`` keeps a label file whose ``made_by`` is this."""
     digest = hashlib.sha256()
     with open(source, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"sha256": digest.hexdigest(), "runtime": runtime, "tile": tile, "overlap": overlap}
+    return {"sha256": digest.hexdigest(), "runtime": runtime, "tile": tile, "overlap": overlap,
+            **({"tta": tta} if tta != "none" else {})}
 
 
 def _written_by(target: Path, overlays: list[Path], identity: dict,
@@ -452,7 +458,7 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
                   runtime: str = "torch", on_image=None, progress=None, resume: bool = False,
                   on_kept=None, on_warning=None, rescale: bool = False,
                   on_rescale=None, pixel_size: float | None = None,
-                  label_format: str = "tif") -> list[Path]:
+                  label_format: str = "tif", tta: str = "none") -> list[Path]:
     """Label files (TIFFs, or MRC files with ``label_format``; one per input, named after it;
     stacks stay stacks; the pixel size of a TIFF or MRC file kept) in ``out``, with colour
     overlay PNGs if asked; returns them.
@@ -474,14 +480,18 @@ def predict_paths(source: str | Path, inputs: list[str], out: str | Path, tile: 
     model that knows its pixel size (DataError); an input without one is predicted as it is,
     with a warning. ``pixel_size`` (nm) is every input's, in place of their files'
     calibration. ``label_format`` "mrc" writes MRC label files instead of TIFFs
-    (:func:`~.label_files.write_mrc_labels`: on an MRC image, its voxel size and origin)."""
+    (:func:`~.label_files.write_mrc_labels`: on an MRC image, its voxel size and origin).
+    ``tta`` (flips, d4) averages each tile's probabilities over flips and rotations
+    (:mod:`.tta`)."""
     from PIL import Image
 
     check_tiling(tile, overlap)
     if label_format not in LABEL_FORMATS:
         raise ConfigError("format", label_format, f"expected {' or '.join(LABEL_FORMATS)}")
+    check_tta(tta)
     model, meta, rules = load_predictor(source, runtime, device)
-    meta = {**meta, "made_by": model_identity(Path(source), runtime, tile, overlap)}
+    model = with_tta(model, tta)
+    meta = {**meta, "made_by": model_identity(Path(source), runtime, tile, overlap, tta)}
     paths = input_paths(inputs)
     shapes = [image_shape(path) for path in paths]  # headers only
     layouts = [image_layout(shape) for shape in shapes]
