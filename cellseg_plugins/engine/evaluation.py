@@ -66,7 +66,8 @@ def evaluate_checkpoint(path, data: str | None = None, split: str = "test",
         data_on_device = fits_on_device(len(dataset), cfg["crop"], sources.in_channels, dev)
     batches = (DeviceCrops(dataset, dev).batches(8) if data_on_device else
                torch.utils.data.DataLoader(dataset, batch_size=8, pin_memory=dev.type == "cuda"))
-    result = scores(evaluate(with_tta(model, tta), batches, len(ckpt["class_names"]), dev), ckpt["class_names"])
+    confusion = evaluate(with_tta(model, tta), batches, len(ckpt["class_names"]), dev)
+    result = scores(confusion, ckpt["class_names"])
     return {**result, "images": len(indices), "crops": len(dataset), "spec": ckpt["spec"]}
 
 

@@ -157,7 +157,8 @@ def seen_by_init(init: dict | None, cfg: TrainConfig, test: list[int]) -> list[i
     """The images of this run's test split that the ``--init`` checkpoint ``init`` trained or
     validated on: where it learnt from the same data (data, classes, class map), its train
     and val splits. None (weights from elsewhere): none known."""
-    if init is None or first_difference(cfg, init.get("config", {}), ("data", "classes", "class_map")):
+    if init is None or first_difference(cfg, init.get("config", {}),
+                                        ("data", "classes", "class_map")):
         return []
     split = init.get("split", {})
     return sorted(set(test) & set(split.get("train", []) + split.get("val", [])))
