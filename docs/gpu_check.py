@@ -8,7 +8,8 @@ checks the kernels the CPU suite cannot reach (SDPA's fused CUDA attention, cuDN
 First, one JSON object for the device-resident data path: an epoch's augmented batches cut
 on CUDA against the same epoch cut on the CPU (they must be identical); then, per spec, the
 times a training epoch and a validation of the engine made the host wait for the GPU
-(``torch.cuda.set_sync_debug_mode``: expected a few per epoch, at its end, none per step).
+(``torch.cuda.set_sync_debug_mode``: expected a few per epoch, at its end, none per step);
+then test-time augmentation's averaged probabilities on CUDA against the CPU.
 """
 
 import argparse
@@ -82,6 +83,19 @@ def check_host_waits(spec: str):
               flush=True)
 
 
+def check_tta(arch: str, x: torch.Tensor):
+    """Test-time augmentation (d4: 8 flipped and turned passes) on CUDA against the CPU."""
+    from cellseg_plugins.engine.tta import averaged_probabilities
+
+    torch.manual_seed(0)
+    model = cs.create_model(arch, classes=5).eval()
+    with torch.no_grad():
+        cpu = averaged_probabilities(model, x, "d4")
+        gpu = averaged_probabilities(model.cuda(), x.cuda(), "d4").cpu()
+    print(json.dumps({"check": "tta_d4", "spec": arch,
+                      "max_abs_diff": float((gpu - cpu).abs().max())}), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=128)
@@ -94,6 +108,7 @@ def main():
                  "classic_unet(width=8,se=True)+bottleneck_supervision"):
         check_host_waits(spec)
     x = torch.randn(2, 1, args.size, args.size)
+    check_tta(args.arch, x)
     for name in ["", *cs.list_plugins()]:
         spec = args.arch + (f"+{name}{SMALL.get(name, '')}" if name else "")
         torch.manual_seed(0)
