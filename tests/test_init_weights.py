@@ -38,8 +38,9 @@ def test_init_reads_the_ways_smp_weights_are_saved(tmp_path, saved_as):
     elif saved_as == "lightning.ckpt":  # Lightning: the module's model attribute, beside hparams
         torch.save({"epoch": 3, "hyper_parameters": {"lr": 1e-3},
                     "state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
-    elif saved_as == "ddp.pth":  # a DistributedDataParallel model's own state dict
-        torch.save({"model_state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    elif saved_as == "ddp.pth":  # a DDP model's own state dict, beside a tensor of the loop's
+        torch.save({"step": torch.tensor(7),
+                    "model_state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
     elif saved_as == "weights.safetensors":
         save_file({k: v.contiguous() for k, v in state.items()}, path)
     else:

@@ -11,7 +11,6 @@ prefix), downloaded through ``huggingface_hub`` as ``smp.from_pretrained`` does.
 from __future__ import annotations
 
 import json
-import pickle
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from .checkpoint import is_checkpoint, load_weights_file
 HUB = "hf-hub:"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+PICKLED = ": a whole model saved with torch.save? save its state_dict()"
 KINDS = ("a cellseg checkpoint, a state dict (.pt, .pth, .safetensors), an smp save_pretrained "
          "folder or hf-hub:OWNER/NAME")
 
@@ -48,23 +48,26 @@ def read_init(value: str) -> InitWeights:
         raise DataError(f"checkpoint {value!r} is a folder without weights (expected {KINDS})")
     if path.suffix.lower() == ".safetensors" and path.is_file():
         return InitWeights(read_safetensors(path), f"a state dict of {path.name}")
-    loaded = load_weights_file(path, ": a whole model saved with torch.save? save its "
-                                     "state_dict()")
+    loaded = load_weights_file(path, PICKLED)
     if is_checkpoint(loaded):
         return InitWeights(loaded["model"], repr(loaded["spec"]), loaded)
     return InitWeights(state_dict_in(loaded, value), f"a state dict of {path.name}")
 
 
+def read_state_dict(path: Path, value: str) -> dict[str, torch.Tensor]:
+    return state_dict_in(load_weights_file(path, PICKLED), value)
+
+
 def state_dict_in(obj, value: str) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded state dict, or of the state dict a training checkpoint wraps."""
+    """The tensors of a loaded state dict, or of the state dict a training checkpoint wraps
+    (whichever of them holds the most)."""
     candidates = [obj] + [obj.get(key) for key in STATE_DICT_KEYS if isinstance(obj, dict)]
-    for candidate in candidates:
-        if isinstance(candidate, dict):
-            tensors = {k: v for k, v in candidate.items()
-                       if isinstance(k, str) and isinstance(v, torch.Tensor)}
-            if tensors:
-                return tensors
-    raise DataError(f"checkpoint {value!r} holds no tensors by name (expected {KINDS})")
+    found = [{k: v for k, v in c.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+             for c in candidates if isinstance(c, dict)]
+    tensors = max(found, key=len, default={})
+    if not tensors:
+        raise DataError(f"checkpoint {value!r} holds no tensors by name (expected {KINDS})")
+    return tensors
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -83,15 +86,8 @@ def read_folder(folder: Path, value: str) -> InitWeights:
     weights = next((folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
         raise DataError(f"checkpoint {value!r} has no {' or '.join(FOLDER_WEIGHTS)}")
-    if weights.suffix == ".safetensors":
-        tensors = read_safetensors(weights)
-    else:
-        try:
-            tensors = state_dict_in(torch.load(weights, map_location="cpu", weights_only=True),
-                                    value)
-        except (pickle.UnpicklingError, RuntimeError, OSError) as e:
-            raise DataError(f"checkpoint {str(weights)!r} is unreadable "
-                            f"({type(e).__name__})") from None
+    tensors = (read_safetensors(weights) if weights.suffix == ".safetensors" else
+               read_state_dict(weights, value))
     try:
         config = json.loads((folder / "config.json").read_text())
         holds = f"smp {config['_model_class']}(encoder_name={config['encoder_name']!r})"
