@@ -23,7 +23,8 @@ def _positive(value: float | None) -> float | None:
 
 def predict_command(
     checkpoint: Annotated[str, typer.Argument(
-        help="a best.pt / last.pt, an exported .onnx or a BioImage Model Zoo .zip")],
+        help="a best.pt / last.pt, an exported .onnx, a BioImage Model Zoo .zip, or a "
+             "cellseg cv folder (its runs' models predict together, probabilities averaged)")],
     inputs: Annotated[list[str], typer.Argument(help="images, folders or TIFF stacks")],
     out: o.Out = "predictions",
     tile: Annotated[int, typer.Option(help="tile size")] = 256,

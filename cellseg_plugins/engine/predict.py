@@ -25,6 +25,7 @@ from .image_files import (image_layout, image_shape, is_stack, pixel_calibration
                           pixel_nm, read_planes)
 from .label_files import (LABEL_FORMATS, label_layout, labels_info, mrc_label_geometry,
                           write_labels, write_mrc_labels)
+from .ensemble import Ensemble, combined_rules, ensemble_members, ensemble_meta
 from .tta import check_tta, with_tta
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -299,7 +300,8 @@ def _model_device(model, device=None) -> torch.device:
 def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
     """(model, metadata, input rules) for a checkpoint (PyTorch, or ONNX Runtime after an
     export to a temporary file), an exported .onnx file or a BioImage Model Zoo package
-    (.zip) exported by cellseg (its ONNX weights); metadata holds class names, norm,
+    (.zip) exported by cellseg (its ONNX weights), or a ``cellseg cv`` folder, whose runs'
+    best.pt predict together (:class:`~.ensemble.Ensemble`); metadata holds class names, norm,
     in_channels and the spec."""
     from ..registry import create_model
     from .checkpoint import load_checkpoint, model_from_checkpoint
@@ -314,6 +316,14 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
         raise ConfigError("device", str(device), "ONNX Runtime runs on the CPU; use cpu, or "
                           "the torch runtime")
     source = Path(source)
+    members = ensemble_members(source) if not (source / "best.pt").is_file() else []
+    if members:
+        models, metas, rules = zip(*(load_predictor(m, runtime, device) for m in members))
+        return (Ensemble(list(models), [m["norm"] for m in metas]),
+                ensemble_meta(source, members, list(metas)), combined_rules(source, list(rules)))
+    if source.is_dir() and not (source / "best.pt").is_file():
+        raise DataError(f"checkpoint {str(source)!r} is a folder without checkpoints: give a "
+                        "best.pt, or a cellseg cv folder (its runs' models predict together)")
     if source.suffix in (".onnx", ".zip"):
         if runtime != "onnx":
             kind = "an ONNX model" if source.suffix == ".onnx" else "a BioImage Model Zoo package"
@@ -337,13 +347,15 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
 
 def model_identity(source: Path, runtime: str, tile: int, overlap: int,
                    tta: str = "none") -> dict:
-    """What makes a label file's pixels besides its image: the model file's SHA-256, the
-    runtime, tile, overlap and test-time augmentation (where there is one). ``predict
-    --resume`` keeps a label file whose ``made_by`` is this."""
+    """What makes a label file's pixels besides its image: the model file's SHA-256 (an
+    ensemble's: its members', one after another), the runtime, tile, overlap and test-time
+    augmentation (where there is one). ``predict --resume`` keeps a label file whose
+    ``made_by`` is this."""
     digest = hashlib.sha256()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for path in ensemble_members(source) or [source]:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return {"sha256": digest.hexdigest(), "runtime": runtime, "tile": tile, "overlap": overlap,
             **({"tta": tta} if tta != "none" else {})}
 
