@@ -1,5 +1,7 @@
 """Test-time augmentation (engine/tta.py): the transforms, their average, and where it is used."""
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -107,3 +109,22 @@ def test_eval_with_tta(tmp_path, capsys):
     assert code == 0 and "test-time augmentation flips" in " ".join(out.split()), err
     code, _, err = cli(capsys, "eval", best, "--tta", "8")
     assert code == 2 and err.count("\n") == 1 and "--tta '8': expected none, flips, d4" in err
+
+
+def test_the_published_tta_table_rebuilds_from_its_stored_evaluations():
+    """results/tta-sstem4-cpu/table.md is what its make_table.py makes of tta.jsonl."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    folder = ROOT / "results" / "tta-sstem4-cpu"
+    spec = importlib.util.spec_from_file_location("make_table", folder / "make_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = (folder / "tta.jsonl").read_text().splitlines()
+    assert module.table(lines) == (folder / "table.md").read_text()
+    for line in lines:  # each evaluation without TTA is the run's own test.json
+        d = json.loads(line)
+        if d["tta"] == "none":
+            test = json.loads((folder / d["run"] / "test.json").read_text())
+            assert {k: test[k] for k in d["result"]} == d["result"]
