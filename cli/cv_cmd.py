@@ -23,6 +23,9 @@ def cv_command(
     jobs: Annotated[int, typer.Option(help="runs at a time, each in its own process")] = 1,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads per run (default: the cores split between the jobs)")] = None,
+    tta: Annotated[str, typer.Option(
+        help="test with test-time augmentation: none, flips or d4 (as eval --tta); finished "
+             "runs tested otherwise are tested again, not trained again")] = "none",
     out: o.Out = "runs/cv",
 ) -> None:
     """Train and test every fold × seed (finished runs are skipped); write summary.csv/.md."""
@@ -34,10 +37,12 @@ def cv_command(
     note = emulation_note(cfg.device, cfg.precision)
     if note:
         console.print(note)
-    summary = run_cv(cfg, folds, seeds, Path(out), jobs=jobs, threads=threads,
+    summary = run_cv(cfg, folds, seeds, Path(out), jobs=jobs, threads=threads, tta=tta,
                      on_run=lambda r: console.print(
                          f"fold {r['fold']} seed {r['seed']}: test mIoU {r['miou']:.4f}"))
-    table = Table(title=f"{summary['spec']} — {summary['runs']} runs, test IoU (mean ± std)")
+    augmented = "" if tta == "none" else f", test-time augmentation {tta}"
+    table = Table(title=f"{summary['spec']} — {summary['runs']} runs, test IoU (mean ± std)"
+                        f"{augmented}")
     table.add_column("class")
     table.add_column("IoU %", justify="right")
     for name, s in summary["classes"].items():

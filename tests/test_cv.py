@@ -41,6 +41,33 @@ def test_cv_grid_summary_and_resume(tmp_path, capsys):
     assert not (out / "fold0_seed0" / "test.json").exists()  # nothing ran
 
 
+def test_cv_tests_with_tta_and_retests_finished_runs_without_training_them(tmp_path, capsys):
+    import json
+
+    from cellseg_plugins.engine.evaluation import evaluate_checkpoint
+
+    out = tmp_path / "cv"
+    argv = ["cv", TINY, "--folds", "3", "--seeds", "1", "--epochs", "1", "--out", out, *FAST]
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    plain = json.loads((out / "fold1_seed0" / "test.json").read_text())
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/*.pt")}
+    code, stdout, err = cli(capsys, *argv, "--tta", "flips")
+    assert code == 0, err
+    assert "training" not in err and "resuming" not in err  # tested again, not trained
+    assert {p: p.stat().st_mtime for p in out.glob("*/*.pt")} == stamps
+    tested = json.loads((out / "fold1_seed0" / "test.json").read_text())
+    assert tested["tta"] == "flips" and tested["miou"] != plain["miou"]
+    best = evaluate_checkpoint(out / "fold1_seed0" / "best.pt", device="cpu", tta="flips")
+    assert tested["miou"] == best["miou"]
+    assert "test-time augmentation flips" in (out / "summary.md").read_text().splitlines()[0]
+    assert "test-time augmentation flips" in " ".join(stdout.split())
+    code, _, err = cli(capsys, *argv, "--tta", "flips")  # all tested so: nothing runs
+    assert code == 0 and "fold 0 seed 0" not in err
+    code, _, err = cli(capsys, *argv, "--tta", "x")
+    assert code == 2 and err.count("\n") == 1 and "--tta 'x': expected none, flips, d4" in err
+
+
 def test_progress_lines_come_after_the_first_epoch_and_then_at_most_every_interval(capsys):
     from types import SimpleNamespace
 

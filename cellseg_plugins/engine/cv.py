@@ -17,6 +17,7 @@ from .config import RUN_OPTIONS, as_option, first_difference, shown
 from .data import check_crop, load_split
 from .evaluation import evaluate_checkpoint
 from .jobs import run_jobs
+from .tta import check_tta
 from .train import TrainConfig, Trainer, TrainingError, check_model_crop, init_warning
 
 
@@ -55,16 +56,30 @@ def progress_lines(label: str, trainer: Trainer, every: float = PROGRESS_EVERY):
     return on_epoch
 
 
-def train_and_test(cfg: TrainConfig, label: str | None = None) -> dict:
-    """Train one (fold, seed) run (resuming a killed one) and test its best checkpoint; writes
-    test.json last, so a run with test.json is finished. With a ``label``, the run reports
-    its progress on stderr (progress_lines)."""
+def train_and_test(cfg: TrainConfig, label: str | None = None, tta: str = "none") -> dict:
+    """Train one (fold, seed) run (resuming a killed one) and test its best checkpoint, with
+    test-time augmentation ``tta`` (:mod:`.tta`; kept in test.json where it is not "none");
+    writes test.json last, so a run with test.json is finished: such a run is only tested
+    again (another ``tta``). With a ``label``, the run reports its progress on stderr
+    (progress_lines)."""
     rd = Path(cfg.out)
-    trainer = Trainer(cfg, resume=(rd / "last.pt").exists())
-    trainer.run(on_epoch=progress_lines(label, trainer) if label else None)
-    result = evaluate_checkpoint(rd / "best.pt", split="test", device=cfg.device)
+    if not (rd / "test.json").is_file():
+        trainer = Trainer(cfg, resume=(rd / "last.pt").exists())
+        trainer.run(on_epoch=progress_lines(label, trainer) if label else None)
+    result = evaluate_checkpoint(rd / "best.pt", split="test", device=cfg.device, tta=tta)
+    if tta != "none":
+        result["tta"] = tta
     write_text_atomic(rd / "test.json", json.dumps(result))
     return result
+
+
+def tested_with(rd: Path) -> str | None:
+    """The test-time augmentation of a finished run's test.json ("none" before there was
+    one); None for a run without test.json."""
+    try:
+        return json.loads((rd / "test.json").read_text()).get("tta", "none")
+    except (OSError, ValueError):
+        return None
 
 
 def stored_config(rd: Path) -> tuple[dict, bool] | None:
@@ -127,9 +142,11 @@ def check_kept_runs(planned: list[tuple[TrainConfig, str]], setting=as_option) -
 
 
 def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jobs: int = 1,
-           threads: int | None = None) -> dict:
+           threads: int | None = None, tta: str = "none") -> dict:
     """Train and test every (fold, seed), ``jobs`` runs at a time; finished runs (with
-    test.json) are kept. A killed run resumes from its last.pt.
+    test.json) are kept. A killed run resumes from its last.pt. ``tta``: test with that
+    test-time augmentation (:mod:`.tta`); finished runs tested with another are tested again,
+    not trained again.
 
     Returns the summary (also written to out/summary.csv and out/summary.md). A run that
     fails is reported with its (fold, seed) and error after the others have finished
@@ -137,6 +154,7 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
     """
     if seeds < 1:
         raise DataError(f"--seeds {seeds}: must be ≥ 1")
+    check_tta(tta)
     base.folds = folds
     base.check()
     check_runs_can_start([(replace(base, fold=0, seed=0), "")])  # data, --folds, --crop
@@ -144,10 +162,10 @@ def run_cv(base: TrainConfig, folds: int, seeds: int, out: Path, on_run=None, jo
                 f"fold {f} seed {s}") for f in range(folds) for s in range(seeds)]
     check_kept_runs(planned)
     with holding(out):  # a second cv into this folder: refused before it trains anything
-        pending = [(cfg, label) for cfg, label in planned
-                   if not (Path(cfg.out) / "test.json").exists()]
+        pending = [(cfg, label, tta) for cfg, label in planned
+                   if tested_with(Path(cfg.out)) != tta]
         failed = []
-        for (cfg, _), ok, value in run_jobs(train_and_test, pending, jobs, threads):
+        for (cfg, _, _), ok, value in run_jobs(train_and_test, pending, jobs, threads):
             if not ok:
                 failed.append(f"fold {cfg.fold} seed {cfg.seed}: {value}")
             elif on_run:
@@ -175,6 +193,7 @@ def summarise(results: list[dict]) -> dict:
                 "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
 
     return {"spec": results[0]["spec"], "runs": len(results),
+            "tta": results[0].get("tta", "none"),
             "classes": {k: stats(v) for k, v in rows.items()}}
 
 
@@ -186,7 +205,9 @@ def write_summary(summary: dict, results: list[dict], out: Path) -> None:
     for name, s in summary["classes"].items():
         w.writerow([name, s["mean"], s["std"], s["n"]])
     write_text_atomic(out / "summary.csv", table.getvalue())
-    lines = [f"# {summary['spec']}: {summary['runs']} runs (folds × seeds), test IoU %", "",
+    augmented = "" if summary["tta"] == "none" else f", test-time augmentation {summary['tta']}"
+    lines = [f"# {summary['spec']}: {summary['runs']} runs (folds × seeds), test IoU %"
+             f"{augmented}", "",
              "| class | mean ± std |", "|---|---|"]
     for name, s in summary["classes"].items():
         value = "n/a" if s["mean"] is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
