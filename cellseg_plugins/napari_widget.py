@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # napari is optional: pip install "cellseg[napari]"
 
 
 @lru_cache(maxsize=2)
-def _predictor(path: str, mtime: float, runtime: str, device: str):
+def _predictor(path: str, mtime: tuple[float, ...], runtime: str, device: str):
     from .engine.predict import load_predictor
 
     return load_predictor(path, runtime, device)
@@ -77,6 +77,7 @@ def segment(
     rescale: Annotated[bool, {"label": "rescale to the model's pixel size"}] = False,
     tta: Annotated[str, {"label": "test-time augmentation",
                          "choices": ["none", "flips", "d4"]}] = "none",
+    cv_runs: Annotated[bool, {"label": "with the other runs of its cv folder"}] = False,
 ) -> "napari.types.LayerDataTuple":
     """Segment the image layer (every plane of a stack; the full-resolution level of a
     multiscale image) with a cellseg model, tile by tile.
@@ -88,16 +89,19 @@ def segment(
     pixel size (its scale in its units) is not the training images' gets a warning, or with
     ``rescale`` is predicted rescaled to theirs, its labels back at its size. ``tta`` averages
     each tile's probabilities over flips (4 passes) or flips and 90° rotations (d4: 8), as
-    ``cellseg predict --tta``. The dock widget
+    ``cellseg predict --tta``. ``cv_runs``: the model is a best.pt of a ``cellseg cv`` run, and
+    every run of that cv predicts together (``cellseg predict CV_FOLDER``). The dock widget
     runs it in a thread: :func:`segment_in_background`.
     """
     with _progress_bar() as bar:
-        return _segment(image, model, tile, overlap, runtime, device, rescale, tta,
+        return _segment(image, model, tile, overlap, runtime, device, rescale, tta, cv_runs,
                         _counter(bar))
 
 
-def _segment(image, model, tile, overlap, runtime, device, rescale, tta, advance) -> tuple:
+def _segment(image, model, tile, overlap, runtime, device, rescale, tta, cv_runs,
+             advance) -> tuple:
     """:func:`segment`, calling ``advance(done, total)`` after each tile."""
+    from .engine.ensemble import ensemble_members
     from .engine.image_files import calibration_nm
     from .engine.predict import predict_array, scale_mismatch
     from .engine.train import resolve_device
@@ -111,7 +115,16 @@ def _segment(image, model, tile, overlap, runtime, device, rescale, tta, advance
     if path.suffix in (".onnx", ".zip"):
         runtime = "onnx"
     device = "cpu" if runtime == "onnx" else str(resolve_device(device))
-    predictor = _predictor(str(path.resolve()), path.stat().st_mtime, runtime, device)
+    files = [path]
+    if cv_runs:  # fold<f>_seed<s>/best.pt: the cv folder above it
+        path = path.resolve().parent.parent
+        files = ensemble_members(path)
+        if len(files) < 2:
+            raise DataError(f"model {str(model)!r}: with the other runs of its cv folder, "
+                            "choose a run's best.pt in a cellseg cv folder (DIR/fold0_seed0/"
+                            "best.pt) beside other runs")
+    predictor = _predictor(str(path.resolve()), tuple(f.stat().st_mtime for f in files),
+                           runtime, device)
     layer = {"units": getattr(image, "units", None), "scale": tuple(image.scale)}
     size, trained = calibration_nm(_layer_calibration(layer, "")), predictor[1].get("pixel_nm")
     message, factor = scale_mismatch(f"image layer {image.name!r}", size, trained), 1.0

@@ -18,6 +18,7 @@ from npe2 import PluginManifest
 
 import cellseg_plugins as cs
 from cellseg_plugins.engine.image_files import pixel_calibration
+from cellseg_plugins.errors import DataError
 from cellseg_plugins.engine.export import export_checkpoint
 from cellseg_plugins.engine.predict import labels_info, predict_paths
 from cellseg_plugins.napari_widget import (get_reader, segment, segment_in_background,
@@ -310,3 +311,21 @@ def test_the_widget_docked_in_a_viewer_adds_a_labels_layer(make_napari_viewer, q
             == [str(tmp_path / "hand.tif")]
         assert get_reader(str(tmp_path / "hand.tif")) is None
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "hand.tif"), 1)
+
+
+def test_segment_with_the_other_runs_of_a_cv_folder(tmp_path):
+    """*with the other runs of its cv folder*: the cv's models together, as predict CV_FOLDER."""
+    from cellseg_plugins.engine.predict import load_predictor, predict_array
+    from test_ensemble import cv_folder
+
+    folder, _ = cv_folder(tmp_path)
+    image = np.random.default_rng(2).integers(0, 256, (64, 80), dtype=np.uint8)
+    best = folder / "fold0_seed0" / "best.pt"
+    labels, kwargs, _ = segment(layer(image), model=best, tile=64, cv_runs=True)
+    np.testing.assert_array_equal(labels, predict_array(load_predictor(folder), image, tile=64))
+    assert (labels != segment(layer(image), model=best, tile=64)[0]).any()
+    assert kwargs["metadata"]["model"] == str(folder.resolve())
+    (tmp_path / "lone" / "fold0_seed0").mkdir(parents=True)  # a cv folder of one run
+    lone, _ = checkpoint(tmp_path / "lone" / "fold0_seed0", "classic_unet(width=4)", "best.pt")
+    with pytest.raises(DataError, match="choose a run's best.pt in a cellseg cv folder"):
+        segment(layer(image), model=lone, tile=64, cv_runs=True)
