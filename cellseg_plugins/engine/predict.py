@@ -316,14 +316,15 @@ def load_predictor(source: str | Path, runtime: str = "torch", device="cpu"):
         raise ConfigError("device", str(device), "ONNX Runtime runs on the CPU; use cpu, or "
                           "the torch runtime")
     source = Path(source)
-    members = ensemble_members(source) if not (source / "best.pt").is_file() else []
-    if members:
+    if source.is_dir() and not (source / "best.pt").is_file():  # (a run folder: a hint below)
+        members = ensemble_members(source)
+        if not members:
+            raise DataError(f"checkpoint {str(source)!r} is a folder without checkpoints: give "
+                            "a best.pt, or a cellseg cv folder (its runs' models predict "
+                            "together)")
         models, metas, rules = zip(*(load_predictor(m, runtime, device) for m in members))
         return (Ensemble(list(models), [m["norm"] for m in metas]),
                 ensemble_meta(source, members, list(metas)), combined_rules(source, list(rules)))
-    if source.is_dir() and not (source / "best.pt").is_file():
-        raise DataError(f"checkpoint {str(source)!r} is a folder without checkpoints: give a "
-                        "best.pt, or a cellseg cv folder (its runs' models predict together)")
     if source.suffix in (".onnx", ".zip"):
         if runtime != "onnx":
             kind = "an ONNX model" if source.suffix == ".onnx" else "a BioImage Model Zoo package"
