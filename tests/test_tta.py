@@ -10,7 +10,7 @@ import torch
 from cellseg_plugins.engine.predict import labels_info, load_predictor, predict_array
 from cellseg_plugins.engine.tta import (TRANSFORMS, averaged_probabilities, transform,
                                         untransform, with_tta)
-from conftest import cli, checkpoint, tiny_config
+from conftest import ROOT, cli, checkpoint, tiny_config
 
 
 def conv_model():
@@ -111,14 +111,14 @@ def test_eval_with_tta(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "--tta '8': expected none, flips, d4" in err
 
 
-def test_the_published_tta_table_rebuilds_from_its_stored_evaluations():
-    """results/tta-sstem4-cpu/table.md is what its make_table.py makes of tta.jsonl."""
+@pytest.mark.parametrize("name", sorted(p.parent.name
+                                         for p in (ROOT / "results").glob("tta-*/tta.jsonl")))
+def test_the_published_tta_tables_rebuild_from_their_stored_evaluations(name):
+    """results/tta-*/table.md is what results/tta_table.py makes of its tta.jsonl."""
     import importlib.util
 
-    from conftest import ROOT
-
-    folder = ROOT / "results" / "tta-sstem4-cpu"
-    spec = importlib.util.spec_from_file_location("make_table", folder / "make_table.py")
+    folder = ROOT / "results" / name
+    spec = importlib.util.spec_from_file_location("tta_table", ROOT / "results" / "tta_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     lines = (folder / "tta.jsonl").read_text().splitlines()

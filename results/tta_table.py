@@ -1,16 +1,17 @@
-"""table.md from tta.jsonl: each run's test mIoU (%) without and with test-time augmentation,
-the gains with cellseg's paired tests (as `cellseg study report` computes them), per class.
+"""FOLDER/table.md from FOLDER/tta.jsonl: each run's test mIoU (%) without and with test-time
+augmentation, the gains with cellseg's paired tests (as `cellseg study report` computes
+them), per class.
 
-    python results/tta-sstem4-cpu/make_table.py    (rewrites table.md beside it)
+    python results/tta_table.py results/tta-sstem4-cpu    (rewrites its table.md)
 """
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from cellseg_plugins.engine.study import paired_tests
 
-HERE = Path(__file__).parent
 KINDS = ("none", "flips", "d4")
 
 
@@ -56,4 +57,5 @@ def table(lines: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    (HERE / "table.md").write_text(table((HERE / "tta.jsonl").read_text().splitlines()))
+    folder = Path(sys.argv[1])
+    (folder / "table.md").write_text(table((folder / "tta.jsonl").read_text().splitlines()))
